@@ -1,0 +1,167 @@
+"""The inode table: FUSE inode numbers, backing identities, lookup counts.
+
+The daemon hands out its own inode numbers.  Each :class:`Inode` is keyed by the
+``(st_dev, st_ino)`` of its backing file and holds an ``O_PATH`` fd to it, the
+kernel's lookup count and the names under which the daemon has seen it.  When a
+commit replaces the backing file (rename commit), :meth:`InodeTable.rebind`
+moves the FUSE inode to the new backing file, so ``st_ino`` seen through the
+mount never changes.
+
+Invariants (checked by :meth:`InodeTable.check`):
+- every inode in ``by_key`` is in ``by_ino`` under its own number, and back;
+- lookup counts are never negative; the root is never dropped;
+- an inode is dropped (fd closed) only when its lookup count is zero and
+  nothing else (an open handle, a write session) holds it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+from . import syscalls
+
+Key = tuple[int, int]
+Name = tuple[int, bytes]  # (parent FUSE inode, name in that directory)
+
+ROOT_INODE: int = pyfuse3.ROOT_INODE
+
+
+@dataclass(eq=False)
+class Inode:
+    ino: int
+    key: Key
+    fd: int  # O_PATH fd of the backing file
+    mode: int  # file type bits and permissions, as last seen
+    lookups: int = 0
+    names: set[Name] = field(default_factory=set)
+    holders: int = 0  # open handles and sessions that keep this inode alive
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    def any_name(self) -> Name | None:
+        return min(self.names) if self.names else None
+
+
+class InodeTable:
+    def __init__(self, root_fd: int) -> None:
+        st = os.stat(root_fd)
+        self._next = ROOT_INODE + 1
+        self.by_ino: dict[int, Inode] = {}
+        self.by_key: dict[Key, Inode] = {}
+        root = Inode(ROOT_INODE, (st.st_dev, st.st_ino), root_fd, st.st_mode, lookups=1)
+        self._insert(root)
+        self.root = root
+        self.dev = st.st_dev
+
+    def _insert(self, inode: Inode) -> None:
+        self.by_ino[inode.ino] = inode
+        self.by_key[inode.key] = inode
+
+    def __len__(self) -> int:
+        return len(self.by_ino)
+
+    def get(self, ino: int) -> Inode:
+        try:
+            return self.by_ino[ino]
+        except KeyError:
+            raise OSError(errno.ESTALE, f"unknown inode {ino}") from None
+
+    def find(self, st: os.stat_result) -> Inode | None:
+        return self.by_key.get((st.st_dev, st.st_ino))
+
+    def learn(self, parent: int, name: bytes, fd: int, st: os.stat_result) -> Inode:
+        """Record that ``name`` in ``parent`` is the file behind ``fd`` (taken over).
+
+        Does not count a lookup: callers add one only once the kernel got the entry.
+        """
+        key = (st.st_dev, st.st_ino)
+        inode = self.by_key.get(key)
+        if inode is None:
+            inode = Inode(self._next, key, fd, st.st_mode)
+            self._next += 1
+            self._insert(inode)
+        else:
+            os.close(fd)
+            inode.mode = st.st_mode
+        if inode is not self.root:
+            inode.names.add((parent, name))
+        return inode
+
+    def rebind(self, inode: Inode, fd: int, st: os.stat_result) -> None:
+        """Point ``inode`` at a new backing file (after a rename commit)."""
+        old_fd = inode.fd
+        del self.by_key[inode.key]
+        inode.key = (st.st_dev, st.st_ino)
+        inode.fd = fd
+        inode.mode = st.st_mode
+        clash = self.by_key.get(inode.key)
+        if clash is not None:  # pragma: no cover - would be a bug upstream
+            raise OSError(errno.EIO, "rebind onto a backing file that has an inode")
+        self.by_key[inode.key] = inode
+        os.close(old_fd)
+
+    def forget(self, ino: int, count: int) -> None:
+        inode = self.by_ino.get(ino)
+        if inode is None:
+            return
+        inode.lookups -= count
+        if inode.lookups < 0:
+            raise AssertionError(f"inode {ino}: lookup count below zero")
+        self.maybe_drop(inode)
+
+    def maybe_drop(self, inode: Inode) -> None:
+        if inode.lookups == 0 and inode.holders == 0 and inode is not self.root:
+            del self.by_ino[inode.ino]
+            if self.by_key.get(inode.key) is inode:
+                del self.by_key[inode.key]
+            os.close(inode.fd)
+
+    def name_removed(self, parent: Inode, name: bytes, st: os.stat_result | None) -> None:
+        if st is not None:
+            inode = self.find(st)
+            if inode is not None:
+                inode.names.discard((parent.ino, name))
+
+    def close_all(self) -> None:
+        for inode in list(self.by_ino.values()):
+            if inode is not self.root:
+                os.close(inode.fd)
+        self.by_ino = {self.root.ino: self.root}
+        self.by_key = {self.root.key: self.root}
+
+    def check(self) -> None:
+        for ino, inode in self.by_ino.items():
+            assert inode.ino == ino
+            assert self.by_key.get(inode.key) is inode, f"inode {ino} not under its key"
+            assert inode.lookups >= 0
+        for key, inode in self.by_key.items():
+            assert inode.key == key and self.by_ino.get(inode.ino) is inode
+
+
+def stat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
+    """lstat ``name`` in ``dir_fd``, or None if it does not exist."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def open_path(dir_fd: int, name: bytes) -> tuple[int, os.stat_result]:
+    """An O_PATH fd for ``name`` in ``dir_fd`` (never following a symlink), and its stat."""
+    fd = os.open(name, syscalls.O_PATH_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        return fd, os.stat(fd)
+    except BaseException:
+        os.close(fd)
+        raise

@@ -1,0 +1,146 @@
+"""Metadata of backing files: stat → FUSE attributes, setattr, xattrs, ownership.
+
+Every call takes the inode's ``O_PATH`` fd; xattrs and chmod go through the
+``/proc/self/fd`` link, which reaches the inode itself (a symlink's own xattrs,
+never its target).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Sequence
+
+import pyfuse3
+import xattr
+
+from . import syscalls
+
+IS_ROOT = os.geteuid() == 0
+
+
+class Timeouts:
+    """Kernel cache timeouts for entries and attributes (seconds)."""
+
+    entry: float = 1.0
+    attr: float = 1.0
+
+
+def entry_attributes(ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+    attr = pyfuse3.EntryAttributes()
+    attr.st_ino = ino
+    attr.generation = 0
+    attr.entry_timeout = Timeouts.entry
+    attr.attr_timeout = Timeouts.attr
+    attr.st_mode = st.st_mode
+    attr.st_nlink = st.st_nlink
+    attr.st_uid = st.st_uid
+    attr.st_gid = st.st_gid
+    attr.st_rdev = st.st_rdev
+    attr.st_size = st.st_size
+    attr.st_blksize = st.st_blksize
+    attr.st_blocks = st.st_blocks
+    attr.st_atime_ns = st.st_atime_ns
+    attr.st_mtime_ns = st.st_mtime_ns
+    attr.st_ctime_ns = st.st_ctime_ns
+    return attr
+
+
+def apply_setattr(fd: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> None:
+    """Apply owner, mode and times of a setattr request (size is the caller's business).
+
+    Order as chown(2) semantics need it: owner first (it may clear set-id bits),
+    then mode, then times last.
+    """
+    if fields.update_uid or fields.update_gid:
+        uid = attr.st_uid if fields.update_uid else -1
+        gid = attr.st_gid if fields.update_gid else -1
+        syscalls.fchown_fd(fd, uid, gid)
+    if fields.update_mode:
+        os.chmod(syscalls.proc_path(fd), stat.S_IMODE(attr.st_mode))
+    if fields.update_atime or fields.update_mtime:
+        syscalls.utimens_fd(
+            fd,
+            attr.st_atime_ns if fields.update_atime else None,
+            attr.st_mtime_ns if fields.update_mtime else None,
+        )
+
+
+def new_owner(ctx: pyfuse3.RequestContext, parent_st: os.stat_result) -> tuple[int, int]:
+    """Owner of a file created by the caller in a directory (setgid-directory rule)."""
+    gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else ctx.gid
+    return ctx.uid, gid
+
+
+def give_to_caller(fd: int, ctx: pyfuse3.RequestContext, parent_st: os.stat_result,
+                   mode: int | None = None) -> None:
+    """Make a file just created by the (root) daemon belong to the caller.
+
+    ``mode``: permission bits to restore afterwards, since chown clears set-id bits.
+    """
+    if not IS_ROOT:
+        return
+    uid, gid = new_owner(ctx, parent_st)
+    st = os.stat(fd)
+    if (st.st_uid, st.st_gid) == (uid, gid):
+        return
+    syscalls.fchown_fd(fd, uid, gid)
+    if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(st.st_mode):
+        os.chmod(syscalls.proc_path(fd), stat.S_IMODE(mode))
+
+
+def _xattr_path(fd: int) -> str:
+    return syscalls.proc_path(fd)
+
+
+def get_xattr(fd: int, name: bytes) -> bytes:
+    try:
+        return bytes(xattr.getxattr(_xattr_path(fd), name.decode("utf-8", "surrogateescape")))
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            raise pyfuse3.FUSEError(errno.ENODATA) from None
+        raise
+
+
+def set_xattr(fd: int, name: bytes, value: bytes) -> None:
+    xattr.setxattr(_xattr_path(fd), name.decode("utf-8", "surrogateescape"), value)
+
+
+def list_xattrs(fd: int) -> Sequence[bytes]:
+    return [n.encode("utf-8", "surrogateescape") for n in xattr.listxattr(_xattr_path(fd))]
+
+
+def remove_xattr(fd: int, name: bytes) -> None:
+    try:
+        xattr.removexattr(_xattr_path(fd), name.decode("utf-8", "surrogateescape"))
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            raise pyfuse3.FUSEError(errno.ENODATA) from None
+        raise
+
+
+def copy_xattrs(src_fd: int, dst_fd: int) -> None:
+    """Copy every xattr (ACLs and security labels included) from src to dst."""
+    for name in list_xattrs(src_fd):
+        try:
+            value = get_xattr(src_fd, name)
+        except pyfuse3.FUSEError:
+            continue  # removed meanwhile
+        set_xattr(dst_fd, name, value)
+
+
+def may_access(st: os.stat_result, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+    """access(2) by mode bits, for mounts without default_permissions."""
+    if mode == os.F_OK:
+        return True
+    if ctx.uid == 0:
+        # root may do anything but execute a file with no x bit at all
+        return not (mode & os.X_OK) or bool(st.st_mode & 0o111) or stat.S_ISDIR(st.st_mode)
+    if ctx.uid == st.st_uid:
+        bits = (st.st_mode >> 6) & 7
+    elif ctx.gid == st.st_gid or st.st_gid in pyfuse3.get_sup_groups(ctx.pid):
+        bits = (st.st_mode >> 3) & 7
+    else:
+        bits = st.st_mode & 7
+    return (mode & bits) == mode

@@ -1,0 +1,271 @@
+"""The pyfuse3 ``Operations`` class: a thin dispatch layer.
+
+Each handler turns FUSE arguments into calls on the inode table, the namespace,
+and the open files, and turns their results into FUSE replies.  Every handler
+is wrapped by :func:`_handler`: an ``OSError`` becomes its errno, any other
+exception is logged with a traceback and answered with EIO, so a bug in one
+request never ends the mount (pyfuse3 itself lets anything but FUSEError
+escape and stop the main loop).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from . import faults, metadata
+from .files import Files
+from .inodes import InodeTable
+from .namespace import DirHandle, Namespace
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _handler(fn: F) -> F:
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: AtomicOperations, *args: Any) -> Any:
+        if self.trace:
+            log.debug("-> %s%r", name, args)
+        try:
+            faults.point(name)
+            result = await fn(self, *args)
+        except pyfuse3.FUSEError as exc:
+            if self.trace:
+                log.debug("<- %s: %s", name, os.strerror(exc.errno))
+            raise
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            if self.trace:
+                log.debug("<- %s: %s", name, os.strerror(err))
+            raise pyfuse3.FUSEError(err) from None
+        except Exception:
+            log.exception("unexpected error in %s%r; answered EIO", name, args)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        if self.trace:
+            log.debug("<- %s ok", name)
+        return result
+
+    return wrapper  # type: ignore[return-value]
+
+
+class AtomicOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, root_fd: int, *, trace: bool = False) -> None:
+        super().__init__()
+        self.trace = trace
+        self.table = InodeTable(root_fd)
+        self.namespace = Namespace(self.table)
+        self.files = Files(self.table, self.namespace)
+        self.dirs: dict[int, DirHandle] = {}
+        self._next_dh = 1
+
+    def _attrs(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        return metadata.entry_attributes(ino, st)
+
+    # -- lookup and attributes -------------------------------------------
+    @_handler
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode, st = self.namespace.lookup(self.table.get(parent_inode), name)
+        return self._attrs(inode.ino, self.files.stat(inode) if inode.is_reg else st)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            try:
+                self.table.forget(ino, count)
+            except Exception:
+                log.exception("forget(%d, %d) failed", ino, count)
+
+    @_handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.table.get(inode)
+        return self._attrs(inode, self.files.stat(node))
+
+    @_handler
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.table.get(inode)
+        if fields.update_size:
+            handle = self.files.get(fh) if fh is not None else None
+            await self.files.truncate(node, attr.st_size, handle)
+        metadata.apply_setattr(node.fd, attr, fields)
+        return self._attrs(inode, self.files.stat(node))
+
+    @_handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.readlink(b"", dir_fd=self.table.get(inode).fd)
+
+    @_handler
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return metadata.may_access(os.stat(self.table.get(inode).fd), mode, ctx)
+
+    @_handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = os.statvfs(self.table.root.fd)
+        data = pyfuse3.StatvfsData()
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+                     "f_files", "f_ffree", "f_favail", "f_namemax"):
+            setattr(data, name, getattr(sv, name))
+        return data
+
+    # -- namespace -------------------------------------------------------
+    @_handler
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode, st = self.namespace.mknod(self.table.get(parent_inode), name, mode, rdev, ctx)
+        return self._attrs(inode.ino, st)
+
+    @_handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode, st = self.namespace.mkdir(self.table.get(parent_inode), name, mode, ctx)
+        return self._attrs(inode.ino, st)
+
+    @_handler
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode, st = self.namespace.symlink(self.table.get(parent_inode), name, target, ctx)
+        return self._attrs(inode.ino, st)
+
+    @_handler
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node, st = self.namespace.link(self.table.get(inode),
+                                       self.table.get(new_parent_inode), new_name)
+        return self._attrs(node.ino, st)
+
+    @_handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.namespace.unlink(self.table.get(parent_inode), name)
+
+    @_handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.namespace.rmdir(self.table.get(parent_inode), name)
+
+    @_handler
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self.namespace.rename(self.table.get(parent_inode_old), name_old,
+                              self.table.get(parent_inode_new), name_new, flags)
+
+    # -- directories -----------------------------------------------------
+    @_handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        handle = self.namespace.opendir(self.table.get(inode))
+        dh = self._next_dh
+        self._next_dh += 1
+        self.dirs[dh] = handle
+        handle.inode.holders += 1
+        return dh
+
+    @_handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self.dirs[fh]
+        if start_id == 0:
+            handle.names = [b".", b".."] + self.namespace.list_names(handle)
+        for index in range(start_id, len(handle.names)):
+            name = handle.names[index]
+            if index < 2:  # "." and "..": the kernel counts no lookup for them
+                dot = self._attrs(handle.inode.ino, os.stat(handle.inode.fd))
+                if not pyfuse3.readdir_reply(token, name, dot, index + 1):
+                    break
+                continue
+            found = self.namespace.readdir_entry(handle, name)
+            if found is None:
+                continue
+            inode, st = found
+            st = self.files.stat(inode) if inode.is_reg else st
+            if not pyfuse3.readdir_reply(token, name, self._attrs(inode.ino, st), index + 1):
+                self.table.maybe_drop(inode)
+                break
+            inode.lookups += 1
+
+    @_handler
+    async def releasedir(self, fh: int) -> None:
+        handle = self.dirs.pop(fh)
+        os.close(handle.fd)
+        handle.inode.holders -= 1
+        self.table.maybe_drop(handle.inode)
+
+    @_handler
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await _in_thread(os.fsync, self.dirs[fh].fd)
+
+    # -- files -----------------------------------------------------------
+    @_handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        handle = self.files.open(self.table.get(inode), flags)
+        return pyfuse3.FileInfo(fh=handle.fh)
+
+    @_handler
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        handle, st = self.files.create(self.table.get(parent_inode), name, mode, flags, ctx)
+        return pyfuse3.FileInfo(fh=handle.fh), self._attrs(handle.inode.ino, st)
+
+    @_handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.files.read(self.files.get(fh), off, size)
+
+    @_handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.files.write(self.files.get(fh), off, buf)
+
+    @_handler
+    async def flush(self, fh: int) -> None:
+        await self.files.flush(self.files.get(fh))
+
+    @_handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.files.fsync(self.files.get(fh), datasync)
+
+    @_handler
+    async def release(self, fh: int) -> None:
+        await self.files.release(self.files.get(fh))
+
+    # -- extended attributes ---------------------------------------------
+    @_handler
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        metadata.set_xattr(self.table.get(inode).fd, name, value)
+
+    @_handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return metadata.get_xattr(self.table.get(inode).fd, name)
+
+    @_handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return metadata.list_xattrs(self.table.get(inode).fd)
+
+    @_handler
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        metadata.remove_xattr(self.table.get(inode).fd, name)
+
+    def shutdown(self) -> None:
+        """Close every fd the daemon holds (after the main loop ended)."""
+        for handle in self.dirs.values():
+            os.close(handle.fd)
+        self.dirs.clear()
+        self.files.close_all()
+        self.table.close_all()
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    import trio
+
+    return await trio.to_thread.run_sync(fn, *args)

@@ -1,0 +1,97 @@
+"""Parsing of ``-o`` mount options (pure logic, no FUSE needed).
+
+Options are of three sorts:
+- atomicfs's own (``durability=``, ``isolation=``, ``commit=``), checked here;
+- standard FUSE/mount options, passed to libfuse unchanged;
+- fstab-only words that mount(8) or systemd use and that mean nothing to a
+  FUSE daemon (``defaults``, ``_netdev``, ``nofail``, ``x-systemd.*``...),
+  accepted and dropped.
+Anything else is an error naming the option, before anything is mounted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+OWN_CHOICES: dict[str, tuple[str, ...]] = {
+    "durability": ("full", "batch"),
+    "isolation": ("committed", "shared"),
+    "commit": ("auto", "rename", "journal"),
+}
+
+FUSE_FLAGS = frozenset({
+    "allow_other", "allow_root", "default_permissions", "auto_unmount", "blkdev",
+    "ro", "rw", "suid", "nosuid", "dev", "nodev", "exec", "noexec",
+    "sync", "async", "dirsync", "atime", "noatime", "relatime", "norelatime",
+    "strictatime", "nostrictatime", "diratime", "nodiratime", "lazytime", "nolazytime",
+})
+FUSE_VALUED = frozenset({
+    "fsname", "subtype", "max_read", "context", "fscontext", "defcontext", "rootcontext",
+})
+IGNORED = frozenset({
+    "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group",
+    "_netdev", "nofail", "loop",
+})
+IGNORED_PREFIXES = ("x-", "comment=")
+# Flags that turn a default off: no_allow_other drops the root default allow_other.
+NEGATIONS = frozenset({"no_allow_other", "no_default_permissions"})
+
+
+class OptionError(ValueError):
+    """A mount option that atomicfs does not accept; the message names it."""
+
+
+@dataclass
+class MountOptions:
+    durability: str = "full"
+    isolation: str = "committed"
+    commit: str = "auto"
+    debug: bool = False
+    fuse: set[str] = field(default_factory=set)
+
+
+def split_option_args(values: Iterable[str]) -> list[str]:
+    """Flatten repeated ``-o a,b -o c`` arguments into ``[a, b, c]``."""
+    out: list[str] = []
+    for value in values:
+        out.extend(item.strip() for item in value.split(",") if item.strip())
+    return out
+
+
+def parse_options(items: Iterable[str], *, source: str, is_root: bool) -> MountOptions:
+    opts = MountOptions()
+    fuse: set[str] = set()
+    negated: set[str] = set()
+    for item in items:
+        key, eq, value = item.partition("=")
+        if key in OWN_CHOICES:
+            if not eq or value not in OWN_CHOICES[key]:
+                allowed = "|".join(OWN_CHOICES[key])
+                raise OptionError(f"bad value for option {key}: {value!r} (expected {allowed})")
+            setattr(opts, key, value)
+        elif key == "debug" and not eq:
+            opts.debug = True
+        elif item in NEGATIONS:
+            negated.add(item[3:])
+        elif key in FUSE_FLAGS and not eq:
+            fuse.add(key)
+        elif key in FUSE_VALUED and eq and value:
+            fuse = {o for o in fuse if not o.startswith(key + "=")}
+            fuse.add(item)
+        elif item in IGNORED or item.startswith(IGNORED_PREFIXES):
+            continue
+        else:
+            raise OptionError(f"unknown mount option: {item!r}")
+    if "ro" in fuse and "rw" in fuse:
+        raise OptionError("options ro and rw contradict each other")
+    defaults = {"default_permissions"}
+    if is_root:
+        defaults.add("allow_other")
+    fuse |= defaults - negated
+    if not any(o.startswith("fsname=") for o in fuse):
+        fuse.add("fsname=" + source.replace(",", "_"))
+    if not any(o.startswith("subtype=") for o in fuse):
+        fuse.add("subtype=atomicfs")
+    opts.fuse = fuse
+    return opts

@@ -1,0 +1,221 @@
+"""Shared fixtures: real FUSE mounts of atomicfs, driven as a separate process.
+
+- ``mount`` mounts a fresh SOURCE on a fresh MOUNTPOINT (options via the
+  ``mount_options`` marker), yields a :class:`Mount`, always unmounts, and
+  fails the test if the daemon logged a traceback or an error the test did not
+  declare with ``Mount.expect_log``.
+- ``mount_factory`` makes mounts on directories a test chooses (mount over
+  itself, remount after a crash...).
+- At the end of the session, any atomicfs mount still present fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+LOG_BAD = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b")
+
+HAVE_FUSE = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
+IS_ROOT = os.geteuid() == 0
+
+needs_fuse = pytest.mark.skipif(not HAVE_FUSE, reason="needs /dev/fuse and fusermount3")
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
+
+
+def mounted_fstype(path: Path | str) -> str | None:
+    """fstype of the topmost mount exactly at ``path`` (reads mountinfo, never stats it)."""
+    target = os.path.realpath(path)
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            point = fields[4].decode("unicode_escape").encode("latin-1").decode(
+                "utf-8", "surrogateescape")
+            if point == target:
+                found = fields[fields.index(b"-") + 1].decode()
+    return found
+
+
+def atomicfs_mounts() -> list[str]:
+    out = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if fields[fields.index(b"-") + 1] == b"fuse.atomicfs":
+                out.append(fields[4].decode("unicode_escape"))
+    return out
+
+
+@dataclass
+class Mount:
+    source: Path
+    mountpoint: Path
+    options: Sequence[str]
+    log_path: Path
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    allowed: list[re.Pattern[str]] = field(default_factory=list)
+    _log_offset: int = 0
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self, timeout: float = 20.0) -> None:
+        cmd = [PYTHON, "-m", "atomicfs", "mount", "-f", str(self.source), str(self.mountpoint)]
+        if self.options:
+            cmd += ["-o", ",".join(self.options)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env.update(self.env or {})
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while mounted_fstype(self.mountpoint) != "fuse.atomicfs":
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"atomicfs exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mount did not appear in {timeout}s:\n{self.log()}")
+            time.sleep(0.02)
+        os.stat(self.mountpoint)  # the first request: INIT has been answered
+
+    def unmount(self, timeout: float = 30.0) -> None:
+        """Clean unmount; waits for the daemon to exit. Raises if it does not go."""
+        deadline = time.monotonic() + timeout
+        while mounted_fstype(self.mountpoint) == "fuse.atomicfs":
+            res = subprocess.run(["fusermount3", "-u", str(self.mountpoint)],
+                                 capture_output=True, text=True)
+            if res.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"unmount failed: {res.stderr.strip()}")
+            time.sleep(0.1)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            finally:
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.proc = None
+
+    def kill(self) -> None:
+        """kill -9 the daemon (a crash) and lazily detach the dead mount."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+        if mounted_fstype(self.mountpoint) is not None:
+            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
+
+    def force_cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.unmount(timeout=10)
+                return
+            except Exception:
+                pass
+            self.kill()
+        while mounted_fstype(self.mountpoint) == "fuse.atomicfs":
+            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
+            time.sleep(0.05)
+
+    # -- the daemon's log ----------------------------------------------------
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def expect_log(self, pattern: str) -> None:
+        """Declare that the daemon may log lines matching ``pattern`` (not a failure)."""
+        self.allowed.append(re.compile(pattern))
+
+    def bad_log_lines(self) -> list[str]:
+        bad = []
+        for line in self.log().splitlines():
+            if LOG_BAD.search(line) and not any(p.search(line) for p in self.allowed):
+                bad.append(line)
+        return bad
+
+    # -- helpers -----------------------------------------------------------
+    def path(self, *parts: str) -> Path:
+        return self.mountpoint.joinpath(*parts)
+
+    def src(self, *parts: str) -> Path:
+        return self.source.joinpath(*parts)
+
+
+MountFactory = Callable[..., Mount]
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path) -> Iterator[MountFactory]:
+    if not HAVE_FUSE:
+        pytest.skip("needs /dev/fuse and fusermount3")
+    made: list[Mount] = []
+    counter = iter(range(1000))
+
+    def make(source: Path | None = None, mountpoint: Path | None = None,
+             options: Sequence[str] = (), env: dict[str, str] | None = None,
+             start: bool = True) -> Mount:
+        n = next(counter)
+        if source is None:
+            source = tmp_path / f"src{n}"
+            source.mkdir()
+        if mountpoint is None:
+            mountpoint = tmp_path / f"mnt{n}"
+            mountpoint.mkdir()
+        m = Mount(source, mountpoint, list(options), tmp_path / f"daemon{n}.log", env)
+        made.append(m)
+        if start:
+            m.start()
+        return m
+
+    yield make
+    problems = []
+    for m in made:
+        try:
+            m.unmount()
+        except Exception as exc:  # still fail the test, after cleaning up
+            problems.append(f"{m.mountpoint}: {exc}")
+            m.force_cleanup()
+        bad = m.bad_log_lines()
+        if bad:
+            problems.append(f"daemon log of {m.mountpoint} has unexpected errors:\n"
+                            + "\n".join(bad[:20]) + "\n--- full log ---\n" + m.log()[-4000:])
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def mount(mount_factory: MountFactory, request: pytest.FixtureRequest) -> Mount:
+    marker = request.node.get_closest_marker("mount_options")
+    options = list(marker.args) if marker else []
+    return mount_factory(options=options)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "mount_options(*opts): -o options for the mount fixture")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    left = atomicfs_mounts()
+    if left:
+        sys.stderr.write("\nERROR: atomicfs mounts left behind by the test suite:\n  "
+                         + "\n  ".join(left) + "\n")
+        for point in left:
+            subprocess.run(["fusermount3", "-uz", point], capture_output=True)
+        session.exitstatus = 1

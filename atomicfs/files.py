@@ -1,100 +1,271 @@
-"""Open regular files: handles and their I/O.
+"""Open regular files: handles, write sessions, and the commit points.
 
-Foundation stage: a handle is a real fd on the backing file and writes go
-straight to it.  Write sessions (shadow copies committed atomically) replace
-the body of this module; the interface the Operations class uses stays.
+Policy (SEMANTICS §2, §4):
+- An open that can modify the file (write access, O_TRUNC) joins the inode's
+  write session, creating it if needed; O_TRUNC empties the session, never the
+  committed file.  A create makes a *pending* file with a session.
+- ``flush`` (every close) commits if *this* handle wrote since its last commit
+  point, and returns the commit's error to close().  A close without writes
+  (the shell's open/dup2/close before writing) commits nothing.
+- ``fsync`` commits the session so far, durably; the session goes on.
+- The last ``release`` of a session commits what is left (mmap writeback,
+  truncate-only sessions, descriptors that never flushed), then ends it.
+- A read-only open while a session exists is *isolated* under
+  ``isolation=committed``: it bypasses the page cache (direct_io) and reads
+  the committed version.  Every other handle reads the session's content, which
+  is also what the kernel's page cache holds.
+- Opens wait for a commit in progress on the same file, so an open after a
+  close() returned sees what that close committed.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from dataclasses import dataclass
 
 import pyfuse3
-import trio
 
 from . import metadata, syscalls
+from .commit import Committer
+from .extents import ExtentMap
 from .inodes import Inode, InodeTable
 from .namespace import Namespace
+from .sessions import Session
 
-_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | getattr(os, "O_DIRECT", 0)
+log = logging.getLogger(__name__)
+
+WRITE_MODES = (os.O_WRONLY, os.O_RDWR)
+
+
+def can_modify(flags: int) -> bool:
+    return (flags & os.O_ACCMODE) in WRITE_MODES or bool(flags & os.O_TRUNC)
 
 
 @dataclass(eq=False)
 class FileHandle:
     fh: int
     inode: Inode
-    fd: int
     flags: int
+    session: Session | None  # the write session, for handles that can write
+    isolated: bool  # reads come from the committed version
+    wrote: bool = False  # wrote (or truncated) since this handle's last commit point
 
 
 class Files:
-    def __init__(self, table: InodeTable, namespace: Namespace) -> None:
+    def __init__(self, table: InodeTable, namespace: Namespace, committer: Committer,
+                 isolation: str = "committed") -> None:
         self.table = table
         self.namespace = namespace
+        self.committer = committer
+        self.isolation = isolation
         self.handles: dict[int, FileHandle] = {}
+        self.sessions: dict[int, Session] = {}
         self._next_fh = 1
 
     def get(self, fh: int) -> FileHandle:
-        return self.handles[fh]
+        try:
+            return self.handles[fh]
+        except KeyError:
+            raise OSError(errno.EBADF, f"unknown file handle {fh}") from None
 
-    def _register(self, inode: Inode, fd: int, flags: int) -> FileHandle:
-        handle = FileHandle(self._next_fh, inode, fd, flags)
+    def _register(self, inode: Inode, flags: int, session: Session | None,
+                  isolated: bool) -> FileHandle:
+        handle = FileHandle(self._next_fh, inode, flags, session, isolated)
         self._next_fh += 1
         self.handles[handle.fh] = handle
         inode.holders += 1
         return handle
 
-    def open(self, inode: Inode, flags: int) -> FileHandle:
-        fd = syscalls.reopen(inode.fd, flags & ~_STRIP)
-        return self._register(inode, fd, flags)
+    # -- sessions --------------------------------------------------------------
+    def _start_session(self, inode: Inode) -> Session:
+        size = os.stat(inode.fd).st_size
+        session = Session(inode, ExtentMap(size), base_size=size)
+        self.sessions[inode.ino] = session
+        inode.holders += 1
+        return session
+
+    def _end_session(self, session: Session) -> None:
+        if self.sessions.get(session.inode.ino) is session:
+            del self.sessions[session.inode.ino]
+        if session.pending:  # never committed: the new file goes with its session
+            for parent_ino, name in list(session.inode.names):
+                self.namespace.remove_pending(parent_ino, name)
+        session.close()
+        session.inode.holders -= 1
+        self.table.maybe_drop(session.inode)
+
+    def _make_shadow(self, session: Session) -> int:
+        parent, _ = self.committer.find_name(session.inode)
+        return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=parent.fd)
+
+    async def _commit(self, session: Session) -> bool:
+        return await self.committer.commit(session, self.table.data)
+
+    async def publish(self, inode: Inode) -> None:
+        """Commit a pending file now (before a namespace operation needs it real)."""
+        session = self.sessions.get(inode.ino)
+        if session is None or not session.pending:
+            return
+        async with session.lock:
+            if session.pending:
+                await self._commit(session)
+
+    # -- open, create ----------------------------------------------------------
+    async def open(self, inode: Inode, flags: int) -> tuple[FileHandle, pyfuse3.FileInfo]:
+        session = self.sessions.get(inode.ino)
+        if session is not None and session.lock.locked():
+            async with session.lock:  # a commit is running: let it land first
+                pass
+            session = self.sessions.get(inode.ino)
+        if can_modify(flags):
+            if session is None:
+                session = self._start_session(inode)
+            session.writers += 1
+            handle = self._register(inode, flags, session, isolated=False)
+            if flags & os.O_TRUNC and session.size:
+                async with session.lock:
+                    session.truncate(0)
+            return handle, pyfuse3.FileInfo(fh=handle.fh, keep_cache=False)
+        isolated = session is not None and self.isolation == "committed"
+        handle = self._register(inode, flags, None, isolated)
+        return handle, pyfuse3.FileInfo(fh=handle.fh, direct_io=isolated, keep_cache=False)
 
     def create(self, parent: Inode, name: bytes, mode: int, flags: int,
-               ctx: pyfuse3.RequestContext) -> tuple[FileHandle, os.stat_result]:
+               ctx: pyfuse3.RequestContext) -> tuple[FileHandle, pyfuse3.EntryAttributes]:
+        """A new file: an unnamed shadow that gets its name at its first commit."""
         self.namespace._creatable(parent, name)
-        fd = os.open(name, (flags & ~_STRIP) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                     mode & 0o7777, dir_fd=parent.fd)
+        if self.namespace.exists(parent, name):
+            raise OSError(errno.EEXIST, "file exists")
+        shadow = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, mode & 0o7777,
+                         dir_fd=parent.fd)
         try:
-            metadata.give_to_caller(fd, ctx, os.stat(parent.fd), mode)
-            inode, st = self.namespace.entry(parent, name)
+            metadata.give_to_caller(shadow, ctx, os.stat(parent.fd), mode)
+            path_fd = syscalls.reopen(shadow, os.O_PATH)
         except BaseException:
-            os.close(fd)
+            os.close(shadow)
             raise
-        return self._register(inode, fd, flags), st
+        st = os.stat(shadow)
+        inode = self.table.learn(parent.ino, name, path_fd, st)
+        inode.names.discard((parent.ino, name))
+        self.namespace.add_pending(parent, name, inode)
+        inode.lookups += 1
+        session = Session(inode, ExtentMap(0), base_size=0, shadow=shadow, pending=True)
+        session.mtime_ns = st.st_mtime_ns
+        self.sessions[inode.ino] = session
+        inode.holders += 1
+        session.writers += 1
+        handle = self._register(inode, flags, session, isolated=False)
+        return handle, self.attributes(inode)
 
-    def stat(self, inode: Inode) -> os.stat_result:
-        return os.stat(inode.fd)
+    # -- attributes ------------------------------------------------------------
+    def attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        """The file's attributes through the mount: the session's, if it has one."""
+        st = os.stat(inode.fd)
+        attr = metadata.entry_attributes(inode.ino, st)
+        session = self.sessions.get(inode.ino)
+        if session is None:
+            return attr
+        if session.pending:
+            attr.st_nlink = self.namespace.pending_links(inode)
+            attr.st_blocks = session.blocks(None, None)
+        else:
+            attr.st_blocks = session.blocks(st, self.table.data(inode))
+        attr.st_size = session.size
+        if session.mtime_ns is not None:
+            attr.st_mtime_ns = session.mtime_ns
+            attr.st_ctime_ns = max(st.st_ctime_ns, session.mtime_ns)
+        return attr
 
+    # -- I/O ---------------------------------------------------------------------
     def read(self, handle: FileHandle, off: int, size: int) -> bytes:
-        return os.pread(handle.fd, size, off)
+        session = self.sessions.get(handle.inode.ino)
+        if session is None or handle.isolated:
+            if session is not None and session.pending:
+                return b""  # a new file has no committed version yet
+            return os.pread(self.table.data(handle.inode), size, off)
+        committed_fd = None if session.pending else self.table.data(handle.inode)
+        return session.read(committed_fd, off, size)
 
-    def write(self, handle: FileHandle, off: int, buf: bytes) -> int:
-        return os.pwrite(handle.fd, buf, off)
+    async def write(self, handle: FileHandle, off: int, buf: bytes) -> int:
+        session = handle.session
+        if session is None:
+            raise OSError(errno.EBADF, "handle not open for writing")
+        if session.lock.locked():
+            async with session.lock:
+                return self._write(handle, session, off, buf)
+        return self._write(handle, session, off, buf)
+
+    def _write(self, handle: FileHandle, session: Session, off: int, buf: bytes) -> int:
+        if handle.flags & os.O_APPEND:
+            off = session.size
+        written = session.write(self._make_shadow, off, buf)
+        handle.wrote = True
+        return written
 
     async def truncate(self, inode: Inode, size: int, handle: FileHandle | None) -> None:
-        if handle is not None:
-            os.ftruncate(handle.fd, size)
+        session = handle.session if handle is not None else self.sessions.get(inode.ino)
+        if session is not None:
+            async with session.lock:
+                session.truncate(size)
+            if handle is not None:
+                handle.wrote = True
             return
-        fd = syscalls.reopen(inode.fd, os.O_WRONLY)
+        # truncate(2) by path with no session open: a session of its own, committed now.
+        session = self._start_session(inode)
         try:
-            os.ftruncate(fd, size)
+            async with session.lock:
+                session.truncate(size)
+                await self._commit(session)
         finally:
-            os.close(fd)
+            self._end_session(session)
 
+    # -- commit points -----------------------------------------------------------
     async def flush(self, handle: FileHandle) -> None:
-        return None
+        session = handle.session
+        if session is None or not handle.wrote:
+            return
+        async with session.lock:
+            await self._commit(session)
+        handle.wrote = False
 
     async def fsync(self, handle: FileHandle, datasync: bool) -> None:
-        sync = os.fdatasync if datasync else os.fsync
-        await trio.to_thread.run_sync(sync, handle.fd)
+        session = handle.session or self.sessions.get(handle.inode.ino)
+        if session is None:
+            return  # nothing uncommitted: every commit was already durable
+        async with session.lock:
+            await self._commit(session)
+        handle.wrote = False
 
     async def release(self, handle: FileHandle) -> None:
         del self.handles[handle.fh]
-        os.close(handle.fd)
-        handle.inode.holders -= 1
-        self.table.maybe_drop(handle.inode)
+        session = handle.session
+        try:
+            if session is not None:
+                session.writers -= 1
+                if session.writers == 0:
+                    await self._last_release(session)
+        finally:
+            handle.inode.holders -= 1
+            self.table.maybe_drop(handle.inode)
+
+    async def _last_release(self, session: Session) -> None:
+        try:
+            async with session.lock:
+                if session.writers == 0 and session.dirty:
+                    await self._commit(session)
+        except OSError as exc:
+            log.warning("commit of inode %d at its last close failed (%s); the committed "
+                        "version is unchanged and the uncommitted data is dropped",
+                        session.inode.ino, os.strerror(exc.errno or errno.EIO))
+        finally:
+            if session.writers == 0:
+                self._end_session(session)
 
     def close_all(self) -> None:
-        for handle in list(self.handles.values()):
-            os.close(handle.fd)
+        for session in list(self.sessions.values()):
+            session.close()
+        self.sessions.clear()
         self.handles.clear()
+

@@ -40,6 +40,7 @@ class Inode:
     lookups: int = 0
     names: set[Name] = field(default_factory=set)
     holders: int = 0  # open handles and sessions that keep this inode alive
+    data_fd: int | None = None  # readable fd of the committed version, opened on demand
 
     @property
     def is_dir(self) -> bool:
@@ -98,8 +99,20 @@ class InodeTable:
             inode.names.add((parent, name))
         return inode
 
-    def rebind(self, inode: Inode, fd: int, st: os.stat_result) -> None:
+    def data(self, inode: Inode) -> int:
+        """A readable fd of the inode's committed version (kept until it changes)."""
+        if inode.data_fd is None:
+            inode.data_fd = syscalls.reopen(inode.fd, os.O_RDONLY)
+        return inode.data_fd
+
+    def set_data_fd(self, inode: Inode, fd: int | None) -> None:
+        if inode.data_fd is not None and inode.data_fd != fd:
+            os.close(inode.data_fd)
+        inode.data_fd = fd
+
+    def rebind(self, inode: Inode, fd: int, st: os.stat_result, data_fd: int | None) -> None:
         """Point ``inode`` at a new backing file (after a rename commit)."""
+        self.set_data_fd(inode, data_fd)
         old_fd = inode.fd
         del self.by_key[inode.key]
         inode.key = (st.st_dev, st.st_ino)
@@ -125,6 +138,7 @@ class InodeTable:
             del self.by_ino[inode.ino]
             if self.by_key.get(inode.key) is inode:
                 del self.by_key[inode.key]
+            self.set_data_fd(inode, None)
             os.close(inode.fd)
 
     def name_removed(self, parent: Inode, name: bytes, st: os.stat_result | None) -> None:
@@ -136,6 +150,7 @@ class InodeTable:
     def close_all(self) -> None:
         for inode in list(self.by_ino.values()):
             if inode is not self.root:
+                self.set_data_fd(inode, None)
                 os.close(inode.fd)
         self.by_ino = {self.root.ino: self.root}
         self.by_key = {self.root.key: self.root}

@@ -40,8 +40,55 @@ class DirHandle:
 
 
 class Namespace:
+    """The tree as seen through the mount: the source tree plus pending new files.
+
+    A *pending* file was created through the mount but not committed yet: it
+    has a name here (lookup, readdir, stat, unlink, rename all see it) but no
+    entry in the source tree, so a crash leaves nothing of it.
+    """
+
     def __init__(self, table: InodeTable) -> None:
         self.table = table
+        self.pending: dict[int, dict[bytes, Inode]] = {}
+
+    # -- pending files -----------------------------------------------------
+    def add_pending(self, parent: Inode, name: bytes, inode: Inode) -> None:
+        self.pending.setdefault(parent.ino, {})[name] = inode
+        inode.names.add((parent.ino, name))
+
+    def pending_at(self, parent: Inode, name: bytes) -> Inode | None:
+        names = self.pending.get(parent.ino)
+        return names.get(name) if names else None
+
+    def remove_pending(self, parent_ino: int, name: bytes) -> Inode | None:
+        names = self.pending.get(parent_ino)
+        if not names or name not in names:
+            return None
+        inode = names.pop(name)
+        if not names:
+            del self.pending[parent_ino]
+        inode.names.discard((parent_ino, name))
+        return inode
+
+    def pending_name(self, inode: Inode) -> tuple[Inode, bytes] | None:
+        """Where a pending inode is to be published (its first pending name)."""
+        for parent_ino, name in sorted(inode.names):
+            if self.pending.get(parent_ino, {}).get(name) is inode:
+                return self.table.get(parent_ino), name
+        return None
+
+    def published(self, inode: Inode) -> None:
+        """A pending inode got its name in the source tree: it is an ordinary file now."""
+        for parent_ino, name in list(inode.names):
+            if self.pending.get(parent_ino, {}).get(name) is inode:
+                self.remove_pending(parent_ino, name)
+                inode.names.add((parent_ino, name))
+
+    def pending_links(self, inode: Inode) -> int:
+        return sum(1 for p, n in inode.names if self.pending.get(p, {}).get(n) is inode)
+
+    def exists(self, parent: Inode, name: bytes) -> bool:
+        return self.pending_at(parent, name) is not None or stat_at(parent.fd, name) is not None
 
     # -- helpers -----------------------------------------------------------
     def _visible(self, parent: Inode, name: bytes) -> None:
@@ -53,6 +100,8 @@ class Namespace:
         check_name(name)
         if is_reserved(parent, name, self.table.root):
             raise OSError(errno.EPERM, "name reserved for atomicfs")
+        if self.pending_at(parent, name) is not None:
+            raise OSError(errno.EEXIST, "a new file of that name exists")
 
     def entry(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
         """Look ``name`` up in ``parent`` and count one kernel lookup for it."""
@@ -77,6 +126,10 @@ class Namespace:
     # -- operations --------------------------------------------------------
     def lookup(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
         self._visible(parent, name)
+        inode = self.pending_at(parent, name)
+        if inode is not None:
+            inode.lookups += 1
+            return inode, os.stat(inode.fd)
         return self.entry(parent, name)
 
     def mkdir(self, parent: Inode, name: bytes, mode: int,
@@ -104,23 +157,59 @@ class Namespace:
         syscalls.link_fd(inode.fd, parent.fd, name)
         return self.entry(parent, name)
 
-    def unlink(self, parent: Inode, name: bytes) -> os.stat_result | None:
+    def unlink(self, parent: Inode, name: bytes) -> Inode | None:
+        """Remove a name; returns the pending inode if the name was a pending file."""
         self._visible(parent, name)
+        inode = self.remove_pending(parent.ino, name)
+        if inode is not None:
+            return inode
         st = stat_at(parent.fd, name)
         os.unlink(name, dir_fd=parent.fd)
         self.table.name_removed(parent, name, st)
-        return st
+        return None
 
     def rmdir(self, parent: Inode, name: bytes) -> None:
         self._visible(parent, name)
         st = stat_at(parent.fd, name)
+        child = self.table.find(st) if st is not None else None
+        if child is not None and self.pending.get(child.ino):
+            raise OSError(errno.ENOTEMPTY, "directory holds new files")
         os.rmdir(name, dir_fd=parent.fd)
         self.table.name_removed(parent, name, st)
 
     def rename(self, old_parent: Inode, old: bytes, new_parent: Inode, new: bytes,
                flags: int) -> None:
+        """Rename; a pending source must already have been published unless the
+        target name is free (then the pending entry just moves)."""
         self._visible(old_parent, old)
-        self._creatable(new_parent, new)
+        check_name(new)
+        if is_reserved(new_parent, new, self.table.root):
+            raise OSError(errno.EPERM, "name reserved for atomicfs")
+        moving = self.pending_at(old_parent, old)
+        target = self.pending_at(new_parent, new)
+        if moving is not None:
+            if moving is target:
+                return
+            if target is not None or stat_at(new_parent.fd, new) is not None:
+                raise AssertionError("rename of a pending file over a name: publish it first")
+            if flags & syscalls.RENAME_EXCHANGE:
+                raise OSError(errno.ENOENT, "no such file to exchange with")
+            if stat_at(old_parent.fd, old) is not None:
+                raise AssertionError("a pending name shadows a source file")
+            self.remove_pending(old_parent.ino, old)
+            self.add_pending(new_parent, new, moving)
+            return
+        if target is not None:
+            if flags & syscalls.RENAME_NOREPLACE:
+                raise OSError(errno.EEXIST, "target exists")
+            if flags & syscalls.RENAME_EXCHANGE:
+                raise AssertionError("exchange with a pending file: publish it first")
+            src_st = stat_at(old_parent.fd, old)
+            if src_st is None:
+                raise OSError(errno.ENOENT, "no such file")
+            if stat.S_ISDIR(src_st.st_mode):
+                raise OSError(errno.ENOTDIR, "target is not a directory")
+            self.remove_pending(new_parent.ino, new)
         src = stat_at(old_parent.fd, old)
         dst = stat_at(new_parent.fd, new)
         syscalls.renameat2(old_parent.fd, old, new_parent.fd, new, flags)
@@ -142,11 +231,15 @@ class Namespace:
     def list_names(self, handle: DirHandle) -> list[bytes]:
         os.lseek(handle.fd, 0, os.SEEK_SET)
         root = self.table.root
-        names = sorted(os.fsencode(n) for n in os.listdir(handle.fd))
-        return [n for n in names if not is_reserved(handle.inode, n, root)]
+        names = {os.fsencode(n) for n in os.listdir(handle.fd)}
+        names.update(self.pending.get(handle.inode.ino, {}))
+        return sorted(n for n in names if not is_reserved(handle.inode, n, root))
 
     def readdir_entry(self, handle: DirHandle, name: bytes) -> tuple[Inode, os.stat_result] | None:
         """Look up one listed entry without counting it (None if it vanished)."""
+        inode = self.pending_at(handle.inode, name)
+        if inode is not None:
+            return inode, os.stat(inode.fd)
         try:
             fd, st = open_path(handle.inode.fd, name)
         except FileNotFoundError:

@@ -19,10 +19,12 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from . import faults, metadata
+from . import faults, metadata, recovery, syscalls
+from .commit import Committer, name_finder
 from .files import Files
-from .inodes import InodeTable
+from .inodes import Inode, InodeTable
 from .namespace import DirHandle, Namespace
+from .options import MountOptions
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +65,32 @@ class AtomicOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, root_fd: int, *, trace: bool = False) -> None:
+    def __init__(self, root_fd: int, options: MountOptions | None = None) -> None:
         super().__init__()
-        self.trace = trace
+        options = options or MountOptions()
+        self.trace = options.debug
         self.table = InodeTable(root_fd)
         self.namespace = Namespace(self.table)
-        self.files = Files(self.table, self.namespace)
+        self.daemon_dir = recovery.open_daemon_dir(root_fd)
+        self.recovered = recovery.recover(self.daemon_dir)
+        self.committer = Committer(self.table, self.daemon_dir,
+                                   name_finder(self.table, self.namespace.pending_name),
+                                   self.namespace.published, options.commit)
+        self.files = Files(self.table, self.namespace, self.committer, options.isolation)
         self.dirs: dict[int, DirHandle] = {}
         self._next_dh = 1
 
-    def _attrs(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        return metadata.entry_attributes(ino, st)
+    def _attrs(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        if inode.is_reg:
+            return self.files.attributes(inode)
+        return metadata.entry_attributes(inode.ino, st)
 
     # -- lookup and attributes -------------------------------------------
     @_handler
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         inode, st = self.namespace.lookup(self.table.get(parent_inode), name)
-        return self._attrs(inode.ino, self.files.stat(inode) if inode.is_reg else st)
+        return self._attrs(inode, st)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
@@ -92,7 +102,7 @@ class AtomicOperations(pyfuse3.Operations):
     @_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.table.get(inode)
-        return self._attrs(inode, self.files.stat(node))
+        return self._attrs(node, os.stat(node.fd))
 
     @_handler
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
@@ -103,7 +113,10 @@ class AtomicOperations(pyfuse3.Operations):
             handle = self.files.get(fh) if fh is not None else None
             await self.files.truncate(node, attr.st_size, handle)
         metadata.apply_setattr(node.fd, attr, fields)
-        return self._attrs(inode, self.files.stat(node))
+        session = self.files.sessions.get(inode)
+        if session is not None and fields.update_mtime:
+            session.mtime_ns = attr.st_mtime_ns  # an explicit time outlives the commit
+        return self._attrs(node, os.stat(node.fd))
 
     @_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -127,26 +140,27 @@ class AtomicOperations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         inode, st = self.namespace.mknod(self.table.get(parent_inode), name, mode, rdev, ctx)
-        return self._attrs(inode.ino, st)
+        return self._attrs(inode, st)
 
     @_handler
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         inode, st = self.namespace.mkdir(self.table.get(parent_inode), name, mode, ctx)
-        return self._attrs(inode.ino, st)
+        return self._attrs(inode, st)
 
     @_handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         inode, st = self.namespace.symlink(self.table.get(parent_inode), name, target, ctx)
-        return self._attrs(inode.ino, st)
+        return self._attrs(inode, st)
 
     @_handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node, st = self.namespace.link(self.table.get(inode),
-                                       self.table.get(new_parent_inode), new_name)
-        return self._attrs(node.ino, st)
+        node = self.table.get(inode)
+        await self.files.publish(node)  # a new file gets its first name before a second
+        node, st = self.namespace.link(node, self.table.get(new_parent_inode), new_name)
+        return self._attrs(node, st)
 
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -159,8 +173,24 @@ class AtomicOperations(pyfuse3.Operations):
     @_handler
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
-        self.namespace.rename(self.table.get(parent_inode_old), name_old,
-                              self.table.get(parent_inode_new), name_new, flags)
+        old_parent = self.table.get(parent_inode_old)
+        new_parent = self.table.get(parent_inode_new)
+        for parent, name in ((old_parent, name_old), (new_parent, name_new)):
+            pending = self.namespace.pending_at(parent, name)
+            if pending is not None and self._rename_needs_real(old_parent, name_old,
+                                                                new_parent, name_new, flags):
+                await self.files.publish(pending)
+        self.namespace.rename(old_parent, name_old, new_parent, name_new, flags)
+
+    def _rename_needs_real(self, old_parent: Inode, old: bytes, new_parent: Inode, new: bytes,
+                           flags: int) -> bool:
+        """Can this rename be done on pending entries alone, or must they be published?"""
+        src_pending = self.namespace.pending_at(old_parent, old) is not None
+        if flags & syscalls.RENAME_EXCHANGE:
+            return True
+        if src_pending:
+            return self.namespace.exists(new_parent, new)
+        return False
 
     # -- directories -----------------------------------------------------
     @_handler
@@ -180,7 +210,7 @@ class AtomicOperations(pyfuse3.Operations):
         for index in range(start_id, len(handle.names)):
             name = handle.names[index]
             if index < 2:  # "." and "..": the kernel counts no lookup for them
-                dot = self._attrs(handle.inode.ino, os.stat(handle.inode.fd))
+                dot = metadata.entry_attributes(handle.inode.ino, os.stat(handle.inode.fd))
                 if not pyfuse3.readdir_reply(token, name, dot, index + 1):
                     break
                 continue
@@ -188,8 +218,7 @@ class AtomicOperations(pyfuse3.Operations):
             if found is None:
                 continue
             inode, st = found
-            st = self.files.stat(inode) if inode.is_reg else st
-            if not pyfuse3.readdir_reply(token, name, self._attrs(inode.ino, st), index + 1):
+            if not pyfuse3.readdir_reply(token, name, self._attrs(inode, st), index + 1):
                 self.table.maybe_drop(inode)
                 break
             inode.lookups += 1
@@ -208,15 +237,15 @@ class AtomicOperations(pyfuse3.Operations):
     # -- files -----------------------------------------------------------
     @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        handle = self.files.open(self.table.get(inode), flags)
-        return pyfuse3.FileInfo(fh=handle.fh)
+        _, info = await self.files.open(self.table.get(inode), flags)
+        return info
 
     @_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        handle, st = self.files.create(self.table.get(parent_inode), name, mode, flags, ctx)
-        return pyfuse3.FileInfo(fh=handle.fh), self._attrs(handle.inode.ino, st)
+        handle, attr = self.files.create(self.table.get(parent_inode), name, mode, flags, ctx)
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=False), attr
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -224,7 +253,7 @@ class AtomicOperations(pyfuse3.Operations):
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self.files.write(self.files.get(fh), off, buf)
+        return await self.files.write(self.files.get(fh), off, buf)
 
     @_handler
     async def flush(self, fh: int) -> None:
@@ -263,6 +292,7 @@ class AtomicOperations(pyfuse3.Operations):
         self.dirs.clear()
         self.files.close_all()
         self.table.close_all()
+        recovery.close_daemon_dir(self.table.root.fd, self.daemon_dir)
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:

@@ -60,13 +60,16 @@ def test_handler_bug_answers_eio_and_mount_survives(mount_factory: MountFactory)
 
 
 def test_daemon_files_are_invisible(mount: Mount) -> None:
-    os.mkdir(mount.src(".atomicfs"))
+    assert mount.src(".atomicfs").is_dir()  # the daemon's own directory
     (mount.source / ".atomicfs~tmp").write_bytes(b"temp")
     assert os.listdir(mount.mountpoint) == []
     assert not mount.path(".atomicfs").exists()
     assert not mount.path(".atomicfs~tmp").exists()
     with pytest.raises(PermissionError):
         mount.path(".atomicfs~mine").write_bytes(b"x")
+    os.unlink(mount.src(".atomicfs~tmp"))
+    mount.unmount()
+    assert os.listdir(mount.source) == []  # a clean unmount leaves nothing behind
 
 
 def test_background_mount_returns_when_live_and_umount_command(tmp_path) -> None:

@@ -1,0 +1,57 @@
+"""The daemon's own directory in SOURCE, and recovery of what a crash left there.
+
+``SOURCE/.atomicfs`` (invisible through the mount) holds the temporary names
+that a rename commit uses between linking its shadow and renaming it over the
+target.  A name left there means the commit did not reach its rename: the
+committed version is still the old one, so recovery removes the leftover.
+Shadows are unnamed (O_TMPFILE): the filesystem frees them after a crash.
+At a clean unmount the directory is removed when empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+
+from .namespace import DAEMON_DIR
+
+log = logging.getLogger(__name__)
+
+
+def open_daemon_dir(root_fd: int) -> int:
+    """Create (0700) and open SOURCE/.atomicfs; return an O_PATH fd of it."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(DAEMON_DIR, 0o700, dir_fd=root_fd)
+    fd = os.open(DAEMON_DIR, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 dir_fd=root_fd)
+    st = os.stat(fd)
+    if not stat.S_ISDIR(st.st_mode) or st.st_dev != os.stat(root_fd).st_dev:
+        os.close(fd)
+        raise OSError(f"{DAEMON_DIR.decode()} in SOURCE is not the daemon's directory")
+    return fd
+
+
+def recover(daemon_dir: int) -> list[str]:
+    """Resolve what interrupted commits left; returns one line per action taken."""
+    done = []
+    listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=daemon_dir)
+    try:
+        names = os.listdir(listing)
+    finally:
+        os.close(listing)
+    for name in sorted(names):
+        if name.startswith("commit-"):
+            os.unlink(name, dir_fd=daemon_dir)
+            done.append(f"removed unfinished commit leftover {name}")
+    for line in done:
+        log.info("recovery: %s", line)
+    return done
+
+
+def close_daemon_dir(root_fd: int, daemon_dir: int) -> None:
+    """At a clean unmount: remove the daemon's directory if nothing is left in it."""
+    os.close(daemon_dir)
+    with contextlib.suppress(OSError):
+        os.rmdir(DAEMON_DIR, dir_fd=root_fd)

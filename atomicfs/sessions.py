@@ -1,0 +1,135 @@
+"""Write sessions: the uncommitted content of a file, shared by all its writers.
+
+A session is created by the first open that can modify a file (or by a
+truncate by path) and holds:
+
+- ``emap``: an :class:`~atomicfs.extents.ExtentMap` saying, for every byte of
+  the session's content, whether it is the committed file's byte at the same
+  offset, the shadow file's byte at the same offset, or a hole;
+- ``shadow``: a sparse scratch file on the same filesystem (an ``O_TMPFILE``,
+  so a crash leaves nothing behind), written at the same offsets as the file;
+- the times the session's writes give the file.
+
+The committed version is never touched by a session: only a commit
+(:mod:`atomicfs.commit`) replaces it.  New files that were never committed are
+*pending*: their shadow is the only copy and they exist only through the mount.
+
+Concurrency (trio): code between two ``await`` is atomic.  ``read`` and
+``stat`` never await, so they see either the state before a commit or after
+it, never a mix.  Writes, truncates and commits take ``lock``; a commit holds
+it from its first step to the swap of the inode onto the new file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from . import syscalls
+from .extents import ExtentMap, Kind
+from .inodes import Inode
+
+ZEROS_CHUNK = bytes(1 << 20)
+MAX_EXACT_EXTENTS = 256  # above this, st_blocks of a session is estimated
+
+
+def zeros(n: int) -> bytes:
+    return ZEROS_CHUNK[:n] if n <= len(ZEROS_CHUNK) else bytes(n)
+
+
+@dataclass(eq=False)
+class Session:
+    inode: Inode
+    emap: ExtentMap
+    base_size: int  # size of the committed version this session started from
+    shadow: int | None = None  # O_RDWR fd of the shadow file, made on first write
+    pending: bool = False  # a new file, not yet in the source tree
+    writers: int = 0  # open handles that can write
+    mtime_ns: int | None = None  # None: the committed file's mtime still holds
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    created_at: float = field(default_factory=time.monotonic)
+    commits: int = 0
+
+    @property
+    def dirty(self) -> bool:
+        """Does the content differ from the committed version (or is it a new file)?"""
+        return self.pending or not self.emap.is_clean() or self.emap.size != self.base_size
+
+    @property
+    def size(self) -> int:
+        return self.emap.size
+
+    # -- content -----------------------------------------------------------
+    def read(self, committed_fd: int | None, offset: int, size: int) -> bytes:
+        """The session's bytes ``[offset, offset+size)``, assembled from their sources."""
+        parts: list[bytes] = []
+        for ext in self.emap.extents(offset, offset + size):
+            if ext.kind is Kind.HOLE:
+                parts.append(zeros(ext.length))
+                continue
+            fd = self.shadow if ext.kind is Kind.SHADOW else committed_fd
+            if fd is None:
+                raise OSError(errno.EIO, "session extent without a source file")
+            data = os.pread(fd, ext.length, ext.start)
+            if len(data) < ext.length:  # a source shorter than recorded: zeros, as a hole
+                data += zeros(ext.length - len(data))
+            parts.append(data)
+        return b"".join(parts)
+
+    def write(self, make_shadow: Callable[[Session], int], offset: int, data: bytes) -> int:
+        if self.shadow is None:
+            self.shadow = make_shadow(self)
+        written = os.pwrite(self.shadow, data, offset)
+        self.emap.write(offset, written)
+        self.touch()
+        return written
+
+    def truncate(self, size: int) -> None:
+        if size < self.emap.size and self.shadow is not None:
+            # Drop shadow bytes past the new end, so a later extension reads as a hole.
+            os.ftruncate(self.shadow, size)
+        self.emap.truncate(size)
+        self.touch()
+
+    def punch(self, offset: int, length: int) -> None:
+        if self.shadow is not None:
+            syscalls.punch_hole(self.shadow, offset, length)
+        self.emap.punch(offset, length)
+        self.touch()
+
+    def touch(self) -> None:
+        self.mtime_ns = time.time_ns()
+
+    # -- accounting ----------------------------------------------------------
+    def blocks(self, committed: os.stat_result | None, committed_fd: int | None) -> int:
+        """st_blocks of the session's content: what it really occupies.
+
+        The shadow holds data only where the map says SHADOW (truncate and punch
+        keep it so), so its own st_blocks counts exactly; committed bytes count
+        where the map still uses them.
+        """
+        total = os.stat(self.shadow).st_blocks if self.shadow is not None else 0
+        if committed is None or committed_fd is None or not committed.st_blocks:
+            return total
+        kept = self.emap.count(Kind.COMMITTED)
+        if kept == self.base_size:
+            return total + committed.st_blocks
+        if len(self.emap) > MAX_EXACT_EXTENTS:  # estimate, in proportion
+            return total + committed.st_blocks * kept // max(1, self.base_size)
+        data = 0
+        for ext in self.emap.extents():
+            if ext.kind is Kind.COMMITTED:
+                data += sum(b - a for a, b in syscalls.data_ranges(committed_fd, ext.start,
+                                                                     ext.end))
+        return total + (data + 511) // 512
+
+    def close(self) -> None:
+        if self.shadow is not None:
+            os.close(self.shadow)
+            self.shadow = None
+

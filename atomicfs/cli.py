@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import __version__
-from .mount import MountError, MountRequest, run, unmount
+from .mount import MountError, MountRequest, recover_offline, run, unmount
 from .options import OptionError, parse_options, split_option_args
 
-COMMANDS = ("mount", "umount", "unmount")
+COMMANDS = ("mount", "umount", "unmount", "recover")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,12 +73,21 @@ def _umount_parser(prog: str) -> _Parser:
     return p
 
 
+def _recover_parser(prog: str) -> _Parser:
+    p = _Parser(prog=prog, description=(
+        "Resolve what an interrupted commit left in SOURCE (offline: SOURCE must not be "
+        "mounted by atomicfs). Prints one line per action; mounting does the same."))
+    p.add_argument("source", metavar="SOURCE")
+    return p
+
+
 def _top_parser() -> _Parser:
     p = _Parser(
         prog="atomicfs",
         description="A FUSE filesystem that gives every program all-or-nothing file updates.",
         epilog="commands:\n  mount SOURCE MOUNTPOINT [-o OPTS] [-f]   mount (see atomicfs mount "
-               "--help)\n  umount MOUNTPOINT [--lazy]                unmount\n\n"
+               "--help)\n  umount MOUNTPOINT [--lazy]                unmount\n"
+               "  recover SOURCE                            offline recovery\n\n"
                "The form 'atomicfs SOURCE MOUNTPOINT -o OPTS' (used by mount -t fuse.atomicfs)"
                " mounts too.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,12 +123,24 @@ def cmd_umount(prog: str, argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_recover(prog: str, argv: Sequence[str]) -> int:
+    args = _recover_parser(prog).parse_args(argv)
+    try:
+        for line in recover_offline(args.source):
+            print(line)
+    except MountError as exc:
+        return _fail(prog, str(exc))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
         command, rest = argv[0], argv[1:]
         if command == "mount":
             return cmd_mount("atomicfs mount", rest)
+        if command == "recover":
+            return cmd_recover("atomicfs recover", rest)
         return cmd_umount(f"atomicfs {command}", rest)
     if argv and not argv[0].startswith("-"):
         if len(argv) >= 2 and (os.path.sep in argv[0] or os.path.exists(argv[0])):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from . import recovery
 from .operations import AtomicOperations
 from .options import MountOptions
 
@@ -208,6 +209,26 @@ def run(req: MountRequest) -> int:
         ops.shutdown()
         log.info("unmounted %s", mountpoint)
     return 0
+
+
+def recover_offline(source: str) -> list[str]:
+    """``atomicfs recover SOURCE``: the recovery a mount does, without mounting."""
+    path = os.path.realpath(source)
+    if not os.path.isdir(path):
+        raise MountError(f"SOURCE {source!r} is not a directory")
+    for point, fstype in mount_table():
+        if fstype == "fuse.atomicfs" and point == path:
+            raise MountError(f"{source!r} is mounted by atomicfs; recovery runs at mount")
+    root = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        daemon_dir = recovery.open_daemon_dir(root)
+        done = recovery.recover(daemon_dir)
+        recovery.close_daemon_dir(root, daemon_dir)
+    except OSError as exc:
+        raise MountError(f"recovery of {source!r} failed: {exc}") from None
+    finally:
+        os.close(root)
+    return done or ["nothing to recover"]
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:

@@ -18,10 +18,17 @@ daemon's directory that recovery removes; after the rename, the new version.
 New files (pending) are published by ``linkat`` of their shadow to their name,
 after the same fill/fsync; the name appears only with complete content.
 
-Hard-linked files (nlink > 1) cannot be replaced by rename without splitting
-the link: until the journalled commit exists they are written in place
-(shadow ranges copied into the file, then fsync) — durable, but not atomic
-across a crash.  See README, "Semantics".
+Where the filesystem can reflink (XFS with reflink=1, btrfs), step 1 instead
+clones the committed version into a fresh file and writes only the changed
+ranges into it, so the cost follows the change, not the file's size.
+
+Journalled in-place commit (:mod:`atomicfs.journal`): the changed extents are
+written to a redo record first, then applied to the file itself.  Used for
+hard-linked files (a rename would split the link) and, under ``commit=auto``,
+for large files with small changes where no reflink is available (see
+:meth:`Committer.choose`).  Without the journal (a daemon that cannot reopen
+files by handle, i.e. not root), hard-linked files are written in place
+without a record: durable, but not atomic across a crash.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import faults, metadata, syscalls
+from . import faults, journal, metadata, syscalls
 from .extents import Kind
 from .inodes import Inode, InodeTable, stat_at
 from .sessions import Session
@@ -44,10 +51,16 @@ from .sessions import Session
 log = logging.getLogger(__name__)
 
 
+STRATEGIES = ("rename", "reflink", "journal", "inplace", "new")
+# auto: a journalled commit when the unchanged data to copy exceeds this many bytes
+# and is more than JOURNAL_RATIO times the changed bytes (README, "Commit strategies").
+JOURNAL_MIN_COPY = 8 << 20
+JOURNAL_RATIO = 4
+
+
 @dataclass
 class CommitStats:
-    commits: dict[str, int] = field(default_factory=lambda: {"rename": 0, "new": 0,
-                                                              "inplace": 0})
+    commits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STRATEGIES, 0))
     bytes_committed: int = 0
     failures: dict[str, int] = field(default_factory=dict)
 
@@ -88,6 +101,27 @@ class Committer:
         self.published = published
         self.strategy = strategy
         self.stats = CommitStats()
+        self.journal_ok = journal.available(table.root.fd)
+        self.reflink_ok = probe_reflink(daemon_dir)
+        self._records = 0
+        self.applying: dict[int, trio.Event] = {}  # inode -> set when its in-place apply ends
+
+    def choose(self, session: Session, committed: os.stat_result) -> str:
+        """The commit strategy for this session (the cost model; README)."""
+        if committed.st_nlink > 1:
+            return "journal" if self.journal_ok else "inplace"
+        if self.strategy == "journal" and self.journal_ok:
+            return "journal"
+        if self.reflink_ok:
+            return "reflink"
+        if self.strategy == "auto" and self.journal_ok:
+            kept = session.emap.count(Kind.COMMITTED)
+            if committed.st_size and committed.st_blocks * 512 < committed.st_size:
+                kept = kept * committed.st_blocks * 512 // committed.st_size  # sparse
+            changed = session.emap.count(Kind.SHADOW) + session.emap.count(Kind.HOLE)
+            if kept > JOURNAL_MIN_COPY and kept > JOURNAL_RATIO * changed:
+                return "journal"
+        return "rename"
 
     async def commit(self, session: Session, data_fd: Callable[[Inode], int]) -> bool:
         """Commit the session if it has changes. Returns True if a commit was made.
@@ -107,12 +141,13 @@ class Committer:
                 committed = os.stat(inode.fd)
                 if committed.st_nlink == 0:
                     return False  # unlinked while written: its data vanishes at release
-                if committed.st_nlink > 1 or self.strategy == "journal":
-                    await self._in_place(session, data_fd(inode))
-                    kind = "inplace"
+                kind = self.choose(session, committed)
+                if kind == "journal":
+                    await self._journalled(session)
+                elif kind == "inplace":
+                    await self._in_place(session)
                 else:
-                    await self._rename(session, committed, data_fd(inode))
-                    kind = "rename"
+                    await self._rename(session, committed, data_fd(inode), kind == "reflink")
         except OSError as exc:
             self.stats.failed(exc)
             raise
@@ -129,18 +164,34 @@ class Committer:
                                      dir_fd=parent.fd)
         return session.shadow
 
-    async def _rename(self, session: Session, committed: os.stat_result, data_fd: int) -> None:
+    async def _rename(self, session: Session, committed: os.stat_result, data_fd: int,
+                      clone: bool) -> None:
         inode = session.inode
-        shadow = self._new_shadow(session)
         plan = list(session.emap.extents())
         size = session.size
         mtime = session.mtime_ns if session.mtime_ns is not None else committed.st_mtime_ns
+        if clone:
+            parent, _ = self.find_name(inode)
+            changes = session.shadow
+            shadow = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
+                             dir_fd=parent.fd)
+        else:
+            changes = None
+            shadow = self._new_shadow(session)
 
         def build() -> None:
-            for ext in plan:
-                if ext.kind is Kind.COMMITTED:
-                    for a, b in syscalls.data_ranges(data_fd, ext.start, ext.end):
-                        syscalls.copy_range(data_fd, shadow, a, b - a)
+            if not clone:  # fill the shadow with the unchanged data
+                for ext in plan:
+                    if ext.kind is Kind.COMMITTED:
+                        for a, b in syscalls.data_ranges(data_fd, ext.start, ext.end):
+                            syscalls.copy_range(data_fd, shadow, a, b - a)
+            else:  # clone the committed version, then write the changes into the clone
+                syscalls.clone_file(shadow, data_fd)
+                for ext in plan:
+                    if ext.kind is Kind.SHADOW and changes is not None:
+                        syscalls.copy_range(changes, shadow, ext.start, ext.length)
+                    elif ext.kind is Kind.HOLE:
+                        syscalls.punch_hole(shadow, ext.start, ext.length)
             os.ftruncate(shadow, size)
             _replace_xattrs(inode.fd, shadow)
             syscalls.fchown_fd(shadow, committed.st_uid, committed.st_gid)
@@ -150,7 +201,12 @@ class Committer:
             os.fsync(shadow)
             faults.point("commit.after_fsync")
 
-        await trio.to_thread.run_sync(build)
+        try:
+            await trio.to_thread.run_sync(build)
+        except BaseException:
+            if clone:
+                os.close(shadow)
+            raise
         # From here to the swap there is no await: no other request can interleave.
         parent, name = self.find_name(inode)
         tmp = b"commit-" + secrets.token_hex(8).encode()
@@ -160,10 +216,14 @@ class Committer:
             syscalls.renameat2(self.daemon_dir, tmp, parent.fd, name)
         except OSError:
             os.unlink(tmp, dir_fd=self.daemon_dir)
+            if clone:
+                os.close(shadow)
             raise
         faults.point("commit.after_rename")
         new_path = syscalls.reopen(shadow, os.O_PATH)
         self.table.rebind(inode, new_path, os.stat(shadow), data_fd=shadow)
+        if clone:
+            session.close()  # the shadow of changes; the clone is the file now
         session.shadow = None
         session.emap.reset(size)
         session.base_size = size
@@ -201,34 +261,72 @@ class Committer:
         await trio.to_thread.run_sync(_fsync_dir, parent.fd)
         faults.point("commit.after_dir_fsync")
 
-    async def _in_place(self, session: Session, data_fd: int) -> None:
-        inode = session.inode
-        plan = list(session.emap.extents())
-        size = session.size
-        shadow = session.shadow
-        mtime = session.mtime_ns
+    def _changes(self, session: Session) -> tuple[list[journal.Change], int, int | None]:
+        changes = [journal.Change(e.start, e.length,
+                                  journal.DATA if e.kind is Kind.SHADOW else journal.HOLE)
+                   for e in session.emap.extents() if e.kind is not Kind.COMMITTED]
+        return changes, session.size, session.mtime_ns
 
-        def apply() -> None:
+    async def _journalled(self, session: Session) -> None:
+        """Redo record first, then apply in place (atomic across a crash; journal.py)."""
+        inode = session.inode
+        changes, size, mtime = self._changes(session)
+        record = journal.Record(journal.file_id(inode.fd), size,
+                                -1 if mtime is None else mtime, tuple(changes))
+        shadow = session.shadow if session.shadow is not None else -1
+        self._records += 1
+        name = f"{journal.RECORD_PREFIX}{os.getpid()}-{self._records}"
+        await trio.to_thread.run_sync(journal.write_record, self.daemon_dir, name, record,
+                                      shadow)
+        await self._apply(session, lambda fd: journal.apply(fd, record, shadow, None))
+        await trio.to_thread.run_sync(journal.retire, self.daemon_dir, name)
+
+    async def _in_place(self, session: Session) -> None:
+        """In place without a record: durable, not crash-atomic (no journal available)."""
+        changes, size, mtime = self._changes(session)
+        record = journal.Record(journal.FileId(0, 0, b""), size,
+                                -1 if mtime is None else mtime, tuple(changes))
+        shadow = session.shadow if session.shadow is not None else -1
+        await self._apply(session, lambda fd: journal.apply(fd, record, shadow, None))
+
+    async def _apply(self, session: Session, work: Callable[[int], None]) -> None:
+        """Run ``work(target_fd)`` in a thread while isolated readers of the file wait."""
+        inode = session.inode
+        done = self.applying[inode.ino] = trio.Event()
+        try:
             fd = syscalls.reopen(inode.fd, os.O_RDWR)
             try:
-                for ext in plan:
-                    if ext.kind is Kind.SHADOW and shadow is not None:
-                        syscalls.copy_range(shadow, fd, ext.start, ext.length)
-                    elif ext.kind is Kind.HOLE:
-                        syscalls.punch_hole(fd, ext.start, ext.length)
-                os.ftruncate(fd, size)
-                if mtime is not None:
-                    syscalls.utimens_fd(fd, None, mtime)
-                os.fsync(fd)
+                await trio.to_thread.run_sync(work, fd)
             finally:
                 os.close(fd)
-
-        await trio.to_thread.run_sync(apply)
-        if shadow is not None:
-            os.ftruncate(shadow, 0)
-        session.emap.reset(size)
-        session.base_size = size
+        finally:
+            del self.applying[inode.ino]
+            done.set()
+        if session.shadow is not None:
+            os.ftruncate(session.shadow, 0)
+        session.emap.reset(session.size)
+        session.base_size = session.size
         session.mtime_ns = None
+
+
+def probe_reflink(dir_fd: int) -> bool:
+    """Does the filesystem of ``dir_fd`` support FICLONE?"""
+    try:
+        a = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        b = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        try:
+            os.pwrite(a, b"x" * 4096, 0)
+            syscalls.clone_file(b, a)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(b)
+    finally:
+        os.close(a)
 
 
 def name_finder(table: InodeTable, pending_name: Callable[[Inode], tuple[Inode, bytes] | None]

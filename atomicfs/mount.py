@@ -222,7 +222,7 @@ def recover_offline(source: str) -> list[str]:
     root = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         daemon_dir = recovery.open_daemon_dir(root)
-        done = recovery.recover(daemon_dir)
+        done = recovery.recover(root, daemon_dir)
         recovery.close_daemon_dir(root, daemon_dir)
     except OSError as exc:
         raise MountError(f"recovery of {source!r} failed: {exc}") from None

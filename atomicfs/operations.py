@@ -72,7 +72,7 @@ class AtomicOperations(pyfuse3.Operations):
         self.table = InodeTable(root_fd)
         self.namespace = Namespace(self.table)
         self.daemon_dir = recovery.open_daemon_dir(root_fd)
-        self.recovered = recovery.recover(self.daemon_dir)
+        self.recovered = recovery.recover(root_fd, self.daemon_dir)
         self.committer = Committer(self.table, self.daemon_dir,
                                    name_finder(self.table, self.namespace.pending_name),
                                    self.namespace.published, options.commit)
@@ -249,7 +249,7 @@ class AtomicOperations(pyfuse3.Operations):
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return self.files.read(self.files.get(fh), off, size)
+        return await self.files.read(self.files.get(fh), off, size)
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -1,9 +1,10 @@
 """The daemon's own directory in SOURCE, and recovery of what a crash left there.
 
-``SOURCE/.atomicfs`` (invisible through the mount) holds the temporary names
-that a rename commit uses between linking its shadow and renaming it over the
-target.  A name left there means the commit did not reach its rename: the
-committed version is still the old one, so recovery removes the leftover.
+``SOURCE/.atomicfs`` (invisible through the mount) holds the journal records
+of in-place commits and the temporary names that a rename commit uses between
+linking its shadow and renaming it over the target.  A temporary name left
+there means the commit did not reach its rename: the committed version is
+still the old one, so recovery removes the leftover.
 Shadows are unnamed (O_TMPFILE): the filesystem frees them after a crash.
 At a clean unmount the directory is removed when empty.
 """
@@ -15,6 +16,7 @@ import logging
 import os
 import stat
 
+from . import journal
 from .namespace import DAEMON_DIR
 
 log = logging.getLogger(__name__)
@@ -33,9 +35,14 @@ def open_daemon_dir(root_fd: int) -> int:
     return fd
 
 
-def recover(daemon_dir: int) -> list[str]:
-    """Resolve what interrupted commits left; returns one line per action taken."""
-    done = []
+def recover(root_fd: int, daemon_dir: int) -> list[str]:
+    """Resolve what interrupted commits left; returns one line per action taken.
+
+    Complete journal records are replayed (their commit finishes), torn ones
+    discarded (their commit never started changing the file); temporary names
+    of rename commits are removed (the rename never happened).
+    """
+    done = journal.replay(daemon_dir, root_fd)
     listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=daemon_dir)
     try:
         names = os.listdir(listing)

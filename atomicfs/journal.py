@@ -1,0 +1,328 @@
+"""Redo journal for in-place commits: records, writing, applying, replay.
+
+An in-place commit changes a file without replacing it (hard-linked files,
+whose other names must see the change; large files, where copying the
+unchanged bytes would cost more than the change).  It is made atomic by a
+redo record written first:
+
+1. the record — target identity, new size and mtime, and every changed extent
+   (data, or a hole to punch) — is written to ``SOURCE/.atomicfs/journal-N``,
+   and the file and the directory are fsync'ed;
+2. the extents are applied to the target in place and the target is fsync'ed;
+3. the record is removed (and the directory fsync'ed), so it can never be
+   replayed over a later change.
+
+A crash during 1 leaves a record that does not verify (wrong length or
+checksum): it is discarded and the target was never touched.  A crash during
+2 or 3 leaves a complete record: replay applies it again (applying is
+idempotent: the same bytes at the same offsets, the same size) and removes it.
+
+Record layout (little-endian):
+    header  "AFSJ0001" | u64 body length | u32 crc32(body)
+    body    u64 st_ino | u64 new size | i64 mtime_ns (-1: keep) | u32 handle type
+            | u32 handle length | handle bytes | u32 extent count
+            | per extent: u64 offset | u64 length | u8 kind (1 data, 2 hole)
+            | then the data of every data extent, in order
+The encoding functions are pure (testable without FUSE); applying and replay
+take fds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from . import faults, syscalls
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"AFSJ0001"
+HEADER = struct.Struct("<8sQI")
+FIXED = struct.Struct("<QQqII")
+EXTENT = struct.Struct("<QQB")
+COUNT = struct.Struct("<I")
+DATA, HOLE = 1, 2
+RECORD_PREFIX = "journal-"
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileId:
+    """A persistent reference to a file (name_to_handle_at), with its inode number."""
+
+    ino: int
+    handle_type: int
+    handle: bytes
+
+
+@dataclass(frozen=True)
+class Change:
+    offset: int
+    length: int
+    kind: int  # DATA or HOLE
+
+
+@dataclass(frozen=True)
+class Record:
+    target: FileId
+    size: int
+    mtime_ns: int  # -1: leave the mtime as applying sets it
+    changes: tuple[Change, ...]
+
+
+# -- file handles ---------------------------------------------------------------
+_libc = ctypes.CDLL(None, use_errno=True)
+MAX_HANDLE_SZ = 128
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
+
+
+def file_id(path_fd: int) -> FileId:
+    fh = _FileHandle()
+    fh.handle_bytes = MAX_HANDLE_SZ
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(path_fd, b"", ctypes.byref(fh), ctypes.byref(mount_id),
+                               syscalls.AT_EMPTY_PATH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"name_to_handle_at: {os.strerror(err)}")
+    return FileId(os.stat(path_fd).st_ino, fh.handle_type, bytes(fh.f_handle[:fh.handle_bytes]))
+
+
+def open_file_id(root_fd: int, fid: FileId, flags: int) -> int:
+    """Reopen a file by handle; ``root_fd``: any fd in the filesystem (O_PATH will do)."""
+    mount_fd = syscalls.reopen(root_fd, os.O_RDONLY | os.O_DIRECTORY)  # O_PATH is refused
+    try:
+        return _open_by_handle(mount_fd, fid, flags)
+    finally:
+        os.close(mount_fd)
+
+
+def _open_by_handle(mount_fd: int, fid: FileId, flags: int) -> int:
+    fh = _FileHandle()
+    fh.handle_bytes = len(fid.handle)
+    fh.handle_type = fid.handle_type
+    ctypes.memmove(fh.f_handle, fid.handle, len(fid.handle))
+    fd: int = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags | os.O_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"open_by_handle_at: {os.strerror(err)}")
+    if os.stat(fd).st_ino != fid.ino:
+        os.close(fd)
+        raise OSError(errno.ESTALE, "file handle names another file")
+    return fd
+
+
+def available(root_fd: int) -> bool:
+    """Can this process reopen files by handle (root: CAP_DAC_READ_SEARCH)?"""
+    try:
+        fd = open_file_id(root_fd, file_id(root_fd), os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+# -- encoding (pure) --------------------------------------------------------------
+def encode_meta(record: Record) -> bytes:
+    t = record.target
+    parts = [FIXED.pack(t.ino, record.size, record.mtime_ns, t.handle_type, len(t.handle)),
+             t.handle, COUNT.pack(len(record.changes))]
+    parts.extend(EXTENT.pack(c.offset, c.length, c.kind) for c in record.changes)
+    return b"".join(parts)
+
+
+def encode(record: Record, data: Iterable[bytes]) -> bytes:
+    """A whole record in memory (tests, small records): header + body."""
+    body = encode_meta(record) + b"".join(data)
+    return HEADER.pack(MAGIC, len(body), zlib.crc32(body)) + body
+
+
+def parse_meta(meta: bytes) -> tuple[Record, int]:
+    """Parse a body's metadata part; returns the record and the metadata's length."""
+    ino, size, mtime, htype, hlen = FIXED.unpack_from(meta, 0)
+    pos = FIXED.size
+    handle = meta[pos:pos + hlen]
+    if len(handle) != hlen:
+        raise ValueError("short handle")
+    pos += hlen
+    (count,) = COUNT.unpack_from(meta, pos)
+    pos += COUNT.size
+    changes = []
+    for _ in range(count):
+        off, length, kind = EXTENT.unpack_from(meta, pos)
+        if kind not in (DATA, HOLE):
+            raise ValueError("bad extent kind")
+        changes.append(Change(off, length, kind))
+        pos += EXTENT.size
+    return Record(FileId(ino, htype, handle), size, mtime, tuple(changes)), pos
+
+
+def data_length(record: Record) -> int:
+    return sum(c.length for c in record.changes if c.kind == DATA)
+
+
+def decode(blob: bytes) -> tuple[Record, bytes] | None:
+    """Verify and parse a record; None if it is torn or corrupt (never raises)."""
+    if len(blob) < HEADER.size:
+        return None
+    magic, body_len, crc = HEADER.unpack_from(blob, 0)
+    body = blob[HEADER.size:]
+    if magic != MAGIC or body_len != len(body) or zlib.crc32(body) != crc:
+        return None
+    try:
+        record, start = parse_meta(body)
+    except (struct.error, ValueError):
+        return None
+    if start + data_length(record) != len(body):
+        return None
+    return record, body[start:]
+
+
+# -- writing, applying, replay ---------------------------------------------------------
+def write_record(daemon_dir: int, name: str, record: Record, source_fd: int) -> None:
+    """Write a record whose DATA extents come from ``source_fd`` (the shadow), durably."""
+    fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600,
+                 dir_fd=daemon_dir)
+    try:
+        meta = encode_meta(record)
+        crc = zlib.crc32(meta)
+        os.pwrite(fd, meta, HEADER.size)
+        pos = HEADER.size + len(meta)
+        for change in record.changes:
+            if change.kind != DATA:
+                continue
+            for chunk in _read_range(source_fd, change.offset, change.length):
+                os.pwrite(fd, chunk, pos)
+                crc = zlib.crc32(chunk, crc)
+                pos += len(chunk)
+        os.pwrite(fd, HEADER.pack(MAGIC, pos - HEADER.size, crc), 0)
+        faults.point("journal.before_record_fsync")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(daemon_dir)
+    faults.point("journal.after_record")
+
+
+def _read_range(fd: int, offset: int, length: int) -> Iterator[bytes]:
+    done = 0
+    while done < length:
+        chunk = os.pread(fd, min(CHUNK, length - done), offset + done)
+        if not chunk:
+            chunk = bytes(min(CHUNK, length - done))  # source shorter: zeros
+        yield chunk
+        done += len(chunk)
+
+
+def apply(target_fd: int, record: Record, data_source: int, data_base: int | None) -> None:
+    """Apply a record in place and fsync the target.
+
+    DATA bytes come from ``data_source`` at the change's own offset (the shadow,
+    ``data_base`` None) or sequentially from ``data_base`` on (a record file).
+    """
+    pos = data_base
+    half = len(record.changes) // 2
+    for i, change in enumerate(record.changes):
+        if i == half:
+            faults.point("journal.mid_apply")
+        if change.kind == HOLE:
+            syscalls.punch_hole(target_fd, change.offset, change.length)
+            continue
+        if pos is None:
+            syscalls.copy_range(data_source, target_fd, change.offset, change.length)
+        else:
+            done = 0
+            for chunk in _read_range(data_source, pos, change.length):
+                os.pwrite(target_fd, chunk, change.offset + done)
+                done += len(chunk)
+            pos += change.length
+    os.ftruncate(target_fd, record.size)
+    if record.mtime_ns >= 0:
+        syscalls.utimens_fd(target_fd, None, record.mtime_ns)
+    os.fsync(target_fd)
+    faults.point("journal.after_apply")
+
+
+def retire(daemon_dir: int, name: str) -> None:
+    os.unlink(name, dir_fd=daemon_dir)
+    _fsync_dir(daemon_dir)
+    faults.point("journal.after_retire")
+
+
+def _fsync_dir(dir_fd: int) -> None:
+    fd = syscalls.reopen(dir_fd, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replay(daemon_dir: int, root_fd: int) -> list[str]:
+    """Apply every complete record, discard torn ones; one line per record."""
+    lines = []
+    listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=daemon_dir)
+    try:
+        names = sorted(n for n in os.listdir(listing) if n.startswith(RECORD_PREFIX))
+    finally:
+        os.close(listing)
+    for name in names:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=daemon_dir)
+        try:
+            lines.append(_replay_one(fd, root_fd, name))
+        finally:
+            os.close(fd)
+        retire(daemon_dir, name)
+    return lines
+
+
+def _replay_one(fd: int, root_fd: int, name: str) -> str:
+    head = os.pread(fd, HEADER.size, 0)
+    size = os.fstat(fd).st_size
+    if len(head) < HEADER.size:
+        return f"discarded torn journal record {name} (target untouched)"
+    magic, body_len, crc = HEADER.unpack(head)
+    if magic != MAGIC or body_len != size - HEADER.size:
+        return f"discarded torn journal record {name} (target untouched)"
+    check = 0
+    for chunk in _read_range(fd, HEADER.size, body_len):
+        check = zlib.crc32(chunk, check)
+    if check != crc:
+        return f"discarded corrupt journal record {name} (target untouched)"
+    try:
+        record, start = _read_meta(fd, body_len)
+    except (struct.error, ValueError):
+        return f"discarded unreadable journal record {name} (target untouched)"
+    try:
+        target = open_file_id(root_fd, record.target, os.O_RDWR)
+    except OSError as exc:
+        return f"discarded journal record {name}: target inode {record.target.ino} is gone " \
+               f"({os.strerror(exc.errno or errno.ESTALE)})"
+    try:
+        apply(target, record, fd, HEADER.size + start)
+    finally:
+        os.close(target)
+    return f"replayed journal record {name} into inode {record.target.ino} " \
+           f"({len(record.changes)} extents, size {record.size})"
+
+
+def _read_meta(fd: int, body_len: int) -> tuple[Record, int]:
+    """Read and parse a record file's metadata (its size is only known in two steps)."""
+    fixed = os.pread(fd, FIXED.size, HEADER.size)
+    hlen = FIXED.unpack(fixed)[4]
+    (count,) = COUNT.unpack(os.pread(fd, COUNT.size, HEADER.size + FIXED.size + hlen))
+    meta_len = FIXED.size + hlen + COUNT.size + count * EXTENT.size
+    if meta_len > body_len:
+        raise ValueError("metadata longer than the record")
+    record, start = parse_meta(os.pread(fd, meta_len, HEADER.size))
+    if start + data_length(record) != body_len:
+        raise ValueError("body length does not match the extents")
+    return record, start

@@ -38,6 +38,8 @@ import logging
 import os
 import secrets
 import stat
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -63,6 +65,7 @@ class CommitStats:
     commits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STRATEGIES, 0))
     bytes_committed: int = 0
     failures: dict[str, int] = field(default_factory=dict)
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
 
     def failed(self, exc: OSError) -> None:
         name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
@@ -106,6 +109,21 @@ class Committer:
         self._records = 0
         self.applying: dict[int, trio.Event] = {}  # inode -> set when its in-place apply ends
 
+    def describe(self, inode: Inode) -> str:
+        """A path of the file relative to the mount, for messages (best effort)."""
+        parts: list[bytes] = []
+        node = inode
+        for _ in range(256):
+            if node is self.table.root:
+                return "/" + b"/".join(reversed(parts)).decode("utf-8", "backslashreplace")
+            name = node.any_name()
+            parent = self.table.by_ino.get(name[0]) if name else None
+            if name is None or parent is None:
+                break
+            parts.append(name[1])
+            node = parent
+        return f"<inode {inode.ino}>"
+
     def choose(self, session: Session, committed: os.stat_result) -> str:
         """The commit strategy for this session (the cost model; README)."""
         if committed.st_nlink > 1:
@@ -131,6 +149,7 @@ class Committer:
         if not session.dirty:
             return False
         inode = session.inode
+        started = time.monotonic()
         try:
             if session.pending:
                 if not inode.names:
@@ -153,6 +172,8 @@ class Committer:
             raise
         self.stats.commits[kind] += 1
         self.stats.bytes_committed += session.size
+        self.stats.latencies.append(time.monotonic() - started)
+        log.debug("committed inode %d (%s, %d bytes)", inode.ino, kind, session.size)
         session.commits += 1
         return True
 

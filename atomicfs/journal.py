@@ -204,6 +204,7 @@ def write_record(daemon_dir: int, name: str, record: Record, source_fd: int) -> 
                 os.pwrite(fd, chunk, pos)
                 crc = zlib.crc32(chunk, crc)
                 pos += len(chunk)
+        faults.point("journal.before_header")
         os.pwrite(fd, HEADER.pack(MAGIC, pos - HEADER.size, crc), 0)
         faults.point("journal.before_record_fsync")
         os.fsync(fd)

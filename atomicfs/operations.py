@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from . import faults, metadata, recovery, syscalls
+from . import faults, metadata, recovery, status, syscalls
 from .commit import Committer, name_finder
 from .files import Files
 from .inodes import Inode, InodeTable
@@ -69,6 +69,8 @@ class AtomicOperations(pyfuse3.Operations):
         super().__init__()
         options = options or MountOptions()
         self.trace = options.debug
+        self.options_summary = {"durability": options.durability,
+                                "isolation": options.isolation, "commit": options.commit}
         self.table = InodeTable(root_fd)
         self.namespace = Namespace(self.table)
         self.daemon_dir = recovery.open_daemon_dir(root_fd)
@@ -275,6 +277,8 @@ class AtomicOperations(pyfuse3.Operations):
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == self.table.root.ino and name == status.STATUS_XATTR:
+            return status.render(self)
         return metadata.get_xattr(self.table.get(inode).fd, name)
 
     @_handler

@@ -1,0 +1,184 @@
+"""Large files and hard links: journalled in-place commits, reflink commits, recovery.
+
+Every test mounts a real filesystem.  The commit strategy a mount used is read
+from its live status (``user.atomicfs.status`` on the mount's root).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import IS_ROOT, Mount, MountFactory
+
+MiB = 1 << 20
+
+
+def status(m: Mount) -> dict:
+    return json.loads(os.getxattr(m.mountpoint, "user.atomicfs.status"))
+
+
+def make_big(path: Path, size: int, seed: int = 0) -> bytes:
+    data = random.Random(seed).randbytes(size)
+    path.write_bytes(data)
+    return data
+
+
+def patch_through_mount(path: Path, changes: list[tuple[int, bytes]]) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for off, data in changes:
+            os.pwrite(fd, data, off)
+    finally:
+        os.close(fd)
+
+
+def applied(base: bytes, changes: list[tuple[int, bytes]]) -> bytes:
+    out = bytearray(base)
+    for off, data in changes:
+        if off > len(out):
+            out.extend(bytes(off - len(out)))  # a write past EOF leaves a hole
+        out[off:off + len(data)] = data
+    return bytes(out)
+
+
+def debris(source: Path) -> list[str]:
+    left = []
+    for dirpath, dirnames, filenames in os.walk(source):
+        for name in dirnames + filenames:
+            if name.startswith(".atomicfs"):
+                p = Path(dirpath, name)
+                if not (p.is_dir() and not any(p.iterdir())):
+                    left.append(str(p))
+    return left
+
+
+CHANGES = [(i * 397 * 4096 + 123, bytes([65 + i % 26]) * 4096) for i in range(64)]
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the journal needs open_by_handle_at (root)")
+def test_large_file_small_change_uses_the_journal(mount_factory: MountFactory,
+                                                  tmp_path: Path) -> None:
+    src = tmp_path / "data"
+    src.mkdir()
+    old = make_big(src / "big", 128 * MiB)
+    ino_before = os.stat(src / "big").st_ino
+    m = mount_factory(source=src)
+    mnt_ino = os.stat(m.path("big")).st_ino
+    patch_through_mount(m.path("big"), CHANGES)
+    st = status(m)
+    assert st["commits"]["journal"] == 1, st["commits"]
+    assert st["commits"]["rename"] == 0, st["commits"]
+    assert os.stat(src / "big").st_ino == ino_before  # in place: same backing inode
+    assert os.stat(m.path("big")).st_ino == mnt_ino
+    assert (src / "big").read_bytes() == applied(old, CHANGES)
+    assert debris(src) == []
+
+
+def test_small_file_uses_rename_and_commit_option_forces(mount_factory: MountFactory) -> None:
+    m = mount_factory()
+    make_big(m.src("small"), MiB)
+    patch_through_mount(m.path("small"), CHANGES[:4])
+    assert status(m)["commits"]["rename"] == 1
+    if IS_ROOT:
+        m2 = mount_factory(options=["commit=journal"])
+        make_big(m2.src("small"), MiB)
+        patch_through_mount(m2.path("small"), CHANGES[:4])
+        assert status(m2)["commits"]["journal"] == 1
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the journal needs open_by_handle_at (root)")
+def test_hard_link_commit_keeps_the_link(mount: Mount) -> None:
+    mount.src("a").write_bytes(b"old content\n")
+    os.link(mount.src("a"), mount.src("b"))
+    (mount.path("a")).write_bytes(b"new content through a\n")
+    assert mount.path("b").read_bytes() == b"new content through a\n"
+    assert mount.src("b").read_bytes() == b"new content through a\n"
+    sa, sb = os.stat(mount.src("a")), os.stat(mount.src("b"))
+    assert sa.st_ino == sb.st_ino and sa.st_nlink == 2
+    assert os.stat(mount.path("a")).st_ino == os.stat(mount.path("b")).st_ino
+    assert status(mount)["commits"]["journal"] == 1
+
+
+JOURNAL_POINTS = {
+    # fault point -> which version the file holds after remount (recovery).
+    # The header is written last: before it, the record is torn and discarded;
+    # after it (even unsynced, since only the daemon died) it is complete.
+    "journal.before_header": "old",
+    "journal.before_record_fsync": "new",
+    "journal.after_record": "new",
+    "journal.mid_apply": "new",
+    "journal.after_apply": "new",
+    "journal.after_retire": "new",
+}
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the journal needs open_by_handle_at (root)")
+@pytest.mark.parametrize("point", sorted(JOURNAL_POINTS))
+def test_crash_at_each_journal_step(mount_factory: MountFactory, tmp_path: Path,
+                                    point: str) -> None:
+    src = tmp_path / "data"
+    src.mkdir()
+    old = make_big(src / "f", 4 * MiB)
+    os.link(src / "f", src / "f2")  # hard link: always the journal
+    m = mount_factory(source=src, env={"ATOMICFS_FAULTS": f"exit:{point}"})
+    with pytest.raises(OSError):  # the daemon dies inside close()
+        patch_through_mount(m.path("f"), CHANGES[:8])
+    m.kill()
+    new = applied(old, CHANGES[:8])
+    if point.startswith("journal.before"):
+        # until the record is complete, the target is untouched
+        assert (src / "f").read_bytes() == old
+    m2 = mount_factory(source=src)
+    want = old if JOURNAL_POINTS[point] == "old" else new
+    got = (src / "f").read_bytes()
+    assert got == want, f"after {point}: file is neither the expected version"
+    assert (src / "f2").read_bytes() == want
+    assert m2.path("f").read_bytes() == want
+    m2.unmount()
+    assert debris(src) == []
+    assert not (src / ".atomicfs").exists()
+
+
+@pytest.fixture
+def xfs_reflink(tmp_path: Path) -> Iterator[Path]:
+    if not IS_ROOT or not shutil.which("mkfs.xfs"):
+        pytest.skip("needs root and mkfs.xfs for a loop-mounted XFS image")
+    image = tmp_path / "xfs.img"
+    with open(image, "wb") as f:
+        f.truncate(512 * MiB)
+    mk = subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)],
+                        capture_output=True, text=True)
+    if mk.returncode != 0:
+        pytest.skip(f"mkfs.xfs failed: {mk.stderr.strip()}")
+    point = tmp_path / "xfs"
+    point.mkdir()
+    mnt = subprocess.run(["mount", "-o", "loop", str(image), str(point)],
+                         capture_output=True, text=True)
+    if mnt.returncode != 0:
+        pytest.skip(f"no loop device: {mnt.stderr.strip()}")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", str(point)], check=False)
+
+
+def test_reflink_commit_on_xfs(mount_factory: MountFactory, xfs_reflink: Path) -> None:
+    src = xfs_reflink / "data"
+    src.mkdir()
+    old = make_big(src / "big", 64 * MiB)
+    m = mount_factory(source=src)
+    st = status(m)
+    assert st["reflink"] is True
+    patch_through_mount(m.path("big"), CHANGES)
+    counts = status(m)["commits"]
+    assert counts["reflink"] == 1 and counts["rename"] == 0, counts
+    assert (src / "big").read_bytes() == applied(old, CHANGES)
+    m.unmount()
+    assert debris(src) == []

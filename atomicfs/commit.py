@@ -47,7 +47,7 @@ import trio
 
 from . import faults, journal, metadata, syscalls
 from .extents import Kind
-from .inodes import Inode, InodeTable, stat_at
+from .inodes import Inode, InodeTable, Key, stat_at
 from .sessions import Session
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,20 @@ STRATEGIES = ("rename", "reflink", "journal", "inplace", "new")
 # and is more than JOURNAL_RATIO times the changed bytes (README, "Commit strategies").
 JOURNAL_MIN_COPY = 8 << 20
 JOURNAL_RATIO = 4
+
+
+BATCH_DELAY = 0.05  # seconds from staging to the group persist (durability=batch)
+
+
+@dataclass(eq=False)
+class Staged:
+    """A committed version visible through the mount, not yet published (batch)."""
+
+    inode: Inode
+    old_key: Key | None  # the source file it replaces (None: a new file)
+    new_file: bool
+    old_fd: int | None = None  # O_PATH fd of that source file
+    version: int = 0
 
 
 @dataclass
@@ -80,6 +94,11 @@ def _fsync_dir(dir_path_fd: int) -> None:
         os.close(fd)
 
 
+def _fsync_dirs(dir_path_fds: list[int]) -> None:
+    for fd in dir_path_fds:
+        _fsync_dir(fd)
+
+
 def _replace_xattrs(src_fd: int, dst_fd: int) -> None:
     """Make dst's xattrs exactly src's (dst may have inherited default ACLs)."""
     wanted = set(metadata.list_xattrs(src_fd))
@@ -96,8 +115,9 @@ class Committer:
     """Makes commits; the caller holds ``session.lock``."""
 
     def __init__(self, table: InodeTable, daemon_dir: int,
-                 find_name: Callable[[Inode], tuple[Inode, bytes]],
-                 published: Callable[[Inode], None], strategy: str = "auto") -> None:
+                 find_name: Callable[[Inode, Key | None], tuple[Inode, bytes]],
+                 published: Callable[[Inode], None], strategy: str = "auto",
+                 durability: str = "full") -> None:
         self.table = table
         self.daemon_dir = daemon_dir
         self.find_name = find_name
@@ -108,6 +128,10 @@ class Committer:
         self.reflink_ok = probe_reflink(daemon_dir)
         self._records = 0
         self.applying: dict[int, trio.Event] = {}  # inode -> set when its in-place apply ends
+        self.batch = durability == "batch"
+        self.staged: dict[int, Staged] = {}
+        self.wakeup = trio.Event()
+        self._persist_lock = trio.Lock()
 
     def describe(self, inode: Inode) -> str:
         """A path of the file relative to the mount, for messages (best effort)."""
@@ -124,9 +148,9 @@ class Committer:
             node = parent
         return f"<inode {inode.ino}>"
 
-    def choose(self, session: Session, committed: os.stat_result) -> str:
+    def choose(self, session: Session, committed: os.stat_result, links: int) -> str:
         """The commit strategy for this session (the cost model; README)."""
-        if committed.st_nlink > 1:
+        if links > 1:
             return "journal" if self.journal_ok else "inplace"
         if self.strategy == "journal" and self.journal_ok:
             return "journal"
@@ -158,9 +182,10 @@ class Committer:
                 kind = "new"
             else:
                 committed = os.stat(inode.fd)
-                if committed.st_nlink == 0:
+                links = self.source_links(inode)
+                if links == 0:
                     return False  # unlinked while written: its data vanishes at release
-                kind = self.choose(session, committed)
+                kind = self.choose(session, committed, links)
                 if kind == "journal":
                     await self._journalled(session)
                 elif kind == "inplace":
@@ -180,7 +205,7 @@ class Committer:
     # -- strategies ------------------------------------------------------------
     def _new_shadow(self, session: Session) -> int:
         if session.shadow is None:
-            parent, _ = self.find_name(session.inode)
+            parent, _ = self.find_name(session.inode, None)
             session.shadow = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
                                      dir_fd=parent.fd)
         return session.shadow
@@ -191,8 +216,9 @@ class Committer:
         plan = list(session.emap.extents())
         size = session.size
         mtime = session.mtime_ns if session.mtime_ns is not None else committed.st_mtime_ns
+        sync = not self.batch
         if clone:
-            parent, _ = self.find_name(inode)
+            parent, _ = self.find_name(inode, None)
             changes = session.shadow
             shadow = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
                              dir_fd=parent.fd)
@@ -218,9 +244,10 @@ class Committer:
             syscalls.fchown_fd(shadow, committed.st_uid, committed.st_gid)
             os.fchmod(shadow, stat.S_IMODE(committed.st_mode))
             syscalls.utimens_fd(shadow, committed.st_atime_ns, mtime)
-            faults.point("commit.before_fsync")
-            os.fsync(shadow)
-            faults.point("commit.after_fsync")
+            if sync:
+                faults.point("commit.before_fsync")
+                os.fsync(shadow)
+                faults.point("commit.after_fsync")
 
         try:
             await trio.to_thread.run_sync(build)
@@ -228,59 +255,171 @@ class Committer:
             if clone:
                 os.close(shadow)
             raise
-        # From here to the swap there is no await: no other request can interleave.
-        parent, name = self.find_name(inode)
-        tmp = b"commit-" + secrets.token_hex(8).encode()
-        syscalls.link_fd(shadow, self.daemon_dir, tmp)
-        faults.point("commit.after_link")
-        try:
-            syscalls.renameat2(self.daemon_dir, tmp, parent.fd, name)
-        except OSError:
-            os.unlink(tmp, dir_fd=self.daemon_dir)
-            if clone:
-                os.close(shadow)
-            raise
-        faults.point("commit.after_rename")
-        new_path = syscalls.reopen(shadow, os.O_PATH)
-        self.table.rebind(inode, new_path, os.stat(shadow), data_fd=shadow)
         if clone:
-            session.close()  # the shadow of changes; the clone is the file now
-        session.shadow = None
-        session.emap.reset(size)
-        session.base_size = size
-        session.mtime_ns = None
-        await trio.to_thread.run_sync(_fsync_dir, parent.fd)
-        faults.point("commit.after_dir_fsync")
+            session.close()  # the shadow of changes; the clone is the new version
+        else:
+            session.shadow = None
+        # From here to the swap there is no await: no other request can interleave.
+        try:
+            await self._install(session, shadow, new_file=False)
+        except BaseException:
+            os.close(shadow)
+            raise
 
     async def _publish_new(self, session: Session) -> None:
-        inode = session.inode
         shadow = session.shadow
         if shadow is None:
             raise OSError(errno.EIO, "a new file without its shadow")
         size = session.size
         mtime = session.mtime_ns
+        sync = not self.batch
 
         def build() -> None:
             os.ftruncate(shadow, size)
             if mtime is not None:
                 syscalls.utimens_fd(shadow, None, mtime)
-            faults.point("commit.before_fsync")
-            os.fsync(shadow)
-            faults.point("commit.after_fsync")
+            if sync:
+                faults.point("commit.before_fsync")
+                os.fsync(shadow)
+                faults.point("commit.after_fsync")
 
         await trio.to_thread.run_sync(build)
-        parent, name = self.find_name(inode)
-        syscalls.link_fd(shadow, parent.fd, name)
-        faults.point("commit.after_link")
-        self.published(inode)
-        session.pending = False
-        self.table.set_data_fd(inode, shadow)
         session.shadow = None
+        try:
+            await self._install(session, shadow, new_file=True)
+        except BaseException:
+            session.shadow = shadow  # still the only copy of the new file
+            raise
+        session.pending = False
+
+    async def _install(self, session: Session, fd: int, new_file: bool) -> None:
+        """Make ``fd`` (complete, fsync'ed unless batch) the file's committed version.
+
+        Full durability: publish it in the source tree now and fsync the directory.
+        Batch: stage it — visible through the mount at once, published by the next
+        group persist (:meth:`persist`).
+        """
+        inode = session.inode
+        size = session.size
+        if self.batch:
+            self._stage(inode, fd, new_file)
+        else:
+            parent = self._publish(inode, fd, new_file, inode.key)
+            self._become(inode, fd, new_file)
+            await trio.to_thread.run_sync(_fsync_dir, parent.fd)
+            faults.point("commit.after_dir_fsync")
         session.emap.reset(size)
         session.base_size = size
         session.mtime_ns = None
-        await trio.to_thread.run_sync(_fsync_dir, parent.fd)
-        faults.point("commit.after_dir_fsync")
+
+    def _publish(self, inode: Inode, fd: int, new_file: bool, old_key: Key | None) -> Inode:
+        """Put ``fd`` in the source tree at the inode's name (synchronous steps only)."""
+        parent, name = self.find_name(inode, old_key)
+        if new_file:
+            syscalls.link_fd(fd, parent.fd, name)
+            faults.point("commit.after_link")
+            self.published(inode)
+            return parent
+        tmp = b"commit-" + secrets.token_hex(8).encode()
+        syscalls.link_fd(fd, self.daemon_dir, tmp)
+        faults.point("commit.after_link")
+        try:
+            syscalls.renameat2(self.daemon_dir, tmp, parent.fd, name)
+        except OSError:
+            os.unlink(tmp, dir_fd=self.daemon_dir)
+            raise
+        faults.point("commit.after_rename")
+        return parent
+
+    def _become(self, inode: Inode, fd: int, new_file: bool) -> None:
+        """Move the FUSE inode onto the file behind ``fd`` (st_ino stays)."""
+        if new_file:
+            self.table.set_data_fd(inode, fd)  # same inode: the O_PATH fd still fits
+        else:
+            self.table.rebind(inode, syscalls.reopen(fd, os.O_PATH), os.stat(fd), data_fd=fd)
+
+    # -- batch durability: staging and group persist ------------------------------------
+    def _stage(self, inode: Inode, fd: int, new_file: bool) -> None:
+        item = self.staged.get(inode.ino)
+        if item is None:
+            item = Staged(inode, None if new_file else inode.key, new_file)
+            self.staged[inode.ino] = item
+            inode.holders += 1
+            if not new_file:  # the source still holds the old file: keep finding it
+                item.old_fd = inode.fd
+                self.table.rebind(inode, syscalls.reopen(fd, os.O_PATH), os.stat(fd),
+                                  data_fd=fd, keep_old=True)
+                self.table.alias(item.old_key, inode)
+                self.wakeup.set()
+                return
+        item.version += 1
+        self._become(inode, fd, new_file)
+        self.wakeup.set()
+
+    def source_links(self, inode: Inode) -> int:
+        """nlink of the file in the source tree (a staged file's is its old file's)."""
+        item = self.staged.get(inode.ino)
+        if item is not None:
+            return 1 if item.old_fd is None else os.stat(item.old_fd).st_nlink
+        return os.stat(inode.fd).st_nlink
+
+    async def persist(self, inode: Inode | None = None) -> None:
+        """Publish staged versions durably: data synced, renamed, directories synced.
+
+        With ``inode``, only returns early if that inode has nothing staged.
+        """
+        if inode is not None and inode.ino not in self.staged:
+            return
+        async with self._persist_lock:
+            items = [(item, item.version, os.dup(item.inode.data_fd or -1))
+                     for item in self.staged.values() if item.inode.data_fd is not None]
+            if not items:
+                return
+
+            def sync_data() -> None:
+                for _, _, fd in items:
+                    os.fsync(fd)
+
+            try:
+                await trio.to_thread.run_sync(sync_data)
+                faults.point("commit.after_fsync")
+                parents: dict[int, Inode] = {}
+                for item, version, fd in items:
+                    if item.version != version or self.staged.get(item.inode.ino) is not item:
+                        continue  # superseded meanwhile: the next round publishes it
+                    try:
+                        parent = self._publish(item.inode, fd, item.new_file, item.old_key)
+                        parents[parent.ino] = parent
+                    except OSError as exc:
+                        if exc.errno != errno.EIO or item.inode.names:
+                            self.stats.failed(exc)
+                            log.warning("batch commit of %s failed: %s",
+                                        self.describe(item.inode), exc)
+                    self._unstage(item)
+                await trio.to_thread.run_sync(_fsync_dirs, [p.fd for p in parents.values()])
+                faults.point("commit.after_dir_fsync")
+            finally:
+                for _, _, fd in items:
+                    os.close(fd)
+
+    def _unstage(self, item: Staged) -> None:
+        del self.staged[item.inode.ino]
+        if item.old_fd is not None:
+            self.table.unalias(item.old_key, item.inode)
+            os.close(item.old_fd)
+        item.inode.holders -= 1
+        self.table.maybe_drop(item.inode)
+
+    async def run_batches(self) -> None:
+        """Background task: persist staged commits within BATCH_DELAY of staging."""
+        while True:
+            await self.wakeup.wait()
+            self.wakeup = trio.Event()
+            await trio.sleep(BATCH_DELAY)
+            try:
+                await self.persist()
+            except Exception:
+                log.exception("group persist failed; retrying")
 
     def _changes(self, session: Session) -> tuple[list[journal.Change], int, int | None]:
         changes = [journal.Change(e.start, e.length,
@@ -351,17 +490,24 @@ def probe_reflink(dir_fd: int) -> bool:
 
 
 def name_finder(table: InodeTable, pending_name: Callable[[Inode], tuple[Inode, bytes] | None]
-                ) -> Callable[[Inode], tuple[Inode, bytes]]:
-    """Build the function that finds a current (parent, name) of an inode."""
+                ) -> Callable[[Inode, Key | None], tuple[Inode, bytes]]:
+    """Build the function that finds a current (parent, name) of an inode.
 
-    def find(inode: Inode) -> tuple[Inode, bytes]:
+    ``key``: the backing file the name must lead to (a staged file's old file);
+    None: the inode's own backing file, or any name (for where to make a shadow).
+    """
+
+    def find(inode: Inode, key: Key | None) -> tuple[Inode, bytes]:
         found = pending_name(inode)
         if found is not None:
             return found
+        want = {inode.key} if key is None else {key}
+        if key is None and inode.ino in table.aliases_of:
+            want |= table.aliases_of[inode.ino]
         for parent_ino, name in sorted(inode.names):
             parent = table.by_ino.get(parent_ino)
             st = stat_at(parent.fd, name) if parent is not None else None
-            if parent is not None and st is not None and (st.st_dev, st.st_ino) == inode.key:
+            if parent is not None and st is not None and (st.st_dev, st.st_ino) in want:
                 return parent, name
             inode.names.discard((parent_ino, name))
         raise OSError(errno.EIO, "file has no name left to commit under")

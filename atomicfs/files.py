@@ -97,20 +97,21 @@ class Files:
         self.table.maybe_drop(session.inode)
 
     def _make_shadow(self, session: Session) -> int:
-        parent, _ = self.committer.find_name(session.inode)
+        parent, _ = self.committer.find_name(session.inode, None)
         return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=parent.fd)
 
     async def _commit(self, session: Session) -> bool:
         return await self.committer.commit(session, self.table.data)
 
     async def publish(self, inode: Inode) -> None:
-        """Commit a pending file now (before a namespace operation needs it real)."""
+        """Make the file real in the source tree now (before a namespace operation
+        needs it there): commit a pending new file, persist a staged version."""
         session = self.sessions.get(inode.ino)
-        if session is None or not session.pending:
-            return
-        async with session.lock:
-            if session.pending:
-                await self._commit(session)
+        if session is not None and session.pending:
+            async with session.lock:
+                if session.pending:
+                    await self._commit(session)
+        await self.committer.persist(inode)
 
     # -- open, create ----------------------------------------------------------
     async def open(self, inode: Inode, flags: int) -> tuple[FileHandle, pyfuse3.FileInfo]:
@@ -164,6 +165,10 @@ class Files:
         """The file's attributes through the mount: the session's, if it has one."""
         st = os.stat(inode.fd)
         attr = metadata.entry_attributes(inode.ino, st)
+        staged = self.committer.staged.get(inode.ino)
+        if staged is not None:  # the visible version is an unnamed file until persisted
+            attr.st_nlink = (self.namespace.pending_links(inode) if staged.new_file
+                             else self.committer.source_links(inode))
         session = self.sessions.get(inode.ino)
         if session is None:
             return attr
@@ -235,11 +240,11 @@ class Files:
 
     async def fsync(self, handle: FileHandle, datasync: bool) -> None:
         session = handle.session or self.sessions.get(handle.inode.ino)
-        if session is None:
-            return  # nothing uncommitted: every commit was already durable
-        async with session.lock:
-            await self._commit(session)
-        handle.wrote = False
+        if session is not None:
+            async with session.lock:
+                await self._commit(session)
+            handle.wrote = False
+        await self.committer.persist(handle.inode)  # batch: fsync is durable all the same
 
     async def release(self, handle: FileHandle) -> None:
         del self.handles[handle.fh]

@@ -60,6 +60,7 @@ class InodeTable:
         self._next = ROOT_INODE + 1
         self.by_ino: dict[int, Inode] = {}
         self.by_key: dict[Key, Inode] = {}
+        self.aliases_of: dict[int, set[Key]] = {}  # staged inodes: keys of their old files
         root = Inode(ROOT_INODE, (st.st_dev, st.st_ino), root_fd, st.st_mode, lookups=1)
         self._insert(root)
         self.root = root
@@ -110,8 +111,12 @@ class InodeTable:
             os.close(inode.data_fd)
         inode.data_fd = fd
 
-    def rebind(self, inode: Inode, fd: int, st: os.stat_result, data_fd: int | None) -> None:
-        """Point ``inode`` at a new backing file (after a rename commit)."""
+    def rebind(self, inode: Inode, fd: int, st: os.stat_result, data_fd: int | None,
+               keep_old: bool = False) -> None:
+        """Point ``inode`` at a new backing file (after a rename commit).
+
+        ``keep_old``: the caller takes over the old O_PATH fd instead of it being closed.
+        """
         self.set_data_fd(inode, data_fd)
         old_fd = inode.fd
         del self.by_key[inode.key]
@@ -122,7 +127,23 @@ class InodeTable:
         if clash is not None:  # pragma: no cover - would be a bug upstream
             raise OSError(errno.EIO, "rebind onto a backing file that has an inode")
         self.by_key[inode.key] = inode
-        os.close(old_fd)
+        if not keep_old:
+            os.close(old_fd)
+
+    def alias(self, key: Key | None, inode: Inode) -> None:
+        """Let ``key`` (a staged inode's old source file) find ``inode`` too."""
+        if key is not None:
+            self.by_key[key] = inode
+            self.aliases_of.setdefault(inode.ino, set()).add(key)
+
+    def unalias(self, key: Key | None, inode: Inode) -> None:
+        if key is not None and self.by_key.get(key) is inode:
+            del self.by_key[key]
+        keys = self.aliases_of.get(inode.ino)
+        if keys is not None:
+            keys.discard(key)  # type: ignore[arg-type]
+            if not keys:
+                del self.aliases_of[inode.ino]
 
     def forget(self, ino: int, count: int) -> None:
         inode = self.by_ino.get(ino)
@@ -161,7 +182,8 @@ class InodeTable:
             assert self.by_key.get(inode.key) is inode, f"inode {ino} not under its key"
             assert inode.lookups >= 0
         for key, inode in self.by_key.items():
-            assert inode.key == key and self.by_ino.get(inode.ino) is inode
+            assert inode.key == key or key in self.aliases_of.get(inode.ino, ())
+            assert self.by_ino.get(inode.ino) is inode
 
 
 def stat_at(dir_fd: int, name: bytes) -> os.stat_result | None:

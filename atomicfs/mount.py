@@ -160,7 +160,8 @@ def _daemonize(log_file: str | None) -> int:
 async def _serve(ops: AtomicOperations, ready_fd: int | None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, nursery)
-        nursery.start_soon(_main_loop, nursery)
+        nursery.start_soon(_main_loop, nursery, ops)
+        nursery.start_soon(ops.background)
         await trio.sleep(0)
         if ready_fd is not None:
             os.write(ready_fd, b"1")
@@ -169,8 +170,9 @@ async def _serve(ops: AtomicOperations, ready_fd: int | None) -> None:
         log.info("serving")
 
 
-async def _main_loop(nursery: trio.Nursery) -> None:
+async def _main_loop(nursery: trio.Nursery, ops: AtomicOperations) -> None:
     await pyfuse3.main(min_tasks=2)
+    await ops.finish()
     nursery.cancel_scope.cancel()
 
 

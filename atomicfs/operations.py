@@ -77,7 +77,8 @@ class AtomicOperations(pyfuse3.Operations):
         self.recovered = recovery.recover(root_fd, self.daemon_dir)
         self.committer = Committer(self.table, self.daemon_dir,
                                    name_finder(self.table, self.namespace.pending_name),
-                                   self.namespace.published, options.commit)
+                                   self.namespace.published, options.commit,
+                                   options.durability)
         self.files = Files(self.table, self.namespace, self.committer, options.isolation)
         self.dirs: dict[int, DirHandle] = {}
         self._next_dh = 1
@@ -288,6 +289,15 @@ class AtomicOperations(pyfuse3.Operations):
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         metadata.remove_xattr(self.table.get(inode).fd, name)
+
+    async def background(self) -> None:
+        """Tasks that run beside the request handlers (group persist for batch)."""
+        if self.committer.batch:
+            await self.committer.run_batches()
+
+    async def finish(self) -> None:
+        """After the kernel let go: publish every staged commit."""
+        await self.committer.persist()
 
     def shutdown(self) -> None:
         """Close every fd the daemon holds (after the main loop ended)."""

@@ -212,7 +212,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    left = atomicfs_mounts()
+    # Only this run's mounts (under its temporary base directory): other runs on
+    # the same machine may have theirs.
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    base = str(factory.getbasetemp().resolve())
+    left = [p for p in atomicfs_mounts() if p == base or p.startswith(base + os.sep)]
     if left:
         sys.stderr.write("\nERROR: atomicfs mounts left behind by the test suite:\n  "
                          + "\n  ".join(left) + "\n")

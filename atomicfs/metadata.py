@@ -67,6 +67,53 @@ def apply_setattr(fd: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.Setatt
         )
 
 
+CAP_FSETID = 4
+CAP_SYS_ADMIN = 21
+
+
+def caller_capable(ctx: pyfuse3.RequestContext, cap: int) -> bool:
+    """Does the calling process hold capability ``cap`` (its CapEff)?  By uid if it is gone."""
+    try:
+        with open(f"/proc/{ctx.pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> cap & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return ctx.uid == 0
+
+
+def caller_in_group(ctx: pyfuse3.RequestContext, gid: int) -> bool:
+    if ctx.gid == gid:
+        return True
+    try:
+        return gid in pyfuse3.get_sup_groups(ctx.pid)
+    except (OSError, ValueError):
+        return False
+
+
+def drop_set_id(fd: int, ctx: pyfuse3.RequestContext) -> None:
+    """Clear set-id bits as Linux does when the caller writes or truncates a file.
+
+    For a caller without CAP_FSETID: setuid always goes; setgid goes if the group
+    may execute or the caller is not in the file's group.  The kernel does part
+    of this for FUSE itself (setuid, setgid with g+x), but only by the old rule:
+    it never clears a setgid bit without g+x, and with atomic O_TRUNC it clears
+    nothing at all.  So the daemon applies the rule where it sees the caller: in
+    the SETATTR the kernel sends before a write or with a truncate, and at an
+    open with O_TRUNC.
+    """
+    st = os.stat(fd)
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISREG(st.st_mode) or not mode & (stat.S_ISUID | stat.S_ISGID):
+        return
+    kill = stat.S_ISUID
+    if mode & stat.S_IXGRP or not caller_in_group(ctx, st.st_gid):
+        kill |= stat.S_ISGID
+    if mode & kill and not caller_capable(ctx, CAP_FSETID):
+        os.chmod(syscalls.proc_path(fd), mode & ~kill)
+
+
 def new_owner(ctx: pyfuse3.RequestContext, parent_st: os.stat_result) -> tuple[int, int]:
     """Owner of a file created by the caller in a directory (setgid-directory rule)."""
     gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else ctx.gid
@@ -109,6 +156,17 @@ def set_xattr(fd: int, name: bytes, value: bytes) -> None:
 
 def list_xattrs(fd: int) -> Sequence[bytes]:
     return [n.encode("utf-8", "surrogateescape") for n in xattr.listxattr(_xattr_path(fd))]
+
+
+def listed_xattrs(fd: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+    """listxattr as the caller sees it: trusted.* only for CAP_SYS_ADMIN (as ext4 lists).
+
+    The kernel passes FUSE's listxattr through unfiltered, and the daemon sees all.
+    """
+    names = list_xattrs(fd)
+    if any(n.startswith(b"trusted.") for n in names) and not caller_capable(ctx, CAP_SYS_ADMIN):
+        names = [n for n in names if not n.startswith(b"trusted.")]
+    return names
 
 
 def remove_xattr(fd: int, name: bytes) -> None:

@@ -55,6 +55,12 @@ class Namespace:
     def add_pending(self, parent: Inode, name: bytes, inode: Inode) -> None:
         self.pending.setdefault(parent.ino, {})[name] = inode
         inode.names.add((parent.ino, name))
+        self._dir_changed(parent)
+
+    def _dir_changed(self, parent: Inode) -> None:
+        """A pending name came or went: move the directory's mtime and ctime as that
+        change would on the source filesystem (where nothing changed yet)."""
+        syscalls.touch_fd(parent.fd)
 
     def pending_at(self, parent: Inode, name: bytes) -> Inode | None:
         names = self.pending.get(parent.ino)
@@ -86,6 +92,13 @@ class Namespace:
 
     def pending_links(self, inode: Inode) -> int:
         return sum(1 for p, n in inode.names if self.pending.get(p, {}).get(n) is inode)
+
+    def hidden_dirs(self, parent: Inode) -> int:
+        """How many subdirectories of ``parent`` are invisible (the daemon's own): st_nlink."""
+        if parent is not self.table.root:
+            return 0
+        st = stat_at(parent.fd, DAEMON_DIR)
+        return 1 if st is not None and stat.S_ISDIR(st.st_mode) else 0
 
     def exists(self, parent: Inode, name: bytes) -> bool:
         return self.pending_at(parent, name) is not None or stat_at(parent.fd, name) is not None
@@ -162,6 +175,7 @@ class Namespace:
         self._visible(parent, name)
         inode = self.remove_pending(parent.ino, name)
         if inode is not None:
+            self._dir_changed(parent)
             return inode
         st = stat_at(parent.fd, name)
         os.unlink(name, dir_fd=parent.fd)
@@ -197,6 +211,7 @@ class Namespace:
             if stat_at(old_parent.fd, old) is not None:
                 raise AssertionError("a pending name shadows a source file")
             self.remove_pending(old_parent.ino, old)
+            self._dir_changed(old_parent)
             self.add_pending(new_parent, new, moving)
             return
         if target is not None:

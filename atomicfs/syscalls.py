@@ -95,14 +95,22 @@ def fchown_fd(fd: int, uid: int, gid: int) -> None:
                           AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "fchownat")
 
 
+def touch_fd(fd: int) -> None:
+    """Set the mtime (and so the ctime) of the inode behind ``fd`` to now; atime kept."""
+    times = (_Timespec * 2)(_Timespec(0, UTIME_OMIT), _Timespec(0, UTIME_NOW))
+    _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "utimensat")
+
+
 def utimens_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
-    """Set times of the inode behind ``fd``; ``None`` keeps (UTIME_OMIT), -1 means now."""
+    """Set times of the inode behind ``fd``; ``None`` keeps (UTIME_OMIT).
+
+    Negative times are before 1970 (floor division gives the timespec the kernel
+    wants: tv_nsec in [0, 1e9)).
+    """
 
     def spec(ns: int | None) -> _Timespec:
         if ns is None:
             return _Timespec(0, UTIME_OMIT)
-        if ns < 0:
-            return _Timespec(0, UTIME_NOW)
         return _Timespec(ns // 1_000_000_000, ns % 1_000_000_000)
 
     times = (_Timespec * 2)(spec(atime_ns), spec(mtime_ns))

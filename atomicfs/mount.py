@@ -4,6 +4,7 @@ Order matters and is kept here in one place:
 1. every check that can fail with a clear message runs before anything changes;
 2. SOURCE is opened before the mount (so SOURCE == MOUNTPOINT works);
 3. the mount is made in the foreground process, so its errors are printed;
+   only then SOURCE/.atomicfs is made and recovery runs (a failed mount changes nothing);
 4. only then the process daemonizes; the parent returns once the child serves;
 5. SIGTERM/SIGINT end the main loop; the daemon then unmounts and closes fds.
 """
@@ -18,6 +19,7 @@ import signal
 import socket
 import stat
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import pyfuse3
@@ -67,10 +69,6 @@ def top_fstype(path: str) -> str | None:
 
 def check_request(req: MountRequest) -> int:
     """Validate SOURCE, MOUNTPOINT and /dev/fuse; return an O_PATH fd of SOURCE."""
-    if not os.path.exists("/dev/fuse"):
-        raise MountError("/dev/fuse does not exist (is the fuse kernel module loaded?)")
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK) and os.geteuid() == 0:
-        raise MountError("/dev/fuse is not readable and writable")
     source = os.path.realpath(req.source)
     try:
         st = os.stat(source)
@@ -86,6 +84,9 @@ def check_request(req: MountRequest) -> int:
         os.close(probe)
     except OSError as exc:
         raise MountError(f"SOURCE {req.source!r} is not readable: {exc.strerror}") from None
+    if not os.access(source, os.W_OK | os.X_OK):
+        raise MountError(f"SOURCE {req.source!r} is not writable (atomicfs keeps its "
+                         "journal in SOURCE/.atomicfs)")
     mountpoint = os.path.realpath(req.mountpoint)
     if not os.path.lexists(req.mountpoint):
         raise MountError(f"MOUNTPOINT {req.mountpoint!r} does not exist")
@@ -96,6 +97,10 @@ def check_request(req: MountRequest) -> int:
         raise MountError(f"MOUNTPOINT {req.mountpoint!r} is already mounted ({fstype})")
     if mountpoint != source and mountpoint.startswith(source.rstrip("/") + "/"):
         raise MountError(f"MOUNTPOINT {req.mountpoint!r} is inside SOURCE {req.source!r}")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse does not exist (is the fuse kernel module loaded?)")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise MountError("/dev/fuse is not readable and writable by this user")
     return os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
@@ -185,6 +190,32 @@ async def _signals(nursery: trio.Nursery) -> None:
             return
 
 
+def _fuse_init(ops: AtomicOperations, mountpoint: str, fuse_opts: set[str]) -> None:
+    """pyfuse3.init, with what libfuse and fusermount3 print folded into the error.
+
+    They write their reasons straight to fd 2; a failure must stay one line, so
+    fd 2 is captured during the call and the text joins the RuntimeError.
+    """
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            pyfuse3.init(ops, mountpoint, fuse_opts)
+            failure = None
+        except RuntimeError as exc:
+            failure = exc
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        said = [line.strip() for line in captured.read().decode(errors="replace").splitlines()]
+    said = [line for line in said if line]
+    if failure is not None:
+        raise RuntimeError("; ".join(said + [str(failure)]))
+    if said:  # not an error (e.g. what -o debug prints): pass it on
+        print("\n".join(said), file=sys.stderr)
+
+
 def run(req: MountRequest) -> int:
     """Mount and serve until unmounted. Raises MountError for problems found first."""
     src_fd = check_request(req)
@@ -197,9 +228,15 @@ def run(req: MountRequest) -> int:
     if req.options.debug:
         fuse_opts.add("debug")
     try:
-        pyfuse3.init(ops, mountpoint, fuse_opts)
+        _fuse_init(ops, mountpoint, fuse_opts)
     except RuntimeError as exc:
         raise MountError(f"could not mount on {req.mountpoint!r}: {exc}") from None
+    try:
+        ops.prepare()  # SOURCE/.atomicfs and recovery, before the first request is read
+    except OSError as exc:
+        pyfuse3.close(unmount=True)
+        what = f"{os.fsdecode(exc.filename)}: {exc.strerror}" if exc.filename else str(exc)
+        raise MountError(f"cannot prepare SOURCE {req.source!r}: {what}") from None
     ready_fd = None if req.foreground else _daemonize(req.log_file)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     log.info("mounted %s on %s (%s)", req.source, mountpoint, ",".join(sorted(fuse_opts)))

@@ -77,6 +77,9 @@ def parse_options(items: Iterable[str], *, source: str, is_root: bool) -> MountO
         elif key in FUSE_FLAGS and not eq:
             fuse.add(key)
         elif key in FUSE_VALUED and eq and value:
+            if key == "max_read" and not value.isdigit():
+                raise OptionError(f"bad value for option max_read: {value!r} "
+                                  "(expected a number of bytes)")
             fuse = {o for o in fuse if not o.startswith(key + "=")}
             fuse.add(item)
         elif item in IGNORED or item.startswith(IGNORED_PREFIXES):

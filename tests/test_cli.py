@@ -1,0 +1,499 @@
+"""The command line: bad input (SEMANTICS §8.1), --help/--version, the mount.fuse3 forms.
+
+Every refusal is checked the same way: ``python -m atomicfs ...`` as a
+subprocess exits non-zero, prints exactly one line on stderr that names the
+problem, and changes nothing: the involved directories are snapshotted
+(names, types, modes, owners, sizes, mtimes, ctimes, contents) before and
+after, and no mount appeared on or below them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON, ROOT, Mount, mounted_fstype, needs_fuse, needs_root
+
+from atomicfs import __version__
+
+NOBODY = 65534
+
+# Runs the real command line as uid/gid 65534.  The interpreter and the
+# package may live where that user cannot read (a pyenv under /root), so they
+# are loaded first, as root, and the process then drops its privileges before
+# main() looks at any argument.
+AS_NOBODY = f"""
+import os, sys
+import encodings.latin_1, encodings.unicode_escape, subprocess, tempfile
+import atomicfs.cli
+os.setgroups([])
+os.setgid({NOBODY})
+os.setuid({NOBODY})
+sys.exit(atomicfs.cli.main(sys.argv[1:]))
+"""
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def run_cli(args: Sequence[str], cwd: Path, prefix: Sequence[str] = (),
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*prefix, PYTHON, "-m", "atomicfs", *args], cwd=cwd, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+# -- "nothing changed" -------------------------------------------------------------------
+
+def snapshot(*roots: Path) -> dict[str, tuple[object, ...]]:
+    """Everything a failed command could have changed below ``roots`` (not atime)."""
+    out: dict[str, tuple[object, ...]] = {}
+
+    def visit(path: Path, dev: int) -> None:
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode):
+            extra: object = hashlib.sha256(path.read_bytes()).hexdigest()
+        elif stat.S_ISLNK(st.st_mode):
+            extra = os.readlink(path)
+        else:
+            extra = None
+        out[str(path)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink,
+                          st.st_mtime_ns, st.st_ctime_ns, extra)
+        if stat.S_ISDIR(st.st_mode) and st.st_dev == dev:  # not into other mounts
+            for name in sorted(os.listdir(path)):
+                visit(path / name, dev)
+
+    for root in roots:
+        if os.path.lexists(root):
+            visit(root, os.lstat(root).st_dev)
+        else:
+            out[str(root)] = ("absent",)
+    return out
+
+
+def mounts_below(*roots: Path) -> list[str]:
+    """Mount points (from mountinfo) at or below any of ``roots``."""
+    prefixes = [os.path.realpath(r) for r in roots]
+    found = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            point = line.split()[4].decode("unicode_escape")
+            if any(point == p or point.startswith(p.rstrip("/") + "/") for p in prefixes):
+                found.append(point)
+    return found
+
+
+def assert_one_line(stderr: str, *needles: str) -> None:
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and stderr.endswith("\n"), f"want one line on stderr, got:\n{stderr}"
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not named in: {lines[0]}"
+
+
+def expect_refusal(args: Sequence[str], needles: Sequence[str], *, cwd: Path,
+                   watch: Sequence[Path] | None = None, prefix: Sequence[str] = (),
+                   python_args: Sequence[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the command; it must fail with one line naming ``needles``, changing nothing."""
+    watch = [cwd] if watch is None else list(watch)
+    before = snapshot(*watch)
+    mounts_before = mounts_below(*watch)
+    if python_args is None:
+        res = run_cli(args, cwd, prefix)
+    else:
+        res = subprocess.run([*prefix, PYTHON, *python_args, *args], cwd=cwd, env=cli_env(),
+                             capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL)
+    try:
+        assert res.returncode != 0, f"exit 0 for {list(args)}; stderr: {res.stderr}"
+        assert_one_line(res.stderr, *needles)
+        assert res.stdout == ""
+        assert mounts_below(*watch) == mounts_before
+        assert snapshot(*watch) == before
+    finally:
+        for point in set(mounts_below(*watch)) - set(mounts_before):  # never leave one behind
+            subprocess.run(["fusermount3", "-uz", point], capture_output=True)
+    return res
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> Path:
+    """tmp_path with a SOURCE ``src`` (some content), MOUNTPOINT ``mnt`` and a file ``afile``."""
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "data.txt").write_text("content\n")
+    (tmp_path / "src" / "sub" / "deep").write_bytes(b"\x00" * 100)
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "afile").write_text("a file\n")
+    return tmp_path
+
+
+# -- bad command lines -------------------------------------------------------------------
+
+def test_mount_without_arguments(dirs: Path) -> None:
+    res = expect_refusal(["mount"], ["SOURCE", "MOUNTPOINT", "required"], cwd=dirs)
+    assert res.returncode == 2
+
+
+def test_mount_without_mountpoint(dirs: Path) -> None:
+    res = expect_refusal(["mount", "src"], ["MOUNTPOINT", "required"], cwd=dirs)
+    assert res.returncode == 2
+
+
+def test_mount_with_unknown_flag(dirs: Path) -> None:
+    expect_refusal(["mount", "src", "mnt", "--frobnicate"], ["--frobnicate"], cwd=dirs)
+
+
+def test_unknown_command(dirs: Path) -> None:
+    res = expect_refusal(["frobnicate"], ["'frobnicate'", "command"], cwd=dirs)
+    assert res.returncode == 2
+
+
+def test_unknown_command_with_arguments(dirs: Path) -> None:
+    # not a path that exists and without a slash: a misspelt command, not the mount.fuse3 form
+    expect_refusal(["mnout", "src", "mnt"], ["'mnout'"], cwd=dirs)
+
+
+def test_bare_atomicfs_is_not_success(dirs: Path) -> None:
+    res = run_cli([], dirs)
+    assert res.returncode != 0
+    assert "usage:" in res.stdout + res.stderr
+
+
+# -- bad SOURCE --------------------------------------------------------------------------
+
+def test_source_missing(dirs: Path) -> None:
+    expect_refusal(["mount", "nosuch", "mnt"], ["SOURCE", "'nosuch'", "does not exist"],
+                   cwd=dirs)
+
+
+def test_source_dangling_symlink(dirs: Path) -> None:
+    (dirs / "dangling").symlink_to("nowhere")
+    expect_refusal(["mount", "dangling", "mnt"], ["SOURCE", "'dangling'"], cwd=dirs)
+
+
+def test_source_is_a_file(dirs: Path) -> None:
+    expect_refusal(["mount", "afile", "mnt"], ["SOURCE", "'afile'", "not a directory"],
+                   cwd=dirs)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A 0755 directory in /tmp that uid 65534 can reach (tmp_path is 0700 root's)."""
+    base = Path(tempfile.mkdtemp(prefix="atomicfs-cli-"))
+    try:
+        base.chmod(0o755)
+        (base / "mnt").mkdir()
+        os.chown(base / "mnt", NOBODY, NOBODY)
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
+@needs_root
+def test_source_unreadable_for_the_user(shared_dir: Path) -> None:
+    locked = shared_dir / "locked"
+    locked.mkdir(mode=0o700)
+    (locked / "secret").write_text("x")
+    expect_refusal(["mount", "locked", "mnt"], ["SOURCE", "'locked'", "not readable"],
+                   cwd=shared_dir, python_args=["-c", AS_NOBODY])
+
+
+@needs_root
+def test_source_not_writable_for_the_user(shared_dir: Path) -> None:
+    # the daemon keeps SOURCE/.atomicfs: a SOURCE it cannot write is refused up front
+    readonly = shared_dir / "readonly"
+    readonly.mkdir(mode=0o755)
+    (readonly / "f").write_text("x")
+    expect_refusal(["mount", "readonly", "mnt"], ["SOURCE", "'readonly'", "not writable"],
+                   cwd=shared_dir, python_args=["-c", AS_NOBODY])
+
+
+def test_source_daemon_dir_is_a_file(dirs: Path) -> None:
+    (dirs / "src" / ".atomicfs").write_text("not the daemon's directory\n")
+    expect_refusal(["mount", "src", "mnt"], ["'src'", ".atomicfs"], cwd=dirs)
+
+
+# -- bad MOUNTPOINT ----------------------------------------------------------------------
+
+def test_mountpoint_missing(dirs: Path) -> None:
+    expect_refusal(["mount", "src", "nosuch"], ["MOUNTPOINT", "'nosuch'", "does not exist"],
+                   cwd=dirs)
+
+
+def test_mountpoint_is_a_file(dirs: Path) -> None:
+    expect_refusal(["mount", "src", "afile"], ["MOUNTPOINT", "'afile'", "not a directory"],
+                   cwd=dirs)
+
+
+def test_mountpoint_inside_source(dirs: Path) -> None:
+    (dirs / "src" / "inner").mkdir()
+    expect_refusal(["mount", "src", "src/inner"], ["MOUNTPOINT", "'src/inner'", "inside"],
+                   cwd=dirs)
+
+
+def test_mountpoint_inside_source_through_a_symlink(dirs: Path) -> None:
+    (dirs / "src" / "inner").mkdir()
+    (dirs / "link").symlink_to("src/inner")
+    expect_refusal(["mount", "src", "link"], ["MOUNTPOINT", "'link'", "inside"], cwd=dirs)
+
+
+def test_mountpoint_already_an_atomicfs_mount(mount: Mount, tmp_path: Path) -> None:
+    mount.path("served").write_text("still served\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "f").write_text("f\n")
+    res = expect_refusal(["mount", str(other), str(mount.mountpoint)],
+                         ["MOUNTPOINT", str(mount.mountpoint), "already mounted"],
+                         cwd=tmp_path, watch=[other, mount.source])
+    assert "fuse.atomicfs" in res.stderr
+    # exactly one mount there still, and it still works
+    assert mounts_below(mount.mountpoint) == [str(mount.mountpoint)]
+    assert mount.path("served").read_text() == "still served\n"
+
+
+# -- bad options -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("opts", "needles"), [
+    ("bogus", ["'bogus'"]),
+    ("allow_other,bogus=1,ro", ["'bogus=1'"]),
+    ("durability=maybe", ["durability", "'maybe'"]),
+    ("isolation=x", ["isolation", "'x'"]),
+    ("commit=never", ["commit", "'never'"]),
+    ("ro,rw", ["ro", "rw"]),
+    ("max_read=lots", ["max_read", "'lots'"]),
+])
+def test_bad_option(dirs: Path, opts: str, needles: list[str]) -> None:
+    expect_refusal(["mount", "src", "mnt", "-o", opts], needles, cwd=dirs)
+
+
+def test_bad_option_in_a_later_o_argument(dirs: Path) -> None:
+    expect_refusal(["mount", "src", "mnt", "-o", "ro", "-o", "isolation=x"],
+                   ["isolation", "'x'"], cwd=dirs)
+
+
+def test_bad_option_in_mount_fuse3_form(dirs: Path) -> None:
+    expect_refusal([str(dirs / "src"), str(dirs / "mnt"), "-o", "rw,durability=maybe"],
+                   ["durability", "'maybe'"], cwd=dirs)
+
+
+@needs_fuse
+def test_option_the_kernel_refuses(dirs: Path) -> None:
+    # passes our checks, fails in the mount itself: libfuse's own complaint is
+    # folded into the one line, and SOURCE/.atomicfs made on the way is removed
+    expect_refusal(["mount", "src", "mnt", "-o", "context=not_a_context"], ["'mnt'"],
+                   cwd=dirs)
+
+
+def test_mount_fuse3_form_with_missing_source(dirs: Path) -> None:
+    expect_refusal(["./nosuch", "mnt", "-o", "rw"], ["SOURCE", "'./nosuch'"], cwd=dirs)
+
+
+# -- umount ------------------------------------------------------------------------------
+
+def test_umount_of_a_plain_directory(dirs: Path) -> None:
+    expect_refusal(["umount", "mnt"], ["'mnt'", "not a FUSE mount"], cwd=dirs)
+
+
+def test_umount_of_a_missing_path(dirs: Path) -> None:
+    expect_refusal(["umount", "nosuch"], ["'nosuch'"], cwd=dirs)
+
+
+def test_umount_without_argument(dirs: Path) -> None:
+    expect_refusal(["umount"], ["MOUNTPOINT"], cwd=dirs)
+
+
+# -- no /dev/fuse ------------------------------------------------------------------------
+
+def _unshare_without_dev_fuse() -> list[str]:
+    """A command prefix that runs the rest in a mount namespace whose /dev is empty."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    prefix = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+              'mount -t tmpfs atomicfs-test-nodev /dev && exec "$@"', "sh"]
+    probe = subprocess.run([*prefix, "sh", "-c", "test ! -e /dev/fuse"], capture_output=True,
+                           text=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a mount namespace without /dev/fuse: {probe.stderr.strip()}")
+    return prefix
+
+
+def test_no_dev_fuse(dirs: Path) -> None:
+    prefix = _unshare_without_dev_fuse()
+    expect_refusal(["mount", "src", "mnt"], ["/dev/fuse"], cwd=dirs, prefix=prefix)
+
+
+# -- --version and --help ----------------------------------------------------------------
+
+def test_version(tmp_path: Path) -> None:
+    res = run_cli(["--version"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"atomicfs {__version__}"
+    assert res.stderr == ""
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--help"], ["usage: atomicfs", "mount", "umount"]),
+    (["-h"], ["usage: atomicfs"]),
+    (["mount", "--help"], ["usage: atomicfs mount", "SOURCE", "MOUNTPOINT", "durability"]),
+    (["umount", "--help"], ["usage: atomicfs umount", "MOUNTPOINT", "--lazy"]),
+    (["unmount", "--help"], ["MOUNTPOINT"]),
+    (["recover", "--help"], ["usage: atomicfs recover", "SOURCE"]),
+])
+def test_help(tmp_path: Path, args: list[str], words: list[str]) -> None:
+    res = run_cli(args, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    for word in words:
+        assert word in res.stdout
+
+
+def test_help_does_not_mount(dirs: Path) -> None:
+    before = snapshot(dirs)
+    res = run_cli(["mount", "src", "mnt", "--help"], dirs)
+    assert res.returncode == 0
+    assert mounted_fstype(dirs / "mnt") is None
+    assert snapshot(dirs) == before
+
+
+# -- the mount.fuse3 forms ---------------------------------------------------------------
+
+def _unmount_background(mnt: Path, src: Path) -> None:
+    """Unmount a mount whose daemon we did not start ourselves; wait until it is gone."""
+    deadline = time.monotonic() + 20
+    while mounted_fstype(mnt) is not None and time.monotonic() < deadline:
+        if subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True).returncode:
+            time.sleep(0.1)
+    if mounted_fstype(mnt) is not None:
+        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+    # the daemon removes SOURCE/.atomicfs as it exits
+    while (src / ".atomicfs").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _check_served(src: Path, mnt: Path) -> None:
+    assert mounted_fstype(mnt) == "fuse.atomicfs"
+    assert (mnt / "data.txt").read_text() == "content\n"
+    (mnt / "new.txt").write_text("through the mount\n")
+    assert (src / "new.txt").read_text() == "through the mount\n"
+
+
+@needs_fuse
+def test_mount_fuse3_form_mounts(dirs: Path) -> None:
+    src, mnt = dirs / "src", dirs / "mnt"
+    try:
+        res = run_cli([str(src), str(mnt), "-o", "rw,dev,suid,nofail,durability=full"], dirs)
+        assert res.returncode == 0, res.stderr
+        assert res.stderr == ""
+        _check_served(src, mnt)
+    finally:
+        _unmount_background(mnt, src)
+    assert mounted_fstype(mnt) is None
+    assert not (src / ".atomicfs").exists()
+
+
+@needs_fuse
+def test_mount_fuse3_form_with_relative_existing_source(dirs: Path) -> None:
+    src, mnt = dirs / "src", dirs / "mnt"
+    try:
+        res = run_cli(["src", "mnt", "-o", "rw"], dirs)
+        assert res.returncode == 0, res.stderr
+        _check_served(src, mnt)
+    finally:
+        _unmount_background(mnt, src)
+
+
+def _venv_atomicfs() -> Path:
+    exe = ROOT / ".venv" / "bin" / "atomicfs"
+    if not os.access(exe, os.X_OK):
+        pytest.skip(f"{exe} is not installed (scripts/bootstrap.sh installs it)")
+    return exe
+
+
+@needs_fuse
+@needs_root
+def test_mount_fuse3_helper_finds_atomicfs_on_path(dirs: Path) -> None:
+    # exactly what mount(8) runs for `mount -t fuse.atomicfs src mnt`
+    helper = shutil.which("mount.fuse3")
+    if helper is None:
+        pytest.skip("mount.fuse3 (package fuse3) is not installed")
+    exe = _venv_atomicfs()
+    src, mnt = dirs / "src", dirs / "mnt"
+    env = cli_env(PATH=str(exe.parent) + os.pathsep + os.environ.get("PATH", ""))
+    try:
+        res = subprocess.run([helper, str(src), str(mnt), "-t", "atomicfs", "-o", "rw,nosuid"],
+                             env=env, capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        _check_served(src, mnt)
+    finally:
+        _unmount_background(mnt, src)
+    assert mounted_fstype(mnt) is None
+
+
+@needs_fuse
+@needs_root
+def test_mount_8_with_type_fuse_and_program_in_source(dirs: Path) -> None:
+    # mount(8) runs helpers with PATH reset, so name the program: `prog#source`
+    if shutil.which("mount.fuse3") is None:
+        pytest.skip("mount.fuse3 (package fuse3) is not installed")
+    exe = _venv_atomicfs()
+    src, mnt = dirs / "src", dirs / "mnt"
+    try:
+        res = subprocess.run(["mount", "-t", "fuse", f"{exe}#{src}", str(mnt),
+                              "-o", "nosuid,nodev"],
+                             env=cli_env(), capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        _check_served(src, mnt)
+    finally:
+        _unmount_background(mnt, src)
+    assert mounted_fstype(mnt) is None
+
+
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@needs_fuse
+@needs_root
+def test_mount_8_with_type_fuse_atomicfs(dirs: Path) -> None:
+    if shutil.which("mount.fuse3") is None:
+        pytest.skip("mount.fuse3 (package fuse3) is not installed")
+    if shutil.which("atomicfs", path=SYSTEM_PATH) is None:
+        pytest.skip("no atomicfs in the system PATH: mount(8) resets PATH for helpers, so "
+                    "`mount -t fuse.atomicfs` needs it installed there (/usr/local/bin)")
+    src, mnt = dirs / "src", dirs / "mnt"
+    try:
+        res = subprocess.run(["mount", "-t", "fuse.atomicfs", str(src), str(mnt)],
+                             capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        _check_served(src, mnt)
+    finally:
+        _unmount_background(mnt, src)
+
+
+@needs_fuse
+def test_umount_command_of_a_background_mount(dirs: Path) -> None:
+    src, mnt = dirs / "src", dirs / "mnt"
+    try:
+        res = run_cli(["mount", "src", "mnt", "--log", str(dirs / "daemon.log")], dirs)
+        assert res.returncode == 0, res.stderr
+        assert mounted_fstype(mnt) == "fuse.atomicfs"
+        res = run_cli(["umount", "mnt"], dirs)
+        assert res.returncode == 0, res.stderr
+        assert res.stderr == ""
+        assert mounted_fstype(mnt) is None
+    finally:
+        _unmount_background(mnt, src)
+    log = (dirs / "daemon.log").read_text()
+    assert "Traceback" not in log and " ERROR " not in log, log
+

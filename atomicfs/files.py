@@ -97,8 +97,11 @@ class Files:
         self.table.maybe_drop(session.inode)
 
     def _make_shadow(self, session: Session) -> int:
-        parent, _ = self.committer.find_name(session.inode, None)
-        return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=parent.fd)
+        try:
+            dir_fd = self.committer.find_name(session.inode, None)[0].fd
+        except OSError:  # unlinked while open: never committed, any directory will do
+            dir_fd = self.committer.daemon_dir
+        return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
 
     async def _commit(self, session: Session) -> bool:
         return await self.committer.commit(session, self.table.data)
@@ -172,8 +175,8 @@ class Files:
         session = self.sessions.get(inode.ino)
         if session is None:
             return attr
-        if session.pending:
-            attr.st_nlink = self.namespace.pending_links(inode)
+        if session.pending:  # pending names, plus the one its first commit is making
+            attr.st_nlink = self.namespace.pending_links(inode) + st.st_nlink
             attr.st_blocks = session.blocks(None, None)
         else:
             attr.st_blocks = session.blocks(st, self.table.data(inode))
@@ -214,12 +217,15 @@ class Files:
 
     async def truncate(self, inode: Inode, size: int, handle: FileHandle | None) -> None:
         session = handle.session if handle is not None else self.sessions.get(inode.ino)
-        if session is not None:
+        while session is not None:
             async with session.lock:
-                session.truncate(size)
-            if handle is not None:
-                handle.wrote = True
-            return
+                # by path: the session may have ended (last release) while we waited
+                if handle is not None or self.sessions.get(inode.ino) is session:
+                    session.truncate(size)
+                    if handle is not None:
+                        handle.wrote = True
+                    return
+            session = self.sessions.get(inode.ino)
         # truncate(2) by path with no session open: a session of its own, committed now.
         session = self._start_session(inode)
         try:
@@ -270,6 +276,26 @@ class Files:
         finally:
             if session.writers == 0:
                 self._end_session(session)
+
+    async def release_remaining(self) -> None:
+        """At unmount: commit sessions whose last RELEASE never arrived.
+
+        When the connection ends, the kernel drops requests it had not delivered,
+        RELEASE among them. A session none of whose handles holds unflushed writes
+        (every descriptor passed a close: new empty files, truncations) is committed
+        as its release would have; one still being written is dropped.
+        """
+        for session in list(self.sessions.values()):
+            if any(h.wrote for h in self.handles.values() if h.session is session):
+                continue
+            try:
+                async with session.lock:
+                    if session.dirty:
+                        await self._commit(session)
+            except OSError as exc:
+                log.warning("commit of %s at unmount failed (%s); the committed version "
+                            "is unchanged", self.committer.describe(session.inode),
+                            os.strerror(exc.errno or errno.EIO))
 
     def close_all(self) -> None:
         for session in list(self.sessions.values()):

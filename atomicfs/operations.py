@@ -71,8 +71,19 @@ class AtomicOperations(pyfuse3.Operations):
         self.trace = options.debug
         self.options_summary = {"durability": options.durability,
                                 "isolation": options.isolation, "commit": options.commit}
+        self.options = options
         self.table = InodeTable(root_fd)
         self.namespace = Namespace(self.table)
+        self.dirs: dict[int, DirHandle] = {}
+        self._next_dh = 1
+
+    def prepare(self) -> None:
+        """Open SOURCE/.atomicfs and run recovery: the first change made to SOURCE.
+
+        Called once the mount exists and before serving, so that a mount that
+        fails leaves SOURCE untouched.
+        """
+        options, root_fd = self.options, self.table.root.fd
         self.daemon_dir = recovery.open_daemon_dir(root_fd)
         self.recovered = recovery.recover(root_fd, self.daemon_dir)
         self.committer = Committer(self.table, self.daemon_dir,
@@ -80,13 +91,14 @@ class AtomicOperations(pyfuse3.Operations):
                                    self.namespace.published, options.commit,
                                    options.durability)
         self.files = Files(self.table, self.namespace, self.committer, options.isolation)
-        self.dirs: dict[int, DirHandle] = {}
-        self._next_dh = 1
 
     def _attrs(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         if inode.is_reg:
             return self.files.attributes(inode)
-        return metadata.entry_attributes(inode.ino, st)
+        attr = metadata.entry_attributes(inode.ino, st)
+        if inode is self.table.root:
+            attr.st_nlink -= self.namespace.hidden_dirs(inode)
+        return attr
 
     # -- lookup and attributes -------------------------------------------
     @_handler
@@ -115,7 +127,16 @@ class AtomicOperations(pyfuse3.Operations):
         if fields.update_size:
             handle = self.files.get(fh) if fh is not None else None
             await self.files.truncate(node, attr.st_size, handle)
+        if node.is_dir and (fields.update_atime or fields.update_mtime):
+            # durability=batch publishes staged names into directories later, which
+            # would move the times set now (tar sets them last): publish them first
+            await self.committer.persist()
         metadata.apply_setattr(node.fd, attr, fields)
+        if fields.update_size or not (fields.update_mode or fields.update_uid or fields.update_gid
+                                      or fields.update_atime or fields.update_mtime):
+            # a truncate, or the SETATTR the kernel sends before a write (or for a
+            # chown(-1, -1)) to drop privileges: finish the set-id rule it applies in part
+            metadata.drop_set_id(node.fd, ctx)
         session = self.files.sessions.get(inode)
         if session is not None and fields.update_mtime:
             session.mtime_ns = attr.st_mtime_ns  # an explicit time outlives the commit
@@ -240,7 +261,10 @@ class AtomicOperations(pyfuse3.Operations):
     # -- files -----------------------------------------------------------
     @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        _, info = await self.files.open(self.table.get(inode), flags)
+        node = self.table.get(inode)
+        if flags & os.O_TRUNC:  # the kernel drops no privileges for an atomic O_TRUNC
+            metadata.drop_set_id(node.fd, ctx)
+        _, info = await self.files.open(node, flags)
         return info
 
     @_handler
@@ -284,7 +308,7 @@ class AtomicOperations(pyfuse3.Operations):
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        return metadata.list_xattrs(self.table.get(inode).fd)
+        return metadata.listed_xattrs(self.table.get(inode).fd, ctx)
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -296,7 +320,8 @@ class AtomicOperations(pyfuse3.Operations):
             await self.committer.run_batches()
 
     async def finish(self) -> None:
-        """After the kernel let go: publish every staged commit."""
+        """After the kernel let go: lost last releases, then every staged commit."""
+        await self.files.release_remaining()
         await self.committer.persist()
 
     def shutdown(self) -> None:

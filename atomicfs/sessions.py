@@ -36,6 +36,10 @@ from .inodes import Inode
 
 ZEROS_CHUNK = bytes(1 << 20)
 MAX_EXACT_EXTENTS = 256  # above this, st_blocks of a session is estimated
+# The clock the kernel stamps file times with (current_time()).  A write's mtime read
+# from the finer time.time_ns() runs ~ a tick ahead of it, so the commit's ctime (set
+# by the kernel) would come out *before* the mtime.
+CLOCK_REALTIME_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5)
 
 
 def zeros(n: int) -> bytes:
@@ -103,7 +107,7 @@ class Session:
         self.touch()
 
     def touch(self) -> None:
-        self.mtime_ns = time.time_ns()
+        self.mtime_ns = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
 
     # -- accounting ----------------------------------------------------------
     def blocks(self, committed: os.stat_result | None, committed_fd: int | None) -> int:

@@ -86,17 +86,9 @@ class CommitStats:
         self.failures[name] = self.failures.get(name, 0) + 1
 
 
-def _fsync_dir(dir_path_fd: int) -> None:
-    fd = syscalls.reopen(dir_path_fd, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_dirs(dir_path_fds: list[int]) -> None:
     for fd in dir_path_fds:
-        _fsync_dir(fd)
+        syscalls.fsync_dir(fd)
 
 
 def _replace_xattrs(src_fd: int, dst_fd: int) -> None:
@@ -306,7 +298,7 @@ class Committer:
         else:
             parent = self._publish(inode, fd, new_file, inode.key)
             self._become(inode, fd, new_file)
-            await trio.to_thread.run_sync(_fsync_dir, parent.fd)
+            await trio.to_thread.run_sync(syscalls.fsync_dir, parent.fd)
             faults.point("commit.after_dir_fsync")
         session.emap.reset(size)
         session.base_size = size

@@ -210,7 +210,7 @@ def write_record(daemon_dir: int, name: str, record: Record, source_fd: int) -> 
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_dir(daemon_dir)
+    syscalls.fsync_dir(daemon_dir)
     faults.point("journal.after_record")
 
 
@@ -255,16 +255,8 @@ def apply(target_fd: int, record: Record, data_source: int, data_base: int | Non
 
 def retire(daemon_dir: int, name: str) -> None:
     os.unlink(name, dir_fd=daemon_dir)
-    _fsync_dir(daemon_dir)
+    syscalls.fsync_dir(daemon_dir)
     faults.point("journal.after_retire")
-
-
-def _fsync_dir(dir_fd: int) -> None:
-    fd = syscalls.reopen(dir_fd, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def replay(daemon_dir: int, root_fd: int) -> list[str]:

@@ -72,6 +72,15 @@ def reopen(fd: int, flags: int) -> int:
     return os.open(proc_path(fd), flags | os.O_CLOEXEC)
 
 
+def fsync_dir(dir_path_fd: int) -> None:
+    """fsync a directory reached by an O_PATH fd (fsync refuses O_PATH fds)."""
+    fd = reopen(dir_path_fd, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def renameat2(olddir: int, oldname: bytes, newdir: int, newname: bytes, flags: int = 0) -> None:
     _check(_libc.renameat2(olddir, oldname, newdir, newname, flags), "renameat2")
 

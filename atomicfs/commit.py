@@ -195,11 +195,17 @@ class Committer:
         return True
 
     # -- strategies ------------------------------------------------------------
+    def make_shadow(self, inode: Inode) -> int:
+        """A new unnamed file beside the inode's file (same filesystem, same directory)."""
+        try:
+            dir_fd = self.find_name(inode, None)[0].fd
+        except OSError:  # unlinked while open: never committed, any directory will do
+            dir_fd = self.daemon_dir
+        return syscalls.tmpfile(dir_fd)
+
     def _new_shadow(self, session: Session) -> int:
         if session.shadow is None:
-            parent, _ = self.find_name(session.inode, None)
-            session.shadow = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
-                                     dir_fd=parent.fd)
+            session.shadow = self.make_shadow(session.inode)
         return session.shadow
 
     async def _rename(self, session: Session, committed: os.stat_result, data_fd: int,
@@ -210,10 +216,8 @@ class Committer:
         mtime = session.mtime_ns if session.mtime_ns is not None else committed.st_mtime_ns
         sync = not self.batch
         if clone:
-            parent, _ = self.find_name(inode, None)
             changes = session.shadow
-            shadow = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
-                             dir_fd=parent.fd)
+            shadow = self.make_shadow(inode)
         else:
             changes = None
             shadow = self._new_shadow(session)
@@ -464,11 +468,11 @@ class Committer:
 def probe_reflink(dir_fd: int) -> bool:
     """Does the filesystem of ``dir_fd`` support FICLONE?"""
     try:
-        a = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        a = syscalls.tmpfile(dir_fd)
     except OSError:
         return False
     try:
-        b = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        b = syscalls.tmpfile(dir_fd)
         try:
             os.pwrite(a, b"x" * 4096, 0)
             syscalls.clone_file(b, a)

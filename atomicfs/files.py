@@ -97,11 +97,7 @@ class Files:
         self.table.maybe_drop(session.inode)
 
     def _make_shadow(self, session: Session) -> int:
-        try:
-            dir_fd = self.committer.find_name(session.inode, None)[0].fd
-        except OSError:  # unlinked while open: never committed, any directory will do
-            dir_fd = self.committer.daemon_dir
-        return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        return self.committer.make_shadow(session.inode)
 
     async def _commit(self, session: Session) -> bool:
         return await self.committer.commit(session, self.table.data)
@@ -142,8 +138,7 @@ class Files:
         self.namespace._creatable(parent, name)
         if self.namespace.exists(parent, name):
             raise OSError(errno.EEXIST, "file exists")
-        shadow = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, mode & 0o7777,
-                         dir_fd=parent.fd)
+        shadow = syscalls.tmpfile(parent.fd, mode & 0o7777)
         try:
             metadata.give_to_caller(shadow, ctx, os.stat(parent.fd), mode)
             path_fd = syscalls.reopen(shadow, os.O_PATH)

@@ -81,6 +81,11 @@ def fsync_dir(dir_path_fd: int) -> None:
         os.close(fd)
 
 
+def tmpfile(dir_fd: int, mode: int = 0o600) -> int:
+    """An unnamed O_RDWR file in ``dir_fd``'s directory (nothing left after a crash)."""
+    return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+
+
 def renameat2(olddir: int, oldname: bytes, newdir: int, newname: bytes, flags: int = 0) -> None:
     _check(_libc.renameat2(olddir, oldname, newdir, newname, flags), "renameat2")
 

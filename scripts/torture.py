@@ -69,6 +69,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from atomicfs.mount import top_fstype
+
 ROOT = Path(__file__).resolve().parent.parent
 # The atomicfs package the daemon runs: this checkout, or ATOMICFS_CODE (a directory
 # holding an ``atomicfs`` package, e.g. an exported commit) to test another version.
@@ -571,16 +573,7 @@ def writer_main(cfg_path: str) -> int:
 # The harness
 # ================================================================================
 def mounted_fstype(path: Path) -> str | None:
-    target = os.path.realpath(path)
-    found = None
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            point = fields[4].decode("unicode_escape").encode("latin-1").decode(
-                "utf-8", "surrogateescape")
-            if point == target:
-                found = fields[fields.index(b"-") + 1].decode()
-    return found
+    return top_fstype(os.path.realpath(path))
 
 
 class Daemon:

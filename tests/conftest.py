@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from atomicfs.mount import mount_table, top_fstype
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 LOG_BAD = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b")
@@ -37,26 +39,11 @@ needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
 
 def mounted_fstype(path: Path | str) -> str | None:
     """fstype of the topmost mount exactly at ``path`` (reads mountinfo, never stats it)."""
-    target = os.path.realpath(path)
-    found = None
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            point = fields[4].decode("unicode_escape").encode("latin-1").decode(
-                "utf-8", "surrogateescape")
-            if point == target:
-                found = fields[fields.index(b"-") + 1].decode()
-    return found
+    return top_fstype(os.path.realpath(path))
 
 
 def atomicfs_mounts() -> list[str]:
-    out = []
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            if fields[fields.index(b"-") + 1] == b"fuse.atomicfs":
-                out.append(fields[4].decode("unicode_escape"))
-    return out
+    return [point for point, fstype in mount_table() if fstype == "fuse.atomicfs"]
 
 
 @dataclass

@@ -47,6 +47,7 @@ import trio
 
 from . import faults, journal, metadata, syscalls
 from .extents import Kind
+from .housekeeping import Housekeeper
 from .inodes import Inode, InodeTable, Key, stat_at
 from .sessions import Session
 
@@ -93,14 +94,14 @@ def _fsync_dirs(dir_path_fds: list[int]) -> None:
 
 def _replace_xattrs(src_fd: int, dst_fd: int) -> None:
     """Make dst's xattrs exactly src's (dst may have inherited default ACLs)."""
-    wanted = set(metadata.list_xattrs(src_fd))
+    wanted = metadata.list_xattrs(src_fd)
     for name in metadata.list_xattrs(dst_fd):
         if name not in wanted:
             try:
                 metadata.remove_xattr(dst_fd, name)
             except Exception:  # a label the fs will not drop: keep it
                 log.debug("could not remove xattr %r from a shadow", name)
-    metadata.copy_xattrs(src_fd, dst_fd)
+    metadata.copy_xattrs(src_fd, dst_fd, wanted)
 
 
 class Committer:
@@ -109,9 +110,10 @@ class Committer:
     def __init__(self, table: InodeTable, daemon_dir: int,
                  find_name: Callable[[Inode, Key | None], tuple[Inode, bytes]],
                  published: Callable[[Inode], None], strategy: str = "auto",
-                 durability: str = "full") -> None:
+                 durability: str = "full", housekeeper: Housekeeper | None = None) -> None:
         self.table = table
         self.daemon_dir = daemon_dir
+        self.housekeeper = housekeeper or Housekeeper(daemon_dir)
         self.find_name = find_name
         self.published = published
         self.strategy = strategy
@@ -196,7 +198,13 @@ class Committer:
 
     # -- strategies ------------------------------------------------------------
     def make_shadow(self, inode: Inode) -> int:
-        """A new unnamed file beside the inode's file (same filesystem, same directory)."""
+        """A new unnamed file on the inode's filesystem: a ready one from the pool (in
+        the daemon's directory) where the file is on the source root's filesystem,
+        else one made in the file's directory."""
+        if inode.key[0] == self.table.dev:
+            fd = self.housekeeper.take_shadow()
+            if fd is not None:
+                return fd
         try:
             dir_fd = self.find_name(inode, None)[0].fd
         except OSError:  # unlinked while open: never committed, any directory will do

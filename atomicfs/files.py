@@ -14,6 +14,12 @@ Policy (SEMANTICS §2, §4):
   ``isolation=committed``: it bypasses the page cache (direct_io) and reads
   the committed version.  Every other handle reads the session's content, which
   is also what the kernel's page cache holds.
+- The kernel's page cache is kept across opens (``keep_cache``): it holds what
+  was written through it, which a commit makes the committed content.  When a
+  session ends without committing what it holds (a failed last commit, an
+  unlinked file), the cached pages are dropped: the next open of the file asks
+  the kernel to drop them, and handles still open are invalidated by the
+  housekeeper.
 - Opens wait for a commit in progress on the same file, so an open after a
   close() returned sees what that close committed.
 """
@@ -62,6 +68,7 @@ class Files:
         self.isolation = isolation
         self.handles: dict[int, FileHandle] = {}
         self.sessions: dict[int, Session] = {}
+        self.stale_cache: set[int] = set()  # inodes whose page cache may hold dropped data
         self._next_fh = 1
 
     def get(self, fh: int) -> FileHandle:
@@ -89,6 +96,9 @@ class Files:
     def _end_session(self, session: Session) -> None:
         if self.sessions.get(session.inode.ino) is session:
             del self.sessions[session.inode.ino]
+        if session.dirty and not session.pending:  # uncommitted content is dropped
+            self.stale_cache.add(session.inode.ino)
+            self.committer.housekeeper.invalidate(session.inode.ino)
         if session.pending:  # never committed: the new file goes with its session
             for parent_ino, name in list(session.inode.names):
                 self.namespace.remove_pending(parent_ino, name)
@@ -113,6 +123,13 @@ class Files:
         await self.committer.persist(inode)
 
     # -- open, create ----------------------------------------------------------
+    def _keep_cache(self, inode: Inode) -> bool:
+        """May the kernel keep the file's cached pages at this open?"""
+        if inode.ino in self.stale_cache:
+            self.stale_cache.discard(inode.ino)
+            return False
+        return True
+
     async def open(self, inode: Inode, flags: int) -> tuple[FileHandle, pyfuse3.FileInfo]:
         session = self.sessions.get(inode.ino)
         if session is not None and session.lock.locked():
@@ -127,10 +144,11 @@ class Files:
             if flags & os.O_TRUNC and session.size:
                 async with session.lock:
                     session.truncate(0)
-            return handle, pyfuse3.FileInfo(fh=handle.fh, keep_cache=False)
+            return handle, pyfuse3.FileInfo(fh=handle.fh, keep_cache=self._keep_cache(inode))
         isolated = session is not None and self.isolation == "committed"
         handle = self._register(inode, flags, None, isolated)
-        return handle, pyfuse3.FileInfo(fh=handle.fh, direct_io=isolated, keep_cache=False)
+        keep = isolated or self._keep_cache(inode)  # direct_io: the cache is not used
+        return handle, pyfuse3.FileInfo(fh=handle.fh, direct_io=isolated, keep_cache=keep)
 
     def create(self, parent: Inode, name: bytes, mode: int, flags: int,
                ctx: pyfuse3.RequestContext) -> tuple[FileHandle, pyfuse3.EntryAttributes]:

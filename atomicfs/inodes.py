@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -65,6 +66,8 @@ class InodeTable:
         self._insert(root)
         self.root = root
         self.dev = st.st_dev
+        # closes fds of files a commit replaced (the housekeeper defers it to a thread)
+        self.closer: Callable[[int], None] = os.close
 
     def _insert(self, inode: Inode) -> None:
         self.by_ino[inode.ino] = inode
@@ -108,7 +111,7 @@ class InodeTable:
 
     def set_data_fd(self, inode: Inode, fd: int | None) -> None:
         if inode.data_fd is not None and inode.data_fd != fd:
-            os.close(inode.data_fd)
+            self.closer(inode.data_fd)
         inode.data_fd = fd
 
     def rebind(self, inode: Inode, fd: int, st: os.stat_result, data_fd: int | None,
@@ -128,7 +131,7 @@ class InodeTable:
             raise OSError(errno.EIO, "rebind onto a backing file that has an inode")
         self.by_key[inode.key] = inode
         if not keep_old:
-            os.close(old_fd)
+            self.closer(old_fd)
 
     def alias(self, key: Key | None, inode: Inode) -> None:
         """Let ``key`` (a staged inode's old source file) find ``inode`` too."""

@@ -178,9 +178,9 @@ def remove_xattr(fd: int, name: bytes) -> None:
         raise
 
 
-def copy_xattrs(src_fd: int, dst_fd: int) -> None:
-    """Copy every xattr (ACLs and security labels included) from src to dst."""
-    for name in list_xattrs(src_fd):
+def copy_xattrs(src_fd: int, dst_fd: int, names: Sequence[bytes] | None = None) -> None:
+    """Copy every xattr (ACLs and security labels included), or ``names``, to dst."""
+    for name in list_xattrs(src_fd) if names is None else names:
         try:
             value = get_xattr(src_fd, name)
         except pyfuse3.FUSEError:

@@ -18,10 +18,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from . import faults, metadata, recovery, status, syscalls
 from .commit import Committer, name_finder
 from .files import Files
+from .housekeeping import Housekeeper
 from .inodes import Inode, InodeTable
 from .namespace import DirHandle, Namespace
 from .options import MountOptions
@@ -86,10 +88,12 @@ class AtomicOperations(pyfuse3.Operations):
         options, root_fd = self.options, self.table.root.fd
         self.daemon_dir = recovery.open_daemon_dir(root_fd)
         self.recovered = recovery.recover(root_fd, self.daemon_dir)
+        self.housekeeper = Housekeeper(self.daemon_dir)
+        self.table.closer = self.housekeeper.close_later
         self.committer = Committer(self.table, self.daemon_dir,
                                    name_finder(self.table, self.namespace.pending_name),
                                    self.namespace.published, options.commit,
-                                   options.durability)
+                                   options.durability, self.housekeeper)
         self.files = Files(self.table, self.namespace, self.committer, options.isolation)
 
     def _attrs(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
@@ -272,7 +276,7 @@ class AtomicOperations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         handle, attr = self.files.create(self.table.get(parent_inode), name, mode, flags, ctx)
-        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=False), attr
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True), attr
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -315,9 +319,12 @@ class AtomicOperations(pyfuse3.Operations):
         metadata.remove_xattr(self.table.get(inode).fd, name)
 
     async def background(self) -> None:
-        """Tasks that run beside the request handlers (group persist for batch)."""
-        if self.committer.batch:
-            await self.committer.run_batches()
+        """Tasks that run beside the request handlers: housekeeping, and the group
+        persist of durability=batch."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.housekeeper.run)
+            if self.committer.batch:
+                nursery.start_soon(self.committer.run_batches)
 
     async def finish(self) -> None:
         """After the kernel let go: lost last releases, then every staged commit."""
@@ -331,10 +338,9 @@ class AtomicOperations(pyfuse3.Operations):
         self.dirs.clear()
         self.files.close_all()
         self.table.close_all()
+        self.housekeeper.close_all()
         recovery.close_daemon_dir(self.table.root.fd, self.daemon_dir)
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    import trio
-
     return await trio.to_thread.run_sync(fn, *args)

@@ -729,6 +729,8 @@ def test_commit_enospc_reaches_close_and_keeps_committed(mount_factory, tmp_path
         free = os.statvfs(tfs).f_bavail * os.statvfs(tfs).f_frsize
         (tfs / "filler").write_bytes(b"F" * (free - 256 * KiB))  # leaves ~256 KiB free
         m = mount_factory(source=tfs)
+        # a reader opened before the session shares the kernel's page cache with it
+        reader = os.open(m.path("f"), os.O_RDONLY)
         fd = os.open(m.path("f"), os.O_RDWR)
         try:
             os.pwrite(fd, b"B" * 4096, 0)  # fits; the commit needs a second MiB
@@ -740,6 +742,11 @@ def test_commit_enospc_reaches_close_and_keeps_committed(mount_factory, tmp_path
         warning = r"WARNING .*commit of inode \d+ at its last close failed"
         assert wait_for(lambda: len(_lines(m, warning)) >= 1), \
             "no warning logged for the commit that failed at the last release"
+        try:  # the dropped pages are invalidated for handles still open
+            assert wait_for(lambda: os.pread(reader, 4096, 0) == committed[:4096]), \
+                "a handle open across the dropped session still reads its data"
+        finally:
+            os.close(reader)
         # the daemon keeps serving
         assert m.path("f").read_bytes() == committed, "the mount shows dropped data"
         assert sorted(os.listdir(m.mountpoint)) == ["f", "filler"]

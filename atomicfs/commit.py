@@ -240,7 +240,12 @@ class Committer:
                 syscalls.clone_file(shadow, data_fd)
                 for ext in plan:
                     if ext.kind is Kind.SHADOW and changes is not None:
-                        syscalls.copy_range(changes, shadow, ext.start, ext.length)
+                        # the shadow's own holes (never written) are holes here too
+                        for a, b, data in syscalls.split_by_data(changes, ext.start, ext.end):
+                            if data:
+                                syscalls.copy_range(changes, shadow, a, b - a)
+                            else:
+                                syscalls.punch_hole(shadow, a, b - a)
                     elif ext.kind is Kind.HOLE:
                         syscalls.punch_hole(shadow, ext.start, ext.length)
             os.ftruncate(shadow, size)
@@ -425,16 +430,30 @@ class Committer:
             except Exception:
                 log.exception("group persist failed; retrying")
 
-    def _changes(self, session: Session) -> tuple[list[journal.Change], int, int | None]:
-        changes = [journal.Change(e.start, e.length,
-                                  journal.DATA if e.kind is Kind.SHADOW else journal.HOLE)
-                   for e in session.emap.extents() if e.kind is not Kind.COMMITTED]
+    @staticmethod
+    def _changes(session: Session) -> tuple[list[journal.Change], int, int | None]:
+        """The session's changes as journal records them (blocking: SEEK_DATA calls).
+
+        Where the shadow has a hole inside a SHADOW range (bytes never written,
+        or a gap a spill left), the change is a hole: no zeros are written.
+        """
+        changes: list[journal.Change] = []
+        shadow = session.shadow
+        for ext in session.emap.extents():
+            if ext.kind is Kind.COMMITTED:
+                continue
+            if ext.kind is Kind.HOLE or shadow is None:
+                kind = journal.HOLE if ext.kind is Kind.HOLE else journal.DATA
+                changes.append(journal.Change(ext.start, ext.length, kind))
+                continue
+            for a, b, data in syscalls.split_by_data(shadow, ext.start, ext.end):
+                changes.append(journal.Change(a, b - a, journal.DATA if data else journal.HOLE))
         return changes, session.size, session.mtime_ns
 
     async def _journalled(self, session: Session) -> None:
         """Redo record first, then apply in place (atomic across a crash; journal.py)."""
         inode = session.inode
-        changes, size, mtime = self._changes(session)
+        changes, size, mtime = await trio.to_thread.run_sync(self._changes, session)
         record = journal.Record(journal.file_id(inode.fd), size,
                                 -1 if mtime is None else mtime, tuple(changes))
         shadow = session.shadow if session.shadow is not None else -1
@@ -447,7 +466,7 @@ class Committer:
 
     async def _in_place(self, session: Session) -> None:
         """In place without a record: durable, not crash-atomic (no journal available)."""
-        changes, size, mtime = self._changes(session)
+        changes, size, mtime = await trio.to_thread.run_sync(self._changes, session)
         record = journal.Record(journal.FileId(0, 0, b""), size,
                                 -1 if mtime is None else mtime, tuple(changes))
         shadow = session.shadow if session.shadow is not None else -1

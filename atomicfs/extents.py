@@ -163,6 +163,22 @@ class ExtentMap:
 
     # -- queries -----------------------------------------------------------
 
+    def bridges(self, kinds: frozenset[Kind]) -> list[Extent]:
+        """Extents of one of ``kinds`` with SHADOW on both sides, in order.
+
+        Turning one into SHADOW merges three extents into one (two fewer), which
+        is how a session bounds its map (:meth:`atomicfs.sessions.Session.spill_plan`).
+        """
+        found: list[Extent] = []
+        exts = self.extents()
+        prev, cur = next(exts, None), next(exts, None)
+        for nxt in exts:
+            assert prev is not None and cur is not None
+            if prev.kind is Kind.SHADOW and nxt.kind is Kind.SHADOW and cur.kind in kinds:
+                found.append(cur)
+            prev, cur = cur, nxt
+        return found
+
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
         """Extents covering ``[start, min(end, size))`` in order, clipped to that range."""
         _check_nonneg(start=start)

@@ -32,6 +32,7 @@ import os
 from dataclasses import dataclass
 
 import pyfuse3
+import trio
 
 from . import metadata, syscalls
 from .commit import Committer
@@ -218,8 +219,22 @@ class Files:
             raise OSError(errno.EBADF, "handle not open for writing")
         if session.lock.locked():
             async with session.lock:
-                return self._write(handle, session, off, buf)
-        return self._write(handle, session, off, buf)
+                written = self._write(handle, session, off, buf)
+        else:
+            written = self._write(handle, session, off, buf)
+        if len(session.emap) > session.spill_at:
+            await self._spill(session)
+        return written
+
+    async def _spill(self, session: Session) -> None:
+        """Bound the session's extent map (sessions.MAX_EXTENTS)."""
+        async with session.lock:
+            plan = session.spill_plan()
+            done = []
+            if plan:
+                committed = None if session.pending else self.table.data(session.inode)
+                done = await trio.to_thread.run_sync(session.spill_copy, committed, plan)
+            session.spill_apply(done)
 
     def _write(self, handle: FileHandle, session: Session, off: int, buf: bytes) -> int:
         if handle.flags & os.O_APPEND:

@@ -31,11 +31,15 @@ from dataclasses import dataclass, field
 import trio
 
 from . import syscalls
-from .extents import ExtentMap, Kind
+from .extents import Extent, ExtentMap, Kind
 from .inodes import Inode
 
 ZEROS_CHUNK = bytes(1 << 20)
 MAX_EXACT_EXTENTS = 256  # above this, st_blocks of a session is estimated
+# The bound on a session's extent map (~115 bytes an extent: ~7.5 MiB).  Beyond it,
+# the smallest gaps between written ranges are filled into the shadow ("spilled")
+# until the map holds half; see Session.spill_plan.
+MAX_EXTENTS = int(os.environ.get("ATOMICFS_MAX_EXTENTS", 1 << 16))  # env: a test knob
 # The clock the kernel stamps file times with (current_time()).  A write's mtime read
 # from the finer time.time_ns() runs ~ a tick ahead of it, so the commit's ctime (set
 # by the kernel) would come out *before* the mtime.
@@ -58,6 +62,8 @@ class Session:
     lock: trio.Lock = field(default_factory=trio.Lock)
     created_at: float = field(default_factory=time.monotonic)
     commits: int = 0
+    spill_at: int = MAX_EXTENTS  # map size that triggers the next spill
+    spilled: int = 0  # committed bytes copied into the shadow to bound the map
 
     @property
     def dirty(self) -> bool:
@@ -105,6 +111,46 @@ class Session:
             syscalls.punch_hole(self.shadow, offset, length)
         self.emap.punch(offset, length)
         self.touch()
+
+    # -- bounding the extent map ----------------------------------------------
+    def spill_plan(self) -> list[Extent]:
+        """Gaps to fill so the map shrinks to MAX_EXTENTS/2, smallest first.
+
+        A gap is a COMMITTED or HOLE extent between two SHADOW extents; making it
+        SHADOW merges three extents into one.  Its bytes go into the shadow first
+        (:meth:`spill_copy`): a COMMITTED gap's data ranges are copied, its holes
+        and a HOLE gap stay holes in the shadow (a commit keeps shadow holes as
+        holes).  Smallest first, so the bytes copied are as few as the bound allows.
+        """
+        if len(self.emap) <= self.spill_at:
+            return []
+        gaps = sorted(self.emap.bridges(frozenset({Kind.COMMITTED, Kind.HOLE})),
+                      key=lambda e: e.length)
+        return gaps[:max(0, (len(self.emap) - MAX_EXTENTS // 2 + 1) // 2)]
+
+    def spill_copy(self, committed_fd: int | None, plan: list[Extent]) -> list[Extent]:
+        """Copy the planned gaps' bytes into the shadow (blocking: run in a thread).
+
+        Returns the gaps done.  The map is not touched here (readers may run
+        meanwhile, and read those bytes from the committed file); :meth:`spill_apply`
+        does that.
+        """
+        done: list[Extent] = []
+        for gap in plan:
+            if gap.kind is Kind.COMMITTED:
+                if committed_fd is None or self.shadow is None:
+                    continue
+                for a, b in syscalls.data_ranges(committed_fd, gap.start, gap.end):
+                    syscalls.copy_range(committed_fd, self.shadow, a, b - a)
+                    self.spilled += b - a
+            done.append(gap)
+        return done
+
+    def spill_apply(self, done: list[Extent]) -> None:
+        for gap in done:
+            self.emap.write(gap.start, gap.length)
+        # the next spill when the map has grown by half again (if gaps could not be filled)
+        self.spill_at = max(MAX_EXTENTS, len(self.emap) + len(self.emap) // 2)
 
     def touch(self) -> None:
         self.mtime_ns = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)

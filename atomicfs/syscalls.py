@@ -173,6 +173,20 @@ def data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def split_by_data(fd: int, start: int, end: int) -> list[tuple[int, int, bool]]:
+    """``[start, end)`` cut into ``(a, b, is_data)`` pieces, in order, by the holes of ``fd``."""
+    pieces: list[tuple[int, int, bool]] = []
+    pos = start
+    for a, b in data_ranges(fd, start, end):
+        if a > pos:
+            pieces.append((pos, a, False))
+        pieces.append((a, b, True))
+        pos = b
+    if pos < end:
+        pieces.append((pos, end, False))
+    return pieces
+
+
 def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
     """Copy ``length`` bytes at ``offset`` from src to the same offset in dst."""
     done = 0

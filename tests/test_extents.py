@@ -494,3 +494,36 @@ def test_huge_offsets_structure(init: int, ops: list[tuple[str, int, int]]) -> N
         assert layout(m) == segs
         for k in Kind:
             assert m.count(k) == sum(e - s for s, e, kk in segs if kk == k)
+
+
+# -- bridges: what a session may fill to bound its map -----------------------------------
+def test_bridges_are_the_gaps_between_shadow_extents() -> None:
+    m = ExtentMap(100)
+    for off in (0, 10, 30, 60):
+        m.write(off, 5)
+    m.write(98, 4)  # past EOF: [98, 102) SHADOW, no hole (it starts below size)
+    m.truncate(120)  # [102, 120) HOLE: not between two SHADOW extents
+    gaps = m.bridges(frozenset({Kind.COMMITTED}))
+    assert [(e.start, e.end) for e in gaps] == [(5, 10), (15, 30), (35, 60), (65, 98)]
+    assert m.bridges(frozenset({Kind.HOLE})) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(0, 1 << 20),
+       writes=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 1 << 12)),
+                       max_size=60),
+       kinds=st.sampled_from([frozenset({Kind.COMMITTED}), frozenset({Kind.HOLE}),
+                              frozenset({Kind.COMMITTED, Kind.HOLE})]))
+def test_filling_each_bridge_removes_two_extents(size: int, writes: list[tuple[int, int]],
+                                                 kinds: frozenset[Kind]) -> None:
+    m = ExtentMap(size)
+    for off, length in writes:
+        m.write(off, length)
+    for gap in m.bridges(kinds):
+        assert gap.kind in kinds
+        before = len(m)
+        assert m._kind_at(gap.start - 1) is Kind.SHADOW
+        assert m._kind_at(gap.end) is Kind.SHADOW
+        m.write(gap.start, gap.length)
+        assert len(m) == before - 2
+        m.check()

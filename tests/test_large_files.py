@@ -182,3 +182,50 @@ def test_reflink_commit_on_xfs(mount_factory: MountFactory, xfs_reflink: Path) -
     assert (src / "big").read_bytes() == applied(old, CHANGES)
     m.unmount()
     assert debris(src) == []
+
+
+# -- §4 of issue 4: a session's extent map stays bounded ---------------------------------
+@pytest.mark.parametrize("commit", ["journal", "rename"])
+def test_scattered_writes_keep_the_extent_map_bounded(mount_factory: MountFactory,
+                                                      tmp_path: Path, commit: str) -> None:
+    """Thousands of scattered writes with the bound lowered to 64 extents (test knob):
+    the map never holds much more, reads during the session and the commit give the
+    exact content, and holes of the committed file stay holes (a spill copies only
+    data)."""
+    if commit == "journal" and not IS_ROOT:
+        pytest.skip("the journalled commit needs open_by_handle_at (root)")
+    src = tmp_path / "data"
+    src.mkdir()
+    data_part = make_big(src / "big", 16 * MiB)
+    with open(src / "big", "r+b") as f:
+        f.truncate(32 * MiB)  # [16 MiB, 32 MiB): a hole
+    model = bytearray(data_part + bytes(16 * MiB))
+    m = mount_factory(source=src, options=[f"commit={commit}"],
+                      env={"ATOMICFS_MAX_EXTENTS": "64"})
+    rng = random.Random(7)
+    most = 0
+    fd = os.open(m.path("big"), os.O_RDWR)
+    try:
+        hole_writes = 0
+        for i in range(1500):
+            off = rng.randrange(0, 32 * MiB - 512)
+            chunk = rng.randbytes(rng.randrange(1, 512))
+            os.pwrite(fd, chunk, off)
+            model[off:off + len(chunk)] = chunk
+            hole_writes += off + len(chunk) > 16 * MiB
+            if i % 50 == 0:
+                sessions = status(m)["sessions"]
+                most = max([most] + [s["extents"] for s in sessions])
+                probe = rng.randrange(0, 32 * MiB - 65536)
+                assert os.pread(fd, 65536, probe) == model[probe:probe + 65536], \
+                    f"read during the session differs at {probe}"
+    finally:
+        os.close(fd)
+    assert 0 < most <= 64 + 2, f"the extent map reached {most} extents (bound 64)"
+    assert (src / "big").read_bytes() == model, "the committed content differs"
+    allocated = os.stat(src / "big").st_blocks * 512
+    assert allocated <= 16 * MiB + hole_writes * 8192 + MiB, \
+        f"{allocated} bytes allocated: the hole was filled ({hole_writes} writes into it)"
+    counts = status(m)["commits"]
+    assert counts[commit] == 1, counts
+    assert debris(src) == []

@@ -462,7 +462,8 @@ class Committer:
         await trio.to_thread.run_sync(journal.write_record, self.daemon_dir, name, record,
                                       shadow)
         await self._apply(session, lambda fd: journal.apply(fd, record, shadow, None))
-        await trio.to_thread.run_sync(journal.retire, self.daemon_dir, name)
+        await trio.to_thread.run_sync(journal.retire, self.daemon_dir, name, False)
+        self.housekeeper.sync_daemon_dir()  # the removal made durable soon (journal.py, 3.)
 
     async def _in_place(self, session: Session) -> None:
         """In place without a record: durable, not crash-atomic (no journal available)."""

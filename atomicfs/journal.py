@@ -9,8 +9,13 @@ redo record written first:
    (data, or a hole to punch) — is written to ``SOURCE/.atomicfs/journal-N``,
    and the file and the directory are fsync'ed;
 2. the extents are applied to the target in place and the target is fsync'ed;
-3. the record is removed (and the directory fsync'ed), so it can never be
-   replayed over a later change.
+3. the record is removed, so it is not replayed over a later change.  The
+   directory fsync that makes the removal durable is left to the daemon's
+   housekeeping (within milliseconds): replaying a record whose removal was
+   lost only rewrites the bytes it already wrote, since any later change of the
+   file either is a journal record too — whose creation fsync'ed the directory,
+   removal included — or replaced the inode (a rename commit), which makes the
+   old record's target handle stale.
 
 A crash during 1 leaves a record that does not verify (wrong length or
 checksum): it is discarded and the target was never touched.  A crash during
@@ -253,9 +258,11 @@ def apply(target_fd: int, record: Record, data_source: int, data_base: int | Non
     faults.point("journal.after_apply")
 
 
-def retire(daemon_dir: int, name: str) -> None:
+def retire(daemon_dir: int, name: str, sync: bool = True) -> None:
+    """Remove a record; ``sync=False`` leaves the directory fsync to the caller."""
     os.unlink(name, dir_fd=daemon_dir)
-    syscalls.fsync_dir(daemon_dir)
+    if sync:
+        syscalls.fsync_dir(daemon_dir)
     faults.point("journal.after_retire")
 
 

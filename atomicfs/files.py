@@ -6,7 +6,11 @@ Policy (SEMANTICS §2, §4):
   committed file.  A create makes a *pending* file with a session.
 - ``flush`` (every close) commits if *this* handle wrote since its last commit
   point, and returns the commit's error to close().  A close without writes
-  (the shell's open/dup2/close before writing) commits nothing.
+  (the shell's open/dup2/close before writing) commits nothing.  Nor does a
+  close by the exit of a child that wrote nothing while the process that opened
+  the handle still holds it (``/bin/true`` inside ``( ... ) > f``: the shell
+  goes on writing), nor the close of a process being killed by a signal, whose
+  unfinished writes are dropped at the last release (:mod:`atomicfs.processes`).
 - ``fsync`` commits the session so far, durably; the session goes on.
 - The last ``release`` of a session commits what is left (mmap writeback,
   truncate-only sessions, descriptors that never flushed), then ends it.
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import metadata, syscalls
+from . import metadata, processes, syscalls
 from .commit import Committer
 from .extents import ExtentMap
 from .inodes import Inode, InodeTable
@@ -57,13 +61,15 @@ class FileHandle:
     flags: int
     session: Session | None  # the write session, for handles that can write
     isolated: bool  # reads come from the committed version
+    pid: int = 0  # the process that opened it
     wrote: bool = False  # wrote (or truncated) since this handle's last commit point
 
 
 class Files:
     def __init__(self, table: InodeTable, namespace: Namespace, committer: Committer,
-                 isolation: str = "committed") -> None:
+                 isolation: str = "committed", mountpoint: str | None = None) -> None:
         self.table = table
+        self.mountpoint = mountpoint  # None: closes are not told apart (processes.py)
         self.namespace = namespace
         self.committer = committer
         self.isolation = isolation
@@ -79,8 +85,8 @@ class Files:
             raise OSError(errno.EBADF, f"unknown file handle {fh}") from None
 
     def _register(self, inode: Inode, flags: int, session: Session | None,
-                  isolated: bool) -> FileHandle:
-        handle = FileHandle(self._next_fh, inode, flags, session, isolated)
+                  isolated: bool, pid: int = 0) -> FileHandle:
+        handle = FileHandle(self._next_fh, inode, flags, session, isolated, pid)
         self._next_fh += 1
         self.handles[handle.fh] = handle
         inode.holders += 1
@@ -103,6 +109,7 @@ class Files:
         if session.pending:  # never committed: the new file goes with its session
             for parent_ino, name in list(session.inode.names):
                 self.namespace.remove_pending(parent_ino, name)
+                self.committer.housekeeper.forget_entry(parent_ino, name)
         session.close()
         session.inode.holders -= 1
         self.table.maybe_drop(session.inode)
@@ -131,7 +138,8 @@ class Files:
             return False
         return True
 
-    async def open(self, inode: Inode, flags: int) -> tuple[FileHandle, pyfuse3.FileInfo]:
+    async def open(self, inode: Inode, flags: int,
+                   pid: int = 0) -> tuple[FileHandle, pyfuse3.FileInfo]:
         session = self.sessions.get(inode.ino)
         if session is not None and session.lock.locked():
             async with session.lock:  # a commit is running: let it land first
@@ -141,7 +149,7 @@ class Files:
             if session is None:
                 session = self._start_session(inode)
             session.writers += 1
-            handle = self._register(inode, flags, session, isolated=False)
+            handle = self._register(inode, flags, session, isolated=False, pid=pid)
             if flags & os.O_TRUNC and session.size:
                 async with session.lock:
                     session.truncate(0)
@@ -174,7 +182,7 @@ class Files:
         self.sessions[inode.ino] = session
         inode.holders += 1
         session.writers += 1
-        handle = self._register(inode, flags, session, isolated=False)
+        handle = self._register(inode, flags, session, isolated=False, pid=ctx.pid)
         return handle, self.attributes(inode)
 
     # -- attributes ------------------------------------------------------------
@@ -266,17 +274,39 @@ class Files:
     # -- commit points -----------------------------------------------------------
     async def flush(self, handle: FileHandle) -> None:
         session = handle.session
-        if session is None or not handle.wrote:
+        if session is None or not handle.wrote or self._unfinished(handle, session):
             return
         async with session.lock:
             await self._commit(session)
+            session.abandoned = 0
         handle.wrote = False
+
+    def _unfinished(self, handle: FileHandle, session: Session) -> bool:
+        """Is this close after writes not the end of the program's writing?"""
+        if self.mountpoint is None or not handle.pid:
+            return False
+        signal = processes.killed(handle.pid)
+        if signal:
+            session.abandoned = signal
+            log.warning("%s: the process writing it (pid %d) was killed by signal %d before "
+                        "closing it; its unfinished writes will not be committed",
+                        self.committer.describe(handle.inode), handle.pid, signal)
+            return True
+        if (processes.silent_children_closing(handle.pid)
+                and processes.holds(handle.pid, self.mountpoint, handle.inode.ino,
+                                    handle.flags & os.O_ACCMODE)):
+            log.debug("close of %s not a commit point: a child of its opener (pid %d) that "
+                      "wrote nothing exited or ran exec; the opener still holds it",
+                      self.committer.describe(handle.inode), handle.pid)
+            return True
+        return False
 
     async def fsync(self, handle: FileHandle, datasync: bool) -> None:
         session = handle.session or self.sessions.get(handle.inode.ino)
         if session is not None:
             async with session.lock:
                 await self._commit(session)
+                session.abandoned = 0
             handle.wrote = False
         await self.committer.persist(handle.inode)  # batch: fsync is durable all the same
 
@@ -295,7 +325,7 @@ class Files:
     async def _last_release(self, session: Session) -> None:
         try:
             async with session.lock:
-                if session.writers == 0 and session.dirty:
+                if session.writers == 0 and session.dirty and not session.abandoned:
                     await self._commit(session)
         except OSError as exc:
             log.warning("commit of inode %d at its last close failed (%s); the committed "
@@ -314,7 +344,8 @@ class Files:
         as its release would have; one still being written is dropped.
         """
         for session in list(self.sessions.values()):
-            if any(h.wrote for h in self.handles.values() if h.session is session):
+            if session.abandoned or any(h.wrote for h in self.handles.values()
+                                        if h.session is session):
                 continue
             try:
                 async with session.lock:

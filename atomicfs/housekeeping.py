@@ -40,6 +40,7 @@ class Housekeeper:
         self.ready: list[int] = []
         self.to_close: list[int] = []
         self.to_invalidate: set[int] = set()
+        self.to_forget: list[tuple[int, bytes]] = []  # (parent inode, name)
         self.dir_unsynced = False  # the daemon's directory has changes to fsync
         self.wakeup = trio.Event()
         self.running = False
@@ -77,6 +78,13 @@ class Housekeeper:
             self.to_invalidate.add(ino)
             self._wake()
 
+    def forget_entry(self, parent: int, name: bytes) -> None:
+        """Make the kernel forget the cached name ``name`` in ``parent`` soon (a new
+        file dropped before its first commit)."""
+        if self.running:
+            self.to_forget.append((parent, name))
+            self._wake()
+
     def _wake(self) -> None:
         if self.running:
             self.wakeup.set()
@@ -90,15 +98,18 @@ class Housekeeper:
                 self.wakeup = trio.Event()
                 closing, self.to_close = self.to_close, []
                 stale, self.to_invalidate = self.to_invalidate, set()
+                names, self.to_forget = self.to_forget, []
                 sync, self.dir_unsynced = self.dir_unsynced, False
                 want = self.pool_size - len(self.ready)
-                made = await trio.to_thread.run_sync(self._work, closing, stale, sync, want)
+                made = await trio.to_thread.run_sync(self._work, closing, stale, names, sync,
+                                                     want)
                 self.ready.extend(made)
                 self.made += len(made)
         finally:
             self.running = False
 
-    def _work(self, closing: list[int], stale: set[int], sync: bool, want: int) -> list[int]:
+    def _work(self, closing: list[int], stale: set[int], names: list[tuple[int, bytes]],
+              sync: bool, want: int) -> list[int]:
         if sync:
             try:
                 syscalls.fsync_dir(self.daemon_dir)
@@ -113,6 +124,9 @@ class Housekeeper:
             # OSError: the kernel no longer knows the inode, so nothing is cached
             with contextlib.suppress(OSError):
                 pyfuse3.invalidate_inode(ino, attr_only=False)
+        for parent, name in names:
+            with contextlib.suppress(OSError):  # ENOENT: the kernel had not cached it
+                pyfuse3.invalidate_entry(parent, name)
         made: list[int] = []
         for _ in range(want):
             try:

@@ -223,7 +223,7 @@ def run(req: MountRequest) -> int:
     setup_logging(req.options.debug, req.log_file)
     raise_fd_limit()
     os.umask(0)
-    ops = AtomicOperations(src_fd, req.options)
+    ops = AtomicOperations(src_fd, req.options, mountpoint)
     fuse_opts = set(req.options.fuse)
     if req.options.debug:
         fuse_opts.add("debug")

@@ -67,8 +67,10 @@ class AtomicOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, root_fd: int, options: MountOptions | None = None) -> None:
+    def __init__(self, root_fd: int, options: MountOptions | None = None,
+                 mountpoint: str | None = None) -> None:
         super().__init__()
+        self.mountpoint = mountpoint
         options = options or MountOptions()
         self.trace = options.debug
         self.options_summary = {"durability": options.durability,
@@ -94,7 +96,8 @@ class AtomicOperations(pyfuse3.Operations):
                                    name_finder(self.table, self.namespace.pending_name),
                                    self.namespace.published, options.commit,
                                    options.durability, self.housekeeper)
-        self.files = Files(self.table, self.namespace, self.committer, options.isolation)
+        self.files = Files(self.table, self.namespace, self.committer, options.isolation,
+                           self.mountpoint)
 
     def _attrs(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         if inode.is_reg:
@@ -268,7 +271,7 @@ class AtomicOperations(pyfuse3.Operations):
         node = self.table.get(inode)
         if flags & os.O_TRUNC:  # the kernel drops no privileges for an atomic O_TRUNC
             metadata.drop_set_id(node.fd, ctx)
-        _, info = await self.files.open(node, flags)
+        _, info = await self.files.open(node, flags, ctx.pid)
         return info
 
     @_handler

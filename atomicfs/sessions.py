@@ -62,6 +62,7 @@ class Session:
     lock: trio.Lock = field(default_factory=trio.Lock)
     created_at: float = field(default_factory=time.monotonic)
     commits: int = 0
+    abandoned: int = 0  # a writer was killed by this signal: the last release drops
     spill_at: int = MAX_EXTENTS  # map size that triggers the next spill
     spilled: int = 0  # committed bytes copied into the shadow to bound the map
 

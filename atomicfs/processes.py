@@ -1,0 +1,157 @@
+"""What the daemon learns from /proc about the processes behind a close.
+
+pyfuse3 hands ``flush`` no pid and no lock owner, so a FLUSH cannot tell who is
+closing.  What /proc says about the *opener* (the pid of the OPEN request)
+decides what a close after writes means (SEMANTICS §1.3, §2.1; README "Commit
+points"):
+
+- the opener is being killed by a signal: the program died mid-write, so its
+  unfinished writes must not be committed (:func:`killed`);
+- a child of the opener is closing descriptors (exiting, in exec, in close),
+  none of those children wrote a byte (``wchar`` in /proc/PID/io), and the
+  opener still holds a descriptor of the file open the same way: the close is
+  that child's — ``/bin/true`` or ``sleep`` exiting inside ``( ... ) > f``, or a
+  program's child closing inherited descriptors before it execs a command —
+  and the opener goes on writing, so the commit waits for a later close
+  (:func:`silent_children_closing`, :func:`holds`).
+  A child that wrote anything (``/bin/echo`` in the same place) may have written
+  this file, and its close stays a commit point, with its error reported to it.
+
+Reading /proc never touches the mount (readlink of ``/proc/PID/fd/N`` and the
+``fdinfo`` files are answered by the kernel alone), so it cannot deadlock with
+the daemon's own requests.  Where /proc cannot be read (another user's process
+for an unprivileged daemon, another pid namespace), the answers are "not
+killed" and "no silent child": a close then commits.
+"""
+
+from __future__ import annotations
+
+import os
+
+PF_EXITING = 0x00000004  # include/linux/sched.h: the task is in do_exit()
+
+
+def parse_stat(text: str) -> tuple[int, int]:
+    """``(flags, exit_code)`` from the text of ``/proc/PID/stat``.
+
+    The command name (field 2) may hold spaces and parentheses: fields are
+    counted after its last ``)``.  flags is field 9, exit_code field 52 (0 on
+    kernels older than 3.5, which do not report it).
+    """
+    rest = text[text.rindex(")") + 2:].split()
+    flags = int(rest[9 - 3])
+    exit_code = int(rest[52 - 3]) if len(rest) > 52 - 3 else 0
+    return flags, exit_code
+
+
+def killed(pid: int) -> int:
+    """The signal killing ``pid``, if it is exiting because of one; else 0."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            flags, exit_code = parse_stat(f.read())
+    except (OSError, ValueError, IndexError):
+        return 0
+    if not flags & PF_EXITING:
+        return 0
+    return exit_code & 0x7F
+
+
+def _exiting(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            flags, _ = parse_stat(f.read())
+    except (OSError, ValueError, IndexError):
+        return False
+    return bool(flags & PF_EXITING)
+
+
+def _wrote(pid: int) -> bool:
+    """Has ``pid`` written any byte (any file, pipe or terminal)?  True if unknown."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            return int(parse_fdinfo(f.read()).get("wchar", "1")) > 0
+    except (OSError, ValueError):
+        return True
+
+
+def children(pid: int) -> list[int]:
+    """The children of every thread of ``pid`` (empty if /proc does not say)."""
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+# Syscalls that close a descriptor (close, close_range, dup2, dup3) or close
+# the close-on-exec ones (execve, execveat), by machine.
+CLOSING_SYSCALLS = {
+    "x86_64": {3, 436, 33, 292, 59, 322},
+    "aarch64": {57, 436, 24, 221, 281},
+}.get(os.uname().machine, set())
+
+
+def _closing(pid: int) -> bool:
+    """Is ``pid`` exiting, or blocked in a syscall that closes descriptors?"""
+    if _exiting(pid):
+        return True
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            number = f.read().split(maxsplit=1)[0]
+    except (OSError, IndexError):
+        return False
+    return number.isdigit() and int(number) in CLOSING_SYSCALLS
+
+
+def silent_children_closing(pid: int) -> bool:
+    """Is some child of ``pid`` closing descriptors (exit, exec, close), and has
+    none of those children written a byte?"""
+    closing = [c for c in children(pid) if _closing(c)]
+    return bool(closing) and not any(_wrote(c) for c in closing)
+
+
+def parse_fdinfo(text: str) -> dict[str, str]:
+    """The ``key: value`` lines of a ``/proc/PID/fdinfo/N`` file."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def holds(pid: int, mountpoint: str, ino: int, accmode: int) -> bool:
+    """Does ``pid`` hold a descriptor of the file ``ino`` under ``mountpoint``
+    that was opened with access mode ``accmode``?"""
+    if pid <= 0 or pid == os.getpid():
+        return False
+    prefix = mountpoint.rstrip("/") + "/"
+    base = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(base)
+    except OSError:  # gone, exiting (its table is already released), or not ours to see
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"{base}/{fd}")
+            if not target.startswith(prefix) and target != mountpoint:
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                info = parse_fdinfo(f.read())
+        except OSError:  # closed meanwhile
+            continue
+        try:
+            same_file = int(info.get("ino", "-1")) == ino
+            same_mode = int(info.get("flags", "0"), 8) & os.O_ACCMODE == accmode
+        except ValueError:
+            continue
+        if same_file and same_mode:
+            return True
+    return False

@@ -1,0 +1,58 @@
+"""atomicfs.processes: what /proc says about the process behind a close (no FUSE)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from atomicfs import processes
+
+
+def test_parse_stat_counts_fields_after_the_command_name() -> None:
+    fields = ["S"] + [str(n) for n in range(4, 53)]  # fields 3..52
+    fields[9 - 3] = str(processes.PF_EXITING | 0x40)
+    fields[52 - 3] = "9"
+    text = "1234 (a) b (c) " + " ".join(fields) + "\n"
+    assert processes.parse_stat(text) == (processes.PF_EXITING | 0x40, 9)
+    # an old kernel without exit_code: 0
+    assert processes.parse_stat("1 (x) " + " ".join(fields[:40])) == \
+        (processes.PF_EXITING | 0x40, 0)
+
+
+def test_parse_fdinfo() -> None:
+    info = processes.parse_fdinfo("pos:\t0\nflags:\t02100001\nmnt_id:\t27\nino:\t42\n")
+    assert info == {"pos": "0", "flags": "02100001", "mnt_id": "27", "ino": "42"}
+
+
+def test_a_running_process_is_not_killed_and_holds_its_file(tmp_path: Path) -> None:
+    target = tmp_path / "f"
+    target.write_bytes(b"x")
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import os, sys, time; fd = os.open(sys.argv[1], os.O_WRONLY);"
+                              "print(fd, flush=True); time.sleep(30)", str(target)],
+                             stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip()
+        ino = os.stat(target).st_ino
+        assert processes.killed(child.pid) == 0
+        assert processes.holds(child.pid, str(tmp_path), ino, os.O_WRONLY)
+        assert not processes.holds(child.pid, str(tmp_path), ino, os.O_RDONLY), \
+            "a descriptor opened another way is another open file"
+        assert not processes.holds(child.pid, str(tmp_path / "elsewhere"), ino, os.O_WRONLY)
+        assert processes.children(os.getpid()) and child.pid in processes.children(os.getpid())
+        # the child sleeps: it is closing nothing
+        assert not processes.silent_children_closing(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
+    assert not processes.holds(child.pid, str(tmp_path), os.stat(target).st_ino, os.O_WRONLY)
+
+
+def test_unknown_processes_answer_the_safe_way() -> None:
+    gone = 2**22 + 12345  # above the default pid_max
+    assert processes.killed(gone) == 0
+    assert not processes.holds(gone, "/", 1, os.O_WRONLY)
+    assert processes.children(gone) == []
+    assert not processes.silent_children_closing(gone)

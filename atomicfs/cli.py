@@ -118,8 +118,9 @@ def _fail(prog: str, message: str) -> int:
 def cmd_mount(prog: str, argv: Sequence[str]) -> int:
     args = _mount_parser(prog).parse_args(argv)
     try:
-        options = parse_options(split_option_args(args.options), source=args.source,
-                                is_root=os.geteuid() == 0)
+        # the mount table shows SOURCE absolute (findmnt, mount, the fstab generator)
+        options = parse_options(split_option_args(args.options),
+                                source=os.path.abspath(args.source), is_root=os.geteuid() == 0)
         if args.debug:
             options.debug = True
         foreground = args.foreground or options.debug

@@ -553,8 +553,10 @@ def test_background_daemon_sigusr1_stack_dump_and_umount_waits(dirs: Path,
     src, mnt, log_path = dirs / "src", dirs / "mnt", dirs / "daemon.log"
     cleanup.mounts.append(mnt)
     env = env_for_cli(ATOMICFS_FAULTS="sleep:commit.before_fsync:1.0")
-    res = atomicfs("mount", str(src), str(mnt), "--log", str(log_path), env=env)
+    res = atomicfs("mount", "src", "mnt", "--log", str(log_path), env=env, cwd=dirs)
     assert res.returncode == 0 and res.stderr == "", res.stderr
+    entry = top_mount(str(mnt))
+    assert entry is not None and entry.source == str(src)  # absolute in the mount table
     pid = int(status_of(mnt)["pid"])
     os.kill(pid, signal.SIGUSR1)
     assert wait_for(lambda: "most recent call first" in log_path.read_text()), \

@@ -167,6 +167,13 @@ def check_request(req: MountRequest) -> int:
         raise MountError("/dev/fuse does not exist (is the fuse kernel module loaded?)")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise MountError("/dev/fuse is not readable and writable by this user")
+    if req.log_file is not None:
+        try:
+            with open(req.log_file, "a"):
+                pass
+        except OSError as exc:
+            raise MountError(f"cannot write the log file {req.log_file!r}: "
+                             f"{exc.strerror}") from None
     return os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
@@ -183,9 +190,13 @@ def notify_systemd(message: bytes) -> None:
         return
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall(message)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message)
+    except OSError as exc:  # a stale NOTIFY_SOCKET inherited from elsewhere: not fatal
+        log.warning("cannot notify systemd at NOTIFY_SOCKET=%s: %s",
+                    os.environ.get("NOTIFY_SOCKET"), exc.strerror or exc)
 
 
 def _daemonize(log_file: str | None) -> int:

@@ -315,6 +315,11 @@ def test_umount_without_argument(dirs: Path) -> None:
     expect_refusal(["umount"], ["MOUNTPOINT"], cwd=dirs)
 
 
+def test_mount_with_an_unwritable_log_file(dirs: Path) -> None:
+    expect_refusal(["mount", "src", "mnt", "--log", "nodir/daemon.log"],
+                   ["log file", "'nodir/daemon.log'"], cwd=dirs)
+
+
 def test_umount_with_a_bad_timeout(dirs: Path) -> None:
     res = expect_refusal(["umount", "mnt", "--timeout", "soon"], ["--timeout", "'soon'"],
                          cwd=dirs)

@@ -495,7 +495,10 @@ def test_foreground_log_summary_debug_tracing_and_journal_format(
     j = mount_factory(start=False)
     j.log_path.touch()
     st = j.log_path.stat()
-    j.env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+    # ... and a NOTIFY_SOCKET that leads nowhere (inherited from elsewhere) is not fatal
+    j.env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}",
+             "NOTIFY_SOCKET": str(j.log_path.parent / "no-such-socket")}
+    j.expect_log("cannot notify systemd")
     j.start()
     j.path("b").write_bytes(b"x")
     j.unmount()
@@ -503,6 +506,8 @@ def test_foreground_log_summary_debug_tracing_and_journal_format(
     assert lines and all(re.match(r"<[2-7]>atomicfs\.[a-z]+: ", line) for line in lines), lines
     assert any(line.startswith("<6>atomicfs.mount: unmounted ") for line in lines), lines
     assert not any("->" in line for line in lines)
+    assert any(line.startswith("<4>atomicfs.mount: cannot notify systemd at NOTIFY_SOCKET=")
+               for line in lines), lines
 
 
 # -- signals and shutdown ------------------------------------------------------------------

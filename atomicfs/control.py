@@ -68,16 +68,13 @@ def fuse_mount_at(mountpoint: str) -> MountEntry:
     return entry
 
 
-def atomicfs_mount_at(mountpoint: str) -> MountEntry:
-    entry = fuse_mount_at(mountpoint)
-    if entry.fstype != "fuse.atomicfs":
-        raise MountError(f"{mountpoint!r} is not an atomicfs mount ({entry.fstype})")
-    return entry
-
-
 def read_status(mountpoint: str, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
-    """The daemon's status document (JSON in the root's status xattr)."""
-    entry = atomicfs_mount_at(mountpoint)
+    """The daemon's status document (JSON in the root's status xattr).
+
+    Any FUSE mount is asked (``-o subtype=`` may have renamed an atomicfs mount's
+    type); one without the attribute is not atomicfs.
+    """
+    entry = fuse_mount_at(mountpoint)
     try:
         raw = _in_thread(lambda: os.getxattr(entry.point, STATUS_XATTR), timeout)
     except _NoAnswer:
@@ -87,6 +84,9 @@ def read_status(mountpoint: str, timeout: float = ANSWER_TIMEOUT) -> dict[str, A
         if exc.errno == errno.ENOTCONN:
             raise MountError(f"{mountpoint!r} is a dead mount: its daemon is gone "
                              f"(detach it with: atomicfs umount {mountpoint})") from None
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise MountError(f"{mountpoint!r} is not an atomicfs mount "
+                             f"({entry.fstype})") from None
         raise MountError(f"cannot read the status of {mountpoint!r}: {exc.strerror}") from None
     try:
         doc = json.loads(raw)
@@ -274,14 +274,13 @@ def unmount(mountpoint: str, lazy: bool = False, if_dead: bool = False,
     entry = fuse_mount_at(mountpoint)
     daemon: tuple[int, str | None] | None = None
     sessions: list[str] = []
-    if entry.fstype == "fuse.atomicfs":
-        try:
-            doc = read_status(mountpoint)
-            pid = int(doc["pid"])
-            daemon = (pid, _start_time(pid))
-            sessions = [str(s.get("path")) for s in doc.get("sessions", [])]
-        except (MountError, KeyError, TypeError, ValueError):
-            daemon = None  # dead, hung or old: unmount all the same, without waiting
+    try:
+        doc = read_status(mountpoint)
+        pid = int(doc["pid"])
+        daemon = (pid, _start_time(pid))
+        sessions = [str(s.get("path")) for s in doc.get("sessions", [])]
+    except (MountError, KeyError, TypeError, ValueError):
+        daemon = None  # dead, hung, not atomicfs: unmount all the same, without waiting
     if not lazy:
         found = holders(entry, skip={daemon[0]} if daemon else set())
         if found:

@@ -330,7 +330,7 @@ def run(req: MountRequest) -> int:
     try:
         trio.run(_serve, ops, ready_fd)
     finally:
-        still_mounted = top_fstype(mountpoint) in ("fuse.atomicfs", "fuse")
+        still_mounted = _is_fuse(top_fstype(mountpoint))  # any subtype= the user chose
         pyfuse3.close(unmount=still_mounted)
         ops.shutdown()
         log.info("%s", logs.summary(mountpoint, ops.committer.stats, ops.info.uptime()))

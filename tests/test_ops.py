@@ -95,7 +95,7 @@ class Cleanup:
                     proc.wait()
         for mnt in self.mounts:
             deadline = time.monotonic() + 10
-            while mounted_fstype(mnt) == "fuse.atomicfs":
+            while (mounted_fstype(mnt) or "").startswith("fuse"):
                 lazy = ["-z"] if time.monotonic() > deadline else []
                 subprocess.run(["fusermount3", "-u", *lazy, str(mnt)], capture_output=True)
                 time.sleep(0.05)
@@ -553,15 +553,33 @@ def test_sigterm_during_a_commit_finishes_it_then_unmounts(mount_factory: MountF
 
 
 @needs_fuse
+def test_sigterm_unmounts_a_mount_with_its_own_subtype(dirs: Path, cleanup: Cleanup) -> None:
+    src, mnt = dirs / "src", dirs / "mnt"
+    cleanup.mounts.append(mnt)
+    proc = subprocess.Popen([PYTHON, "-m", "atomicfs", "mount", "-f", str(src), str(mnt), "-o",
+                             "subtype=mine"], env=env_for_cli(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cleanup.procs.append(proc)
+    assert wait_for(lambda: mounted_fstype(mnt) == "fuse.mine" or proc.poll() is not None)
+    assert (mnt / "data.txt").read_text() == "content\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert mounted_fstype(mnt) is None
+
+
+@needs_fuse
 def test_background_daemon_sigusr1_stack_dump_and_umount_waits(dirs: Path,
                                                               cleanup: Cleanup) -> None:
     src, mnt, log_path = dirs / "src", dirs / "mnt", dirs / "daemon.log"
     cleanup.mounts.append(mnt)
     env = env_for_cli(ATOMICFS_FAULTS="sleep:commit.before_fsync:1.0")
-    res = atomicfs("mount", "src", "mnt", "--log", str(log_path), env=env, cwd=dirs)
+    # -o subtype= renames the mount's type: status and umount find the daemon all the same
+    res = atomicfs("mount", "src", "mnt", "--log", str(log_path), "-o", "subtype=renamed",
+                   env=env, cwd=dirs)
     assert res.returncode == 0 and res.stderr == "", res.stderr
     entry = top_mount(str(mnt))
     assert entry is not None and entry.source == str(src)  # absolute in the mount table
+    assert entry.fstype == "fuse.renamed"
     pid = int(status_of(mnt)["pid"])
     os.kill(pid, signal.SIGUSR1)
     assert wait_for(lambda: "most recent call first" in log_path.read_text()), \

@@ -246,6 +246,30 @@ def test_fstab_line_with_a_bad_option_is_one_line_and_changes_nothing(dirs: Path
     assert (sorted(os.listdir(src)), (src / "data.txt").stat().st_mtime_ns) == before
 
 
+@needs_fuse
+@pytest.mark.parametrize(("source", "mountpoint", "options", "needles"), [
+    ("nosuch", "mnt", "rw", ["SOURCE", "nosuch'", "does not exist"]),
+    ("src", "nosuch", "rw", ["MOUNTPOINT", "nosuch'", "does not exist"]),
+    ("src", "mnt", "rw,bogus", ["unknown mount option", "'bogus'"]),
+    ("src", "mnt", "isolation=none", ["isolation", "'none'"]),
+])
+def test_mount_t_with_bad_paths_and_options(dirs: Path, cleanup: Cleanup, source: str,
+                                            mountpoint: str, options: str,
+                                            needles: list[str]) -> None:
+    _system_launcher()
+    cleanup.mounts.append(dirs / "mnt")
+    before = sorted(os.listdir(dirs)), sorted(os.listdir(dirs / "src"))
+    res = subprocess.run(["mount", "-t", "fuse.atomicfs", "-o", options, str(dirs / source),
+                          str(dirs / mountpoint)], env=env_for_cli(ATOMICFS_VENV=str(VENV)),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("atomicfs: error: "), res.stderr
+    for needle in needles:
+        assert needle in res.stderr
+    assert mounted_fstype(dirs / "mnt") is None
+    assert (sorted(os.listdir(dirs)), sorted(os.listdir(dirs / "src"))) == before
+
+
 # -- systemd units -------------------------------------------------------------------------
 
 def _unit_lines(path: Path, key: str) -> list[str]:

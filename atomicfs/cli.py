@@ -1,99 +1,113 @@
-"""Command line: ``atomicfs mount|umount|recover``, and the mount.fuse3 form.
+"""Command line: ``atomicfs mount|umount|status|recover|install``, and the mount.fuse3 form.
 
 ``mount -t fuse.atomicfs SOURCE MOUNTPOINT -o OPTS`` makes mount.fuse3 run
 ``atomicfs SOURCE MOUNTPOINT -o OPTS``: a first argument that is not a command
 name is taken as that form.  Every error is one line on stderr and exit 1
 (2 for a bad command line); nothing on disk is changed by a failed command.
+``--help`` prints the command's manual page (:mod:`atomicfs.manual`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from . import __version__
-from .mount import MountError, MountRequest, recover_offline, run, unmount
+from . import __version__, control, launcher, manual, status
+from .mount import MountError, MountRequest, recover_offline, run
 from .options import OptionError, parse_options, split_option_args
 
-COMMANDS = ("mount", "umount", "unmount", "recover")
+COMMANDS = ("mount", "umount", "unmount", "status", "recover", "install")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line naming the problem."""
+    """argparse whose errors are one line naming the problem, whose help is a manual page."""
+
+    def __init__(self, prog: str, page: str, **kwargs: Any) -> None:
+        super().__init__(prog=prog, add_help=False, **kwargs)
+        self.page = page
+        self.add_argument("-h", "--help", action="store_true", help=argparse.SUPPRESS)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: None = None) -> argparse.Namespace:
+        if args is not None and any(a == "-h" or (len(a) >= 3 and "--help".startswith(a))
+                                    for a in args):
+            self.print_page()  # before checking the other arguments, as argparse does
+        parsed = super().parse_args(args)
+        if parsed.help:  # an abbreviation (--he)
+            self.print_page()
+        return parsed
 
-MOUNT_EPILOG = """\
-options (-o, comma-separated, may repeat):
-  durability=full|batch     full (default): every commit is on stable storage
-                            before the call that made it returns; batch: commits
-                            are visible at once and made durable in groups
-  isolation=committed|shared
-                            committed (default): readers see the last committed
-                            version; shared: readers see writes in progress
-  commit=auto|rename|journal
-                            how commits are made (auto chooses per file)
-  allow_other, default_permissions, ro, rw, nosuid, nodev, noexec, fsname=,
-  subtype=, auto_unmount, ... : standard FUSE options, passed on. As root,
-  allow_other and default_permissions are on by default
-  (no_allow_other / no_default_permissions turn them off).
-  defaults, _netdev, nofail, x-*: fstab words, accepted and ignored.
-
-SOURCE may be the same directory as MOUNTPOINT: the tree is then served from a
-handle opened before the mount.
-"""
+    def print_page(self) -> NoReturn:
+        sys.stdout.write(manual.PAGES[self.page])
+        self.exit(0)
 
 
 def _mount_parser(prog: str) -> _Parser:
-    p = _Parser(prog=prog, description="Mount SOURCE on MOUNTPOINT with atomic file updates.",
-                epilog=MOUNT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", metavar="SOURCE", help="directory whose tree is served")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="directory to mount on")
-    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
-                   help="mount options (see below)")
-    p.add_argument("-f", "--foreground", action="store_true",
-                   help="stay in the foreground and log to stderr")
-    p.add_argument("--debug", action="store_true", help="log every request (implies -f)")
-    p.add_argument("--log", metavar="FILE",
-                   help="append the daemon's log to FILE (default: stderr in the foreground, "
-                        "discarded in the background)")
+    p = _Parser(prog, "mount")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]")
+    p.add_argument("-f", "--foreground", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--log", metavar="FILE")
     return p
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
+
+
 def _umount_parser(prog: str) -> _Parser:
-    p = _Parser(prog=prog, description="Unmount an atomicfs mount.")
+    p = _Parser(prog, "umount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("-z", "--lazy", action="store_true",
-                   help="detach now even if files are open (lazy unmount)")
+    p.add_argument("-z", "--lazy", action="store_true")
+    p.add_argument("--timeout", type=_seconds, metavar="SECONDS")
+    p.add_argument("--if-dead", action="store_true")
+    return p
+
+
+def _status_parser(prog: str) -> _Parser:
+    p = _Parser(prog, "status")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true")
     return p
 
 
 def _recover_parser(prog: str) -> _Parser:
-    p = _Parser(prog=prog, description=(
-        "Resolve what an interrupted commit left in SOURCE (offline: SOURCE must not be "
-        "mounted by atomicfs). Prints one line per action; mounting does the same."))
+    p = _Parser(prog, "recover")
     p.add_argument("source", metavar="SOURCE")
     return p
 
 
+def _install_parser(prog: str) -> _Parser:
+    p = _Parser(prog, "install")
+    p.add_argument("--bindir", metavar="DIR", default=launcher.DEFAULT_BINDIR)
+    p.add_argument("--if-missing", action="store_true")
+    return p
+
+
 def _top_parser() -> _Parser:
-    p = _Parser(
-        prog="atomicfs",
-        description="A FUSE filesystem that gives every program all-or-nothing file updates.",
-        epilog="commands:\n  mount SOURCE MOUNTPOINT [-o OPTS] [-f]   mount (see atomicfs mount "
-               "--help)\n  umount MOUNTPOINT [--lazy]                unmount\n"
-               "  recover SOURCE                            offline recovery\n\n"
-               "The form 'atomicfs SOURCE MOUNTPOINT -o OPTS' (used by mount -t fuse.atomicfs)"
-               " mounts too.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser("atomicfs", "atomicfs")
     p.add_argument("--version", action="version", version=f"atomicfs {__version__}")
     p.add_argument("command", metavar="COMMAND", nargs="?")
     return p
+
+
+PARSERS = {"mount": _mount_parser, "umount": _umount_parser, "status": _status_parser,
+           "recover": _recover_parser, "install": _install_parser}
 
 
 def _fail(prog: str, message: str) -> int:
@@ -104,8 +118,9 @@ def _fail(prog: str, message: str) -> int:
 def cmd_mount(prog: str, argv: Sequence[str]) -> int:
     args = _mount_parser(prog).parse_args(argv)
     try:
-        options = parse_options(split_option_args(args.options), source=args.source,
-                                is_root=os.geteuid() == 0)
+        # the mount table shows SOURCE absolute (findmnt, mount, the fstab generator)
+        options = parse_options(split_option_args(args.options),
+                                source=os.path.abspath(args.source), is_root=os.geteuid() == 0)
         if args.debug:
             options.debug = True
         foreground = args.foreground or options.debug
@@ -116,10 +131,32 @@ def cmd_mount(prog: str, argv: Sequence[str]) -> int:
 
 def cmd_umount(prog: str, argv: Sequence[str]) -> int:
     args = _umount_parser(prog).parse_args(argv)
+    if args.if_dead and (args.lazy or args.timeout is not None):
+        return _fail(prog, "--if-dead takes no --lazy or --timeout")
+
+    def notice(line: str) -> None:
+        print(f"{prog}: {line}", file=sys.stderr, flush=True)
+
     try:
-        unmount(args.mountpoint, lazy=args.lazy)
+        done = control.unmount(args.mountpoint, lazy=args.lazy, if_dead=args.if_dead,
+                               timeout=args.timeout, notice=notice)
     except MountError as exc:
         return _fail(prog, str(exc))
+    if done:
+        print(done)
+    return 0
+
+
+def cmd_status(prog: str, argv: Sequence[str]) -> int:
+    args = _status_parser(prog).parse_args(argv)
+    try:
+        doc = control.read_status(args.mountpoint)
+    except MountError as exc:
+        return _fail(prog, str(exc))
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(status.format_text(doc))
     return 0
 
 
@@ -133,19 +170,36 @@ def cmd_recover(prog: str, argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_install(prog: str, argv: Sequence[str]) -> int:
+    args = _install_parser(prog).parse_args(argv)
+    try:
+        done = launcher.install(args.bindir, if_missing=args.if_missing)
+    except launcher.LauncherError as exc:
+        return _fail(prog, str(exc))
+    if done:
+        print(done)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
         command, rest = argv[0], argv[1:]
+        prog = f"atomicfs {command}"
         if command == "mount":
-            return cmd_mount("atomicfs mount", rest)
+            return cmd_mount(prog, rest)
+        if command == "status":
+            return cmd_status(prog, rest)
         if command == "recover":
-            return cmd_recover("atomicfs recover", rest)
-        return cmd_umount(f"atomicfs {command}", rest)
+            return cmd_recover(prog, rest)
+        if command == "install":
+            return cmd_install(prog, rest)
+        return cmd_umount(prog, rest)
     if argv and not argv[0].startswith("-"):
         if len(argv) >= 2 and (os.path.sep in argv[0] or os.path.exists(argv[0])):
             return cmd_mount("atomicfs", argv)  # mount.fuse3 form
         _top_parser().error(f"unknown command {argv[0]!r}")
     _top_parser().parse_args(argv)
-    _top_parser().print_help()
-    return 2 if not argv else 0
+    synopsis = manual.TOP.split("SYNOPSIS\n", 1)[1].split("\n\n", 1)[0]
+    print("usage:\n" + synopsis + "\n(see atomicfs --help)", file=sys.stderr)
+    return 2

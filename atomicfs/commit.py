@@ -83,8 +83,26 @@ class CommitStats:
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
 
     def failed(self, exc: OSError) -> None:
-        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        name = errno_name(exc)
         self.failures[name] = self.failures.get(name, 0) + 1
+
+
+def errno_name(exc: OSError) -> str:
+    """ENOSPC, EIO...: the symbolic name of an OSError's errno (EIO when it has none)."""
+    return errno.errorcode.get(exc.errno or errno.EIO, str(exc.errno))
+
+
+def failure_text(exc: OSError) -> str:
+    """``ENOSPC (No space left on device)``: for the one log line of a failed commit."""
+    return f"{errno_name(exc)} ({os.strerror(exc.errno or errno.EIO)})"
+
+
+# What became of a failed commit's data, by the commit point that made it (log line).
+_OUTCOME = {
+    "last close": "the committed version is unchanged; the uncommitted data is dropped",
+    "unmount": "the committed version is unchanged; the uncommitted data is dropped",
+}
+_OUTCOME_DEFAULT = "the committed version is unchanged; the error was returned to the caller"
 
 
 def _fsync_dirs(dir_path_fds: list[int]) -> None:
@@ -118,6 +136,7 @@ class Committer:
         self.published = published
         self.strategy = strategy
         self.stats = CommitStats()
+        self.in_flight = 0  # commits started and not yet finished (status, shutdown)
         self.journal_ok = journal.available(table.root.fd)
         self.reflink_ok = probe_reflink(daemon_dir)
         self._records = 0
@@ -159,15 +178,19 @@ class Committer:
                 return "journal"
         return "rename"
 
-    async def commit(self, session: Session, data_fd: Callable[[Inode], int]) -> bool:
+    async def commit(self, session: Session, data_fd: Callable[[Inode], int],
+                     at: str = "close") -> bool:
         """Commit the session if it has changes. Returns True if a commit was made.
 
-        Raises OSError (ENOSPC, EIO...) with the committed version unchanged.
+        ``at`` names the commit point (close, fsync, last close, unmount...) for
+        the one warning line a failure logs.  Raises OSError (ENOSPC, EIO...)
+        with the committed version unchanged.
         """
         if not session.dirty:
             return False
         inode = session.inode
         started = time.monotonic()
+        self.in_flight += 1
         try:
             if session.pending:
                 if not inode.names:
@@ -188,7 +211,11 @@ class Committer:
                     await self._rename(session, committed, data_fd(inode), kind == "reflink")
         except OSError as exc:
             self.stats.failed(exc)
+            log.warning("commit of %s at %s failed: %s; %s", self.describe(inode), at,
+                        failure_text(exc), _OUTCOME.get(at, _OUTCOME_DEFAULT))
             raise
+        finally:
+            self.in_flight -= 1
         self.stats.commits[kind] += 1
         self.stats.bytes_committed += session.size
         self.stats.latencies.append(time.monotonic() - started)
@@ -402,8 +429,9 @@ class Committer:
                     except OSError as exc:
                         if exc.errno != errno.EIO or item.inode.names:
                             self.stats.failed(exc)
-                            log.warning("batch commit of %s failed: %s",
-                                        self.describe(item.inode), exc)
+                            log.warning("commit of %s at group persist failed: %s; the "
+                                        "source tree keeps its previous version",
+                                        self.describe(item.inode), failure_text(exc))
                     self._unstage(item)
                 await trio.to_thread.run_sync(_fsync_dirs, [p.fd for p in parents.values()])
                 faults.point("commit.after_dir_fsync")

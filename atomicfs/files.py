@@ -117,8 +117,8 @@ class Files:
     def _make_shadow(self, session: Session) -> int:
         return self.committer.make_shadow(session.inode)
 
-    async def _commit(self, session: Session) -> bool:
-        return await self.committer.commit(session, self.table.data)
+    async def _commit(self, session: Session, at: str) -> bool:
+        return await self.committer.commit(session, self.table.data, at)
 
     async def publish(self, inode: Inode) -> None:
         """Make the file real in the source tree now (before a namespace operation
@@ -127,7 +127,7 @@ class Files:
         if session is not None and session.pending:
             async with session.lock:
                 if session.pending:
-                    await self._commit(session)
+                    await self._commit(session, "link or rename")
         await self.committer.persist(inode)
 
     # -- open, create ----------------------------------------------------------
@@ -267,7 +267,7 @@ class Files:
         try:
             async with session.lock:
                 session.truncate(size)
-                await self._commit(session)
+                await self._commit(session, "truncate")
         finally:
             self._end_session(session)
 
@@ -277,7 +277,7 @@ class Files:
         if session is None or not handle.wrote or self._unfinished(handle, session):
             return
         async with session.lock:
-            await self._commit(session)
+            await self._commit(session, "close")
             session.abandoned = 0
         handle.wrote = False
 
@@ -305,7 +305,7 @@ class Files:
         session = handle.session or self.sessions.get(handle.inode.ino)
         if session is not None:
             async with session.lock:
-                await self._commit(session)
+                await self._commit(session, "fsync")
                 session.abandoned = 0
             handle.wrote = False
         await self.committer.persist(handle.inode)  # batch: fsync is durable all the same
@@ -326,11 +326,9 @@ class Files:
         try:
             async with session.lock:
                 if session.writers == 0 and session.dirty and not session.abandoned:
-                    await self._commit(session)
-        except OSError as exc:
-            log.warning("commit of inode %d at its last close failed (%s); the committed "
-                        "version is unchanged and the uncommitted data is dropped",
-                        session.inode.ino, os.strerror(exc.errno or errno.EIO))
+                    await self._commit(session, "last close")
+        except OSError:
+            pass  # logged by the committer; nobody is left to hear of it
         finally:
             if session.writers == 0:
                 self._end_session(session)
@@ -350,11 +348,9 @@ class Files:
             try:
                 async with session.lock:
                     if session.dirty:
-                        await self._commit(session)
-            except OSError as exc:
-                log.warning("commit of %s at unmount failed (%s); the committed version "
-                            "is unchanged", self.committer.describe(session.inode),
-                            os.strerror(exc.errno or errno.EIO))
+                        await self._commit(session, "unmount")
+            except OSError:
+                pass  # logged by the committer
 
     def close_all(self) -> None:
         for session in list(self.sessions.values()):

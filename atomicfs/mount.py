@@ -6,11 +6,17 @@ Order matters and is kept here in one place:
 3. the mount is made in the foreground process, so its errors are printed;
    only then SOURCE/.atomicfs is made and recovery runs (a failed mount changes nothing);
 4. only then the process daemonizes; the parent returns once the child serves;
-5. SIGTERM/SIGINT end the main loop; the daemon then unmounts and closes fds.
+   READY=1 goes to $NOTIFY_SOCKET once the mount is live;
+5. SIGTERM/SIGINT/SIGHUP stop reading new requests; the requests in progress
+   (commits among them) finish and are answered; then the sessions whose last
+   release never came are committed, staged commits persisted, the mount
+   detached, fds closed, a summary line logged, and the process exits 0.
+   SIGUSR1 dumps every thread's stack to the log (faulthandler).
 """
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import logging
 import os
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import recovery
+from . import logs, recovery
 from .operations import AtomicOperations
 from .options import MountOptions
 
@@ -45,30 +51,90 @@ class MountRequest:
     log_file: str | None = None
 
 
-def mount_table() -> list[tuple[str, str]]:
-    """(mount point, fstype) of every mount, in mount order."""
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo (the fields atomicfs uses)."""
+
+    mount_id: int
+    dev: int  # st_dev of files in this mount
+    point: str
+    fstype: str
+    source: str
+    super_options: str
+
+
+def _unescape(field: bytes) -> str:
+    return field.decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape")
+
+
+def mount_entries() -> list[MountEntry]:
+    """Every mount of this process's namespace, in mount order."""
     entries = []
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
             sep = fields.index(b"-")
-            point = fields[4].decode("unicode_escape").encode("latin-1").decode(
-                "utf-8", "surrogateescape")
-            entries.append((point, fields[sep + 1].decode()))
+            major, minor = fields[2].split(b":")
+            entries.append(MountEntry(int(fields[0]), os.makedev(int(major), int(minor)),
+                                      _unescape(fields[4]), fields[sep + 1].decode(),
+                                      _unescape(fields[sep + 2]),
+                                      fields[sep + 3].decode(errors="replace")))
     return entries
+
+
+def mount_table() -> list[tuple[str, str]]:
+    """(mount point, fstype) of every mount, in mount order."""
+    return [(e.point, e.fstype) for e in mount_entries()]
+
+
+def top_mount(path: str) -> MountEntry | None:
+    """The topmost mount exactly at ``path`` (a real path), or None."""
+    found = None
+    for entry in mount_entries():
+        if entry.point == path:
+            found = entry
+    return found
 
 
 def top_fstype(path: str) -> str | None:
     """The filesystem type mounted at ``path`` (the topmost mount), or None."""
-    found = None
-    for point, fstype in mount_table():
-        if point == path:
-            found = fstype
-    return found
+    entry = top_mount(path)
+    return None if entry is None else entry.fstype
+
+
+def _is_fuse(fstype: str | None) -> bool:
+    return fstype is not None and (fstype == "fuse" or fstype.startswith("fuse."))
+
+
+def _check_not_dead(mountpoint: str, shown: str) -> None:
+    """A FUSE mount whose daemon is gone (killed, crashed) answers ENOTCONN: say so first
+    (with SOURCE == MOUNTPOINT, SOURCE is unreachable until it is detached)."""
+    if not _is_fuse(top_fstype(mountpoint)):
+        return
+    try:
+        os.statvfs(mountpoint)  # always asks the daemon (stat may be answered from cache)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(f"MOUNTPOINT {shown!r} is a dead FUSE mount (its daemon is gone); "
+                             f"detach it first: atomicfs umount {shown}") from None
+
+
+def user_allow_other(conf: str = "/etc/fuse.conf") -> bool:
+    """Does fuse.conf let users other than root mount with allow_other?"""
+    try:
+        with open(conf) as f:
+            return any(line.strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
 
 
 def check_request(req: MountRequest) -> int:
     """Validate SOURCE, MOUNTPOINT and /dev/fuse; return an O_PATH fd of SOURCE."""
+    _check_not_dead(os.path.realpath(req.mountpoint), req.mountpoint)
+    if (os.geteuid() != 0 and "allow_other" in req.options.fuse
+            and not user_allow_other()):
+        raise MountError("option allow_other is for root only unless /etc/fuse.conf has a "
+                         "line 'user_allow_other'")
     source = os.path.realpath(req.source)
     try:
         st = os.stat(source)
@@ -93,7 +159,7 @@ def check_request(req: MountRequest) -> int:
     if not os.path.isdir(mountpoint):
         raise MountError(f"MOUNTPOINT {req.mountpoint!r} is not a directory")
     fstype = top_fstype(mountpoint)
-    if fstype is not None and (fstype == "fuse" or fstype.startswith("fuse.")):
+    if _is_fuse(fstype):
         raise MountError(f"MOUNTPOINT {req.mountpoint!r} is already mounted ({fstype})")
     if mountpoint != source and mountpoint.startswith(source.rstrip("/") + "/"):
         raise MountError(f"MOUNTPOINT {req.mountpoint!r} is inside SOURCE {req.source!r}")
@@ -101,24 +167,14 @@ def check_request(req: MountRequest) -> int:
         raise MountError("/dev/fuse does not exist (is the fuse kernel module loaded?)")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise MountError("/dev/fuse is not readable and writable by this user")
+    if req.log_file is not None:
+        try:
+            with open(req.log_file, "a"):
+                pass
+        except OSError as exc:
+            raise MountError(f"cannot write the log file {req.log_file!r}: "
+                             f"{exc.strerror}") from None
     return os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-
-
-def setup_logging(debug: bool, log_file: str | None) -> None:
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler: logging.Handler
-    if log_file is not None:
-        handler = logging.FileHandler(log_file)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    if not debug:
-        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
 
 
 def raise_fd_limit() -> None:
@@ -134,13 +190,21 @@ def notify_systemd(message: bytes) -> None:
         return
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall(message)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message)
+    except OSError as exc:  # a stale NOTIFY_SOCKET inherited from elsewhere: not fatal
+        log.warning("cannot notify systemd at NOTIFY_SOCKET=%s: %s",
+                    os.environ.get("NOTIFY_SOCKET"), exc.strerror or exc)
 
 
 def _daemonize(log_file: str | None) -> int:
-    """Fork; the parent waits until the child serves, then exits. Returns the ready fd."""
+    """Fork; the parent waits until the child serves, then exits. Returns the ready fd.
+
+    The child's stdout and stderr go to the log file (so faulthandler's stack dumps
+    and anything a library prints land there too), else to /dev/null.
+    """
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid > 0:
@@ -156,15 +220,21 @@ def _daemonize(log_file: str | None) -> int:
     os.setsid()
     os.chdir("/")
     devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
+    out = devnull
+    if log_file is not None:
+        out = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    os.dup2(devnull, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
     os.close(devnull)
+    if out != devnull:
+        os.close(out)
     return write_end
 
 
 async def _serve(ops: AtomicOperations, ready_fd: int | None) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_signals, nursery)
+        nursery.start_soon(_signals, nursery, ops)
         nursery.start_soon(_main_loop, nursery, ops)
         nursery.start_soon(ops.background)
         await trio.sleep(0)
@@ -177,17 +247,32 @@ async def _serve(ops: AtomicOperations, ready_fd: int | None) -> None:
 
 async def _main_loop(nursery: trio.Nursery, ops: AtomicOperations) -> None:
     await pyfuse3.main(min_tasks=2)
+    if ops.committer.in_flight:  # cannot happen: main() returns when its workers have
+        log.error("%d commits still running after the main loop", ops.committer.in_flight)
     await ops.finish()
     nursery.cancel_scope.cancel()
 
 
-async def _signals(nursery: trio.Nursery) -> None:
+async def _signals(nursery: trio.Nursery, ops: AtomicOperations) -> None:
+    """SIGTERM/SIGINT/SIGHUP: stop taking requests, let those in progress finish.
+
+    ``pyfuse3.terminate()`` ends each worker after the request it is handling
+    (a commit in a worker thread included); ``pyfuse3.main()`` returns once all
+    have, and :func:`run` then detaches the mount.  Later signals only log.
+    """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        stopping = False
         async for signum in signals:
-            log.info("received %s, unmounting", signal.Signals(signum).name)
-            notify_systemd(b"STOPPING=1")
+            name = signal.Signals(signum).name
+            busy = ops.committer.in_flight
+            if stopping:
+                log.info("received %s: already stopping (commits in flight: %d)", name, busy)
+                continue
+            stopping = True
+            log.info("received %s: finishing the commits in flight (%d), then unmounting",
+                     name, busy)
+            notify_systemd(b"STOPPING=1\nSTATUS=finishing commits, then unmounting")
             pyfuse3.terminate()
-            return
 
 
 def _fuse_init(ops: AtomicOperations, mountpoint: str, fuse_opts: set[str]) -> None:
@@ -220,10 +305,12 @@ def run(req: MountRequest) -> int:
     """Mount and serve until unmounted. Raises MountError for problems found first."""
     src_fd = check_request(req)
     mountpoint = os.path.realpath(req.mountpoint)
-    setup_logging(req.options.debug, req.log_file)
+    logs.setup(req.options.debug, req.log_file)
     raise_fd_limit()
     os.umask(0)
     ops = AtomicOperations(src_fd, req.options, mountpoint)
+    ops.info.source = os.path.realpath(req.source)
+    ops.info.mountpoint = mountpoint
     fuse_opts = set(req.options.fuse)
     if req.options.debug:
         fuse_opts.add("debug")
@@ -239,14 +326,14 @@ def run(req: MountRequest) -> int:
         raise MountError(f"cannot prepare SOURCE {req.source!r}: {what}") from None
     ready_fd = None if req.foreground else _daemonize(req.log_file)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    log.info("mounted %s on %s (%s)", req.source, mountpoint, ",".join(sorted(fuse_opts)))
+    log.info("mounted %s on %s (%s)", ops.info.source, mountpoint, ",".join(sorted(fuse_opts)))
     try:
         trio.run(_serve, ops, ready_fd)
     finally:
-        still_mounted = top_fstype(mountpoint) in ("fuse.atomicfs", "fuse")
+        still_mounted = _is_fuse(top_fstype(mountpoint))  # any subtype= the user chose
         pyfuse3.close(unmount=still_mounted)
         ops.shutdown()
-        log.info("unmounted %s", mountpoint)
+        log.info("%s", logs.summary(mountpoint, ops.committer.stats, ops.info.uptime()))
     return 0
 
 
@@ -268,18 +355,3 @@ def recover_offline(source: str) -> list[str]:
     finally:
         os.close(root)
     return done or ["nothing to recover"]
-
-
-def unmount(mountpoint: str, lazy: bool = False) -> None:
-    path = os.path.realpath(mountpoint)
-    fstype = top_fstype(path)
-    if fstype is None or not fstype.startswith("fuse"):
-        raise MountError(f"{mountpoint!r} is not a FUSE mount")
-    import subprocess
-
-    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [path]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
-        raise MountError(f"unmount of {mountpoint!r} failed: {msg}")
-

@@ -14,6 +14,7 @@ import errno
 import functools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -31,6 +32,20 @@ from .options import MountOptions
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+TRACE_BYTES = 64  # --debug shows byte arguments (names, xattr values) up to this length
+
+
+def _trace_args(args: Sequence[Any]) -> str:
+    """Request arguments for a --debug line: long buffers (write data) only by size."""
+    shown = []
+    for arg in args:
+        if isinstance(arg, bytes | bytearray | memoryview) and len(arg) > TRACE_BYTES:
+            shown.append(f"<{len(arg)} bytes>")
+        elif isinstance(arg, pyfuse3.RequestContext):
+            shown.append(f"ctx(uid={arg.uid}, gid={arg.gid}, pid={arg.pid})")
+        else:
+            shown.append(repr(arg))
+    return ", ".join(shown)
 
 
 def _handler(fn: F) -> F:
@@ -38,25 +53,29 @@ def _handler(fn: F) -> F:
 
     @functools.wraps(fn)
     async def wrapper(self: AtomicOperations, *args: Any) -> Any:
+        started = 0.0
         if self.trace:
-            log.debug("-> %s%r", name, args)
+            log.debug("-> %s(%s)", name, _trace_args(args))
+            started = time.monotonic()
         try:
             faults.point(name)
             result = await fn(self, *args)
         except pyfuse3.FUSEError as exc:
             if self.trace:
-                log.debug("<- %s: %s", name, os.strerror(exc.errno))
+                log.debug("<- %s: %s (%.3f ms)", name, os.strerror(exc.errno),
+                          (time.monotonic() - started) * 1000)
             raise
         except OSError as exc:
             err = exc.errno or errno.EIO
             if self.trace:
-                log.debug("<- %s: %s", name, os.strerror(err))
+                log.debug("<- %s: %s (%.3f ms)", name, os.strerror(err),
+                          (time.monotonic() - started) * 1000)
             raise pyfuse3.FUSEError(err) from None
         except Exception:
             log.exception("unexpected error in %s%r; answered EIO", name, args)
             raise pyfuse3.FUSEError(errno.EIO) from None
         if self.trace:
-            log.debug("<- %s ok", name)
+            log.debug("<- %s ok (%.3f ms)", name, (time.monotonic() - started) * 1000)
         return result
 
     return wrapper  # type: ignore[return-value]
@@ -76,6 +95,7 @@ class AtomicOperations(pyfuse3.Operations):
         self.options_summary = {"durability": options.durability,
                                 "isolation": options.isolation, "commit": options.commit}
         self.options = options
+        self.info = status.DaemonInfo()
         self.table = InodeTable(root_fd)
         self.namespace = Namespace(self.table)
         self.dirs: dict[int, DirHandle] = {}

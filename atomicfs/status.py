@@ -9,7 +9,9 @@ the kernel's own permission rules for the root directory's user xattrs apply.
 from __future__ import annotations
 
 import json
+import os
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
@@ -19,6 +21,19 @@ if TYPE_CHECKING:
     from .operations import AtomicOperations
 
 STATUS_XATTR = b"user.atomicfs.status"
+
+
+@dataclass
+class DaemonInfo:
+    """What the daemon knows about its own mount (set by :func:`atomicfs.mount.run`)."""
+
+    source: str = ""
+    mountpoint: str = ""
+    started: float = field(default_factory=time.time)  # wall clock, for people
+    started_mono: float = field(default_factory=time.monotonic)  # for the uptime
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started_mono
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -51,13 +66,21 @@ def snapshot(ops: AtomicOperations) -> dict[str, Any]:
             "dirty": session.dirty,
         })
     stats = ops.committer.stats
+    info = ops.info
     return {
         "version": __version__,
+        "pid": os.getpid(),
+        "source": info.source,
+        "mountpoint": info.mountpoint,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(info.started)),
+        "uptime_s": round(info.uptime(), 3),
         "options": ops.options_summary,
         "sessions": sorted(sessions, key=lambda s: s["inode"]),
         "open_handles": len(ops.files.handles),
         "inodes": len(ops.table),
         "commits": dict(stats.commits),
+        "commits_in_flight": ops.committer.in_flight,
+        "staged": len(ops.committer.staged),
         "bytes_committed": stats.bytes_committed,
         "failures": dict(stats.failures),
         "recoveries": list(ops.recovered),
@@ -69,3 +92,77 @@ def snapshot(ops: AtomicOperations) -> dict[str, Any]:
 
 def render(ops: AtomicOperations) -> bytes:
     return json.dumps(snapshot(ops), indent=1, sort_keys=True).encode()
+
+
+# -- text for people (``atomicfs status``) ---------------------------------------------------
+
+def human_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def human_duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h{minutes:02d}m"
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s"
+
+
+def counts_text(counts: dict[str, int], label: str = "") -> str:
+    """``commits 12 (new 2, rename 10)``: a total, then its non-zero parts."""
+    parts = [f"{name} {n}" for name, n in sorted(counts.items()) if n]
+    total = f"{label + ' ' if label else ''}{sum(counts.values())}"
+    return f"{total} ({', '.join(parts)})" if parts else total
+
+
+def format_text(doc: dict[str, Any]) -> str:
+    """The status document as ``atomicfs status`` prints it."""
+    opts = doc.get("options", {})
+    lines = [
+        f"atomicfs {doc.get('version', '?')} on {doc.get('mountpoint', '?')} "
+        f"(source {doc.get('source', '?')}), pid {doc.get('pid', '?')}, "
+        f"up {human_duration(float(doc.get('uptime_s', 0)))}",
+        "options: " + " ".join(f"{k}={v}" for k, v in sorted(opts.items())),
+    ]
+    sessions = doc.get("sessions", [])
+    lines.append(f"open sessions: {len(sessions)} (open handles {doc.get('open_handles', 0)}, "
+                 f"commits in flight {doc.get('commits_in_flight', 0)}, "
+                 f"staged {doc.get('staged', 0)})")
+    if sessions:
+        rows = [("WRITERS", "BUFFERED", "EXTENTS", "AGE", "PATH")]
+        for s in sessions:
+            path = s["path"] + (" (new file)" if s.get("new_file") else "")
+            rows.append((str(s["writers"]), human_bytes(s["buffered_bytes"]), str(s["extents"]),
+                         human_duration(s["age_s"]), path))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:
+            lines.append("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=False))
+                         + "  " + r[4])
+    lines.append(f"commits: {counts_text(doc.get('commits', {}))}; "
+                 f"{human_bytes(doc.get('bytes_committed', 0))} committed")
+    failures = doc.get("failures", {})
+    lines.append("failed commits: " + (counts_text(failures) if failures else "none"))
+    recoveries = doc.get("recoveries", [])
+    lines.append(f"recoveries at mount: {len(recoveries) or 'none'}")
+    lines.extend(f"  {line}" for line in recoveries)
+    lat = doc.get("commit_latency", {})
+    if lat:
+        lines.append(f"commit latency: p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms, "
+                     f"p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms "
+                     f"({lat['samples']} most recent commits)")
+    else:
+        lines.append("commit latency: no commits yet")
+    return "\n".join(lines) + "\n"

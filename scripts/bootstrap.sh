@@ -50,7 +50,8 @@ bootstrap() {
     local extra="${1:-}" debs=(fuse3 libfuse3-dev pkg-config gcc)
     if [ "$extra" = test ]; then
         # tools the test suite drives through the mount
-        debs+=(attr acl rsync sqlite3 git xfsprogs e2fsprogs util-linux mount strace tar sed diffutils)
+        debs+=(attr acl rsync sqlite3 git xfsprogs e2fsprogs util-linux mount strace tar sed diffutils
+               systemd passwd)
     fi
     if command -v dpkg-query >/dev/null 2>&1; then
         _apt_install "${debs[@]}" || return 1
@@ -75,5 +76,24 @@ bootstrap() {
             >"${TMPDIR:-/tmp}/atomicfs-pip.log" 2>&1 \
             || { _say "pip install failed; see ${TMPDIR:-/tmp}/atomicfs-pip.log"; tail -n 5 "${TMPDIR:-/tmp}/atomicfs-pip.log" >&2; return 1; }
         echo "$want-${extra:-run}" >"$stamp"
+    fi
+    _launcher
+}
+
+# The first run (as root) puts the atomicfs launcher in /usr/local/bin, where
+# mount(8) -> mount.fuse3 -> /bin/sh finds it with their empty PATH. A working
+# launcher of another checkout is kept (ATOMICFS_VENV selects one per call).
+_launcher() {
+    [ "$(id -u)" -eq 0 ] && [ -d /usr/local/bin ] || return 0
+    local said venv
+    if [ -e /usr/local/bin/atomicfs ]; then  # quick check, without starting Python
+        venv="$(sed -n "s/^default=//p" /usr/local/bin/atomicfs 2>/dev/null | head -n 1)"
+        venv="${venv#\'}"; venv="${venv%\'}"
+        [ -n "$venv" ] && [ -x "$venv/bin/atomicfs" ] && return 0
+    fi
+    if said="$("$VENV/bin/atomicfs" install --if-missing 2>&1)"; then
+        [ -z "$said" ] || _say "$said"
+    else
+        _say "launcher not installed: $said"
     fi
 }

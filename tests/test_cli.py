@@ -14,6 +14,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -314,6 +315,45 @@ def test_umount_without_argument(dirs: Path) -> None:
     expect_refusal(["umount"], ["MOUNTPOINT"], cwd=dirs)
 
 
+def test_mount_with_an_unwritable_log_file(dirs: Path) -> None:
+    expect_refusal(["mount", "src", "mnt", "--log", "nodir/daemon.log"],
+                   ["log file", "'nodir/daemon.log'"], cwd=dirs)
+
+
+def test_umount_with_a_bad_timeout(dirs: Path) -> None:
+    res = expect_refusal(["umount", "mnt", "--timeout", "soon"], ["--timeout", "'soon'"],
+                         cwd=dirs)
+    assert res.returncode == 2
+
+
+def test_umount_if_dead_with_lazy(dirs: Path) -> None:
+    expect_refusal(["umount", "--if-dead", "--lazy", "mnt"], ["--if-dead"], cwd=dirs)
+
+
+def test_umount_if_dead_of_a_plain_directory_does_nothing(dirs: Path) -> None:
+    before = snapshot(dirs)
+    res = run_cli(["umount", "--if-dead", "mnt"], dirs)
+    assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+    assert snapshot(dirs) == before
+
+
+def test_status_of_a_plain_directory(dirs: Path) -> None:
+    expect_refusal(["status", "mnt"], ["'mnt'", "not a FUSE mount"], cwd=dirs)
+
+
+def test_status_of_a_missing_path(dirs: Path) -> None:
+    expect_refusal(["status", "nosuch"], ["'nosuch'", "does not exist"], cwd=dirs)
+
+
+def test_status_without_argument(dirs: Path) -> None:
+    res = expect_refusal(["status"], ["MOUNTPOINT", "required"], cwd=dirs)
+    assert res.returncode == 2
+
+
+def test_install_into_a_missing_directory(dirs: Path) -> None:
+    expect_refusal(["install", "--bindir", "nosuch"], ["BINDIR", "'nosuch'"], cwd=dirs)
+
+
 # -- no /dev/fuse ------------------------------------------------------------------------
 
 def _unshare_without_dev_fuse() -> list[str]:
@@ -344,12 +384,14 @@ def test_version(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "words"), [
-    (["--help"], ["usage: atomicfs", "mount", "umount"]),
-    (["-h"], ["usage: atomicfs"]),
-    (["mount", "--help"], ["usage: atomicfs mount", "SOURCE", "MOUNTPOINT", "durability"]),
-    (["umount", "--help"], ["usage: atomicfs umount", "MOUNTPOINT", "--lazy"]),
+    (["--help"], ["NAME\n    atomicfs - ", "atomicfs mount", "atomicfs umount"]),
+    (["-h"], ["SYNOPSIS\n    atomicfs mount"]),
+    (["mount", "--help"], ["NAME\n    atomicfs mount - ", "SOURCE", "MOUNTPOINT", "durability"]),
+    (["umount", "--help"], ["NAME\n    atomicfs umount - ", "MOUNTPOINT", "--lazy"]),
     (["unmount", "--help"], ["MOUNTPOINT"]),
-    (["recover", "--help"], ["usage: atomicfs recover", "SOURCE"]),
+    (["status", "--help"], ["NAME\n    atomicfs status - ", "--json"]),
+    (["recover", "--help"], ["NAME\n    atomicfs recover - ", "SOURCE"]),
+    (["install", "--help"], ["NAME\n    atomicfs install - ", "--bindir"]),
 ])
 def test_help(tmp_path: Path, args: list[str], words: list[str]) -> None:
     res = run_cli(args, tmp_path)
@@ -357,6 +399,8 @@ def test_help(tmp_path: Path, args: list[str], words: list[str]) -> None:
     assert res.stderr == ""
     for word in words:
         assert word in res.stdout
+    for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXIT STATUS", "EXAMPLES"):
+        assert f"\n{section}\n" in "\n" + res.stdout
 
 
 def test_help_does_not_mount(dirs: Path) -> None:
@@ -473,7 +517,9 @@ def test_mount_8_with_type_fuse_atomicfs(dirs: Path) -> None:
                     "`mount -t fuse.atomicfs` needs it installed there (/usr/local/bin)")
     src, mnt = dirs / "src", dirs / "mnt"
     try:
+        # the launcher may be another checkout's: ATOMICFS_VENV makes it run this one
         res = subprocess.run(["mount", "-t", "fuse.atomicfs", str(src), str(mnt)],
+                             env=cli_env(ATOMICFS_VENV=sys.prefix),
                              capture_output=True, text=True, timeout=30)
         assert res.returncode == 0, res.stderr
         _check_served(src, mnt)

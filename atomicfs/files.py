@@ -120,6 +120,9 @@ class Files:
                 pass
             session = self.sessions.get(inode.ino)
         if can_modify(flags):
+            if os.statvfs(inode.fd).f_flag & os.ST_RDONLY:
+                # as ext4 would: else `: > f` would succeed and its commit be dropped
+                raise OSError(errno.EROFS, "the source filesystem is read-only")
             if session is None:
                 session = self._start_session(inode)
             session.writers += 1

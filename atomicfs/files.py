@@ -92,6 +92,7 @@ class Files:
         if session.pending:  # never committed: the new file goes with its session
             for parent_ino, name in list(session.inode.names):
                 self.namespace.remove_pending(parent_ino, name)
+            session.inode.gone = True
         session.close()
         session.inode.holders -= 1
         self.table.maybe_drop(session.inode)
@@ -114,6 +115,12 @@ class Files:
 
     # -- open, create ----------------------------------------------------------
     async def open(self, inode: Inode, flags: int) -> tuple[FileHandle, pyfuse3.FileInfo]:
+        if inode.gone:
+            # The kernel still caches the name of a new file whose first commit failed
+            # and was dropped.  ESTALE makes the VFS look the name up again (ENOENT,
+            # or a create with O_CREAT) instead of writing into a file that cannot be
+            # committed any more.
+            raise OSError(errno.ESTALE, "a dropped new file")
         session = self.sessions.get(inode.ino)
         if session is not None and session.lock.locked():
             async with session.lock:  # a commit is running: let it land first

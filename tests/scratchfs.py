@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,9 +107,14 @@ def loop_fs(image: Path, point: Path, mkfs: list[str], options: str = "",
     need(mkfs[0], "mount", "umount")
     if not os.path.exists("/dev/loop-control"):
         pytest.skip("no loop devices here (/dev/loop-control is missing)")
+    image.parent.mkdir(parents=True, exist_ok=True)
     with open(image, "wb") as f:
         f.truncate(size)
-    made = sh(*mkfs, str(image))
+    for _ in range(5):  # mkfs.btrfs fails while any FUSE mount on the machine is dead
+        made = sh(*mkfs, str(image))
+        if made.returncode == 0 or "mount status" not in made.stderr:
+            break
+        time.sleep(0.5)
     if made.returncode != 0:
         pytest.skip(f"{mkfs[0]} failed: {made.stderr.strip()}")
     point.mkdir(parents=True, exist_ok=True)
@@ -116,7 +122,8 @@ def loop_fs(image: Path, point: Path, mkfs: list[str], options: str = "",
     if res.returncode != 0:
         for dev in loop_devices_of(image):
             sh("losetup", "-d", dev)
-        pytest.skip(f"cannot loop-mount {mkfs[0]} with '{options}': {res.stderr.strip()} "
+        said = (res.stderr.strip().splitlines() or ["?"])[0]
+        pytest.skip(f"cannot loop-mount {mkfs[0]} with '{options}': {said} "
                     f"(kernel: {dmesg_tail()})")
     try:
         yield point

@@ -50,7 +50,8 @@ bootstrap() {
     local extra="${1:-}" debs=(fuse3 libfuse3-dev pkg-config gcc)
     if [ "$extra" = test ]; then
         # tools the test suite drives through the mount
-        debs+=(attr acl rsync sqlite3 git xfsprogs e2fsprogs util-linux mount strace tar sed diffutils)
+        debs+=(attr acl rsync sqlite3 git xfsprogs e2fsprogs util-linux mount strace tar sed diffutils
+               quota btrfs-progs)
     fi
     if command -v dpkg-query >/dev/null 2>&1; then
         _apt_install "${debs[@]}" || return 1

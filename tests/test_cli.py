@@ -9,10 +9,8 @@ after, and no mount appeared on or below them.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import stat
 import subprocess
 import tempfile
 import time
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PYTHON, ROOT, Mount, mounted_fstype, needs_fuse, needs_root
+from sessionkit import snapshot
 
 from atomicfs import __version__
 
@@ -56,32 +55,6 @@ def run_cli(args: Sequence[str], cwd: Path, prefix: Sequence[str] = (),
 
 
 # -- "nothing changed" -------------------------------------------------------------------
-
-def snapshot(*roots: Path) -> dict[str, tuple[object, ...]]:
-    """Everything a failed command could have changed below ``roots`` (not atime)."""
-    out: dict[str, tuple[object, ...]] = {}
-
-    def visit(path: Path, dev: int) -> None:
-        st = os.lstat(path)
-        if stat.S_ISREG(st.st_mode):
-            extra: object = hashlib.sha256(path.read_bytes()).hexdigest()
-        elif stat.S_ISLNK(st.st_mode):
-            extra = os.readlink(path)
-        else:
-            extra = None
-        out[str(path)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink,
-                          st.st_mtime_ns, st.st_ctime_ns, extra)
-        if stat.S_ISDIR(st.st_mode) and st.st_dev == dev:  # not into other mounts
-            for name in sorted(os.listdir(path)):
-                visit(path / name, dev)
-
-    for root in roots:
-        if os.path.lexists(root):
-            visit(root, os.lstat(root).st_dev)
-        else:
-            out[str(root)] = ("absent",)
-    return out
-
 
 def mounts_below(*roots: Path) -> list[str]:
     """Mount points (from mountinfo) at or below any of ``roots``."""

@@ -12,6 +12,7 @@ Order matters and is kept here in one place:
 from __future__ import annotations
 
 import faulthandler
+import fcntl
 import logging
 import os
 import resource
@@ -102,6 +103,22 @@ def check_request(req: MountRequest) -> int:
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise MountError("/dev/fuse is not readable and writable by this user")
     return os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def lock_source(source: str, shown: str, busy: str) -> int:
+    """Hold SOURCE for this process (flock on the directory itself); returns the fd.
+
+    Two daemons on one SOURCE would share SOURCE/.atomicfs: the first to unmount
+    removes it from under the other, and each one's recovery would resolve the
+    other's commits in flight.  ``busy`` is the message if another process holds it.
+    """
+    fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise MountError(f"SOURCE {shown!r} {busy}") from None
+    return fd
 
 
 def setup_logging(debug: bool, log_file: str | None) -> None:
@@ -219,6 +236,9 @@ def _fuse_init(ops: AtomicOperations, mountpoint: str, fuse_opts: set[str]) -> N
 def run(req: MountRequest) -> int:
     """Mount and serve until unmounted. Raises MountError for problems found first."""
     src_fd = check_request(req)
+    # held until the daemon exits (the fork that daemonizes shares the lock)
+    lock_source(os.path.realpath(req.source), req.source,
+                "is already mounted by another atomicfs daemon")
     mountpoint = os.path.realpath(req.mountpoint)
     setup_logging(req.options.debug, req.log_file)
     raise_fd_limit()
@@ -258,6 +278,7 @@ def recover_offline(source: str) -> list[str]:
     for point, fstype in mount_table():
         if fstype == "fuse.atomicfs" and point == path:
             raise MountError(f"{source!r} is mounted by atomicfs; recovery runs at mount")
+    held = lock_source(path, source, "is mounted by atomicfs; recovery runs at mount")
     root = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         daemon_dir = recovery.open_daemon_dir(root)
@@ -267,6 +288,7 @@ def recover_offline(source: str) -> list[str]:
         raise MountError(f"recovery of {source!r} failed: {exc}") from None
     finally:
         os.close(root)
+        os.close(held)
     return done or ["nothing to recover"]
 
 

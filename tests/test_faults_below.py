@@ -278,3 +278,33 @@ def test_enospc_while_a_journalled_commit_is_applied(tmpfs_source: Path,
         assert got_mnt == old
         assert os.listdir(src / ".atomicfs") == [], "a record of a failed commit remains: " \
             "the next mount would replay it"
+
+
+# -- a write that fails, then close() ------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason=(
+    "GAP (§8.2 'the committed version stays intact'): a write() that fails with ENOSPC "
+    "leaves the session with what was written before it, and the next close() commits "
+    "that: a program that gets the error and closes (cp, a shell redirect) replaces the "
+    "old version with a short one, as on ext4. A session whose write failed could refuse "
+    "to commit (close() returning the error) instead; a design decision."))
+def test_failed_write_then_close_keeps_the_committed_version(mount_factory: MountFactory,
+                                                             tmp_path: Path) -> None:
+    with scratchfs.tmpfs(tmp_path / "small", "4m") as src:
+        (src / "f").write_bytes(b"old version\n")
+        m = mount_factory(source=src)
+        m.expect_log(RELEASE_WARNING)
+        try:
+            fd = os.open(m.path("f"), os.O_WRONLY | os.O_TRUNC)
+            written, failure = 0, None
+            try:
+                while written < 8 * MiB:  # a writer that checks every write
+                    written += os.write(fd, b"N" * (256 * KiB))
+            except OSError as exc:
+                failure = exc.errno
+            finally:
+                os.close(fd)  # and closes after the error, as cp and shells do
+            assert failure == errno.ENOSPC, failure
+            assert (src / "f").read_bytes() == b"old version\n", \
+                f"close() after the failed write committed {os.path.getsize(src / 'f')} bytes"
+        finally:
+            m.unmount()

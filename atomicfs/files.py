@@ -110,6 +110,7 @@ class Files:
             for parent_ino, name in list(session.inode.names):
                 self.namespace.remove_pending(parent_ino, name)
                 self.committer.housekeeper.forget_entry(parent_ino, name)
+            session.inode.gone = True
         session.close()
         session.inode.holders -= 1
         self.table.maybe_drop(session.inode)
@@ -140,12 +141,21 @@ class Files:
 
     async def open(self, inode: Inode, flags: int,
                    pid: int = 0) -> tuple[FileHandle, pyfuse3.FileInfo]:
+        if inode.gone:
+            # The kernel still caches the name of a new file whose first commit failed
+            # and was dropped.  ESTALE makes the VFS look the name up again (ENOENT,
+            # or a create with O_CREAT) instead of writing into a file that cannot be
+            # committed any more.
+            raise OSError(errno.ESTALE, "a dropped new file")
         session = self.sessions.get(inode.ino)
         if session is not None and session.lock.locked():
             async with session.lock:  # a commit is running: let it land first
                 pass
             session = self.sessions.get(inode.ino)
         if can_modify(flags):
+            if os.statvfs(inode.fd).f_flag & os.ST_RDONLY:
+                # as ext4 would: else `: > f` would succeed and its commit be dropped
+                raise OSError(errno.EROFS, "the source filesystem is read-only")
             if session is None:
                 session = self._start_session(inode)
             session.writers += 1

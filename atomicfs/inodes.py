@@ -42,6 +42,7 @@ class Inode:
     names: set[Name] = field(default_factory=set)
     holders: int = 0  # open handles and sessions that keep this inode alive
     data_fd: int | None = None  # readable fd of the committed version, opened on demand
+    gone: bool = False  # a new file dropped before its first commit: it never existed
 
     @property
     def is_dir(self) -> bool:

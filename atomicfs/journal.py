@@ -34,6 +34,7 @@ take fds.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -198,25 +199,35 @@ def write_record(daemon_dir: int, name: str, record: Record, source_fd: int) -> 
     fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600,
                  dir_fd=daemon_dir)
     try:
-        meta = encode_meta(record)
-        crc = zlib.crc32(meta)
-        os.pwrite(fd, meta, HEADER.size)
-        pos = HEADER.size + len(meta)
-        for change in record.changes:
-            if change.kind != DATA:
-                continue
-            for chunk in _read_range(source_fd, change.offset, change.length):
-                os.pwrite(fd, chunk, pos)
-                crc = zlib.crc32(chunk, crc)
-                pos += len(chunk)
-        faults.point("journal.before_header")
-        os.pwrite(fd, HEADER.pack(MAGIC, pos - HEADER.size, crc), 0)
-        faults.point("journal.before_record_fsync")
-        os.fsync(fd)
-    finally:
+        _write_record_body(fd, record, source_fd)
+    except BaseException:
+        # ENOSPC, EDQUOT, EIO...: the target is untouched; a torn record left here
+        # would hold its space until the next mount's recovery discards it
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=daemon_dir)
+        raise
+    os.close(fd)
     syscalls.fsync_dir(daemon_dir)
     faults.point("journal.after_record")
+
+
+def _write_record_body(fd: int, record: Record, source_fd: int) -> None:
+    meta = encode_meta(record)
+    crc = zlib.crc32(meta)
+    os.pwrite(fd, meta, HEADER.size)
+    pos = HEADER.size + len(meta)
+    for change in record.changes:
+        if change.kind != DATA:
+            continue
+        for chunk in _read_range(source_fd, change.offset, change.length):
+            os.pwrite(fd, chunk, pos)
+            crc = zlib.crc32(chunk, crc)
+            pos += len(chunk)
+    faults.point("journal.before_header")
+    os.pwrite(fd, HEADER.pack(MAGIC, pos - HEADER.size, crc), 0)
+    faults.point("journal.before_record_fsync")
+    os.fsync(fd)
 
 
 def _read_range(fd: int, offset: int, length: int) -> Iterator[bytes]:

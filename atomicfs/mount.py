@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import faulthandler
+import fcntl
 import logging
 import os
 import resource
@@ -177,6 +178,22 @@ def check_request(req: MountRequest) -> int:
     return os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
+def lock_source(source: str, shown: str, busy: str) -> int:
+    """Hold SOURCE for this process (flock on the directory itself); returns the fd.
+
+    Two daemons on one SOURCE would share SOURCE/.atomicfs: the first to unmount
+    removes it from under the other, and each one's recovery would resolve the
+    other's commits in flight.  ``busy`` is the message if another process holds it.
+    """
+    fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise MountError(f"SOURCE {shown!r} {busy}") from None
+    return fd
+
+
 def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -304,6 +321,9 @@ def _fuse_init(ops: AtomicOperations, mountpoint: str, fuse_opts: set[str]) -> N
 def run(req: MountRequest) -> int:
     """Mount and serve until unmounted. Raises MountError for problems found first."""
     src_fd = check_request(req)
+    # held until the daemon exits (the fork that daemonizes shares the lock)
+    lock_source(os.path.realpath(req.source), req.source,
+                "is already mounted by another atomicfs daemon")
     mountpoint = os.path.realpath(req.mountpoint)
     logs.setup(req.options.debug, req.log_file)
     raise_fd_limit()
@@ -345,6 +365,7 @@ def recover_offline(source: str) -> list[str]:
     for point, fstype in mount_table():
         if fstype == "fuse.atomicfs" and point == path:
             raise MountError(f"{source!r} is mounted by atomicfs; recovery runs at mount")
+    held = lock_source(path, source, "is mounted by atomicfs; recovery runs at mount")
     root = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         daemon_dir = recovery.open_daemon_dir(root)
@@ -354,4 +375,5 @@ def recover_offline(source: str) -> list[str]:
         raise MountError(f"recovery of {source!r} failed: {exc}") from None
     finally:
         os.close(root)
+        os.close(held)
     return done or ["nothing to recover"]

@@ -11,6 +11,7 @@ Anything else is an error naming the option, before anything is mounted.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -59,6 +60,13 @@ def split_option_args(values: Iterable[str]) -> list[str]:
     return out
 
 
+def fsname_of(source: str) -> str:
+    """SOURCE as the mount table's device name: printable ASCII (libfuse takes ASCII
+    options); ``,`` (the option separator), ``\\`` (its escape) and the rest become ``_``."""
+    raw = os.fsencode(source)
+    return "".join(chr(b) if 32 <= b < 127 and b not in b",\\" else "_" for b in raw)
+
+
 def parse_options(items: Iterable[str], *, source: str, is_root: bool) -> MountOptions:
     opts = MountOptions()
     fuse: set[str] = set()
@@ -77,6 +85,8 @@ def parse_options(items: Iterable[str], *, source: str, is_root: bool) -> MountO
         elif key in FUSE_FLAGS and not eq:
             fuse.add(key)
         elif key in FUSE_VALUED and eq and value:
+            if not item.isascii():  # libfuse takes its options as ASCII
+                raise OptionError(f"option {key} must be ASCII: {value!r}")
             if key == "max_read" and not value.isdigit():
                 raise OptionError(f"bad value for option max_read: {value!r} "
                                   "(expected a number of bytes)")
@@ -93,7 +103,7 @@ def parse_options(items: Iterable[str], *, source: str, is_root: bool) -> MountO
         defaults.add("allow_other")
     fuse |= defaults - negated
     if not any(o.startswith("fsname=") for o in fuse):
-        fuse.add("fsname=" + source.replace(",", "_"))
+        fuse.add("fsname=" + fsname_of(source))
     if not any(o.startswith("subtype=") for o in fuse):
         fuse.add("subtype=atomicfs")
     opts.fuse = fuse

@@ -44,6 +44,16 @@ Nothing else may be in the tree (no ``.atomicfs`` after the clean unmount).
 
 Writers also check every file they read through the mount (close-to-open: an
 open after a close() returned sees what it committed).
+
+``--stress SECONDS`` runs no crash: one mount, the writers above, plus "spin"
+writers, readers and a mover.  The mover renames a few directories between
+places (also across parents) all the time; spin writers rewrite the files in
+them (by temp + rename and in place) through a directory fd, so their commits
+land wherever the directory went; readers read the rename-replaced files with
+one read() each (a complete version, never older than one seen before) and
+list the moving directories (exactly their files).  A worker whose log stops
+growing for 30 s is a hang (the daemon's stacks go to its log).  After a
+clean unmount, every file must be exactly its last committed version.
 """
 
 from __future__ import annotations
@@ -699,6 +709,7 @@ class Torture:
         self.round_violations = 0
         self.batch = False  # this round mounts with durability=batch
         self.linked: set[str] = set()  # Q files whose second name was made
+        self.foreign: set[str] = set()  # top-level names check_tree leaves to others
 
     def say(self, msg: str) -> None:
         print(msg, flush=True)
@@ -756,10 +767,7 @@ class Torture:
         self.round_violations = len(self.violations)
         mode = self.mode(r)
         vbase = (r + 1) * VERSION_STEP
-        for f in self.shared:
-            lock = self.locks / (f.replace("/", "_") + ".lock")
-            lock.write_text(json.dumps({"counter": vbase + 5 * VERSION_STEP // 10,
-                                        "expect": [list(self.state[f])]}))
+        self.reset_locks(vbase)
         self.batch = self.batch_round(r)
         options = a.options + (["durability=batch"] if self.batch else [])
         daemon = Daemon(self.src, self.mnt, rdir / "daemon.log", options,
@@ -779,21 +787,38 @@ class Torture:
             detach(self.mnt)
         self.finish_round(r, rdir, death, daemon)
 
-    def crash_round(self, r: int, rdir: Path, mode: str, vbase: int, daemon: Daemon,
-                    writers: list[subprocess.Popen[bytes]]) -> float:
+    def reset_locks(self, vbase: int) -> None:
+        """Shared files: the version counter and what reads may show, under a lock file."""
+        for f in self.shared:
+            lock = self.locks / (f.replace("/", "_") + ".lock")
+            lock.write_text(json.dumps({"counter": vbase + 5 * VERSION_STEP // 10,
+                                        "expect": [list(self.state[f])]}))
+
+    def spawn(self, rdir: Path, role: str, n: int, cfg: dict[str, Any]
+              ) -> subprocess.Popen[bytes]:
+        """Start a worker process (``_writer``, ``_spin``, ``_reader``, ``_mover``)."""
+        cfg_path = rdir / f"{role}-{n}.json"
+        cfg_path.write_text(json.dumps(cfg))
+        with open(rdir / f"{role}-{n}.out", "wb") as out:
+            return subprocess.Popen(
+                [PYTHON, str(Path(__file__).resolve()), f"_{role}", str(cfg_path)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+
+    def start_writers(self, rdir: Path, vbase: int, max_seconds: float,
+                      writers: list[subprocess.Popen[bytes]]) -> None:
         a = self.args
         for w in range(a.writers):
             cfg = {"id": w, "seed": self.rng.randrange(2**32), "mnt": str(self.mnt),
                    "log": str(rdir / f"writer-{w}.log"), "sync_log": not a.no_log_fsync,
                    "vbase": vbase + 1, "own": self.own[w], "shared": self.shared,
                    "base": {f: list(self.state[f]) for f in self.own[w]},
-                   "locks": str(self.locks), "max_seconds": 60}
-            cfg_path = rdir / f"writer-{w}.json"
-            cfg_path.write_text(json.dumps(cfg))
-            with open(rdir / f"writer-{w}.out", "wb") as out:
-                writers.append(subprocess.Popen(
-                    [PYTHON, str(Path(__file__).resolve()), "_writer", str(cfg_path)],
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT))
+                   "locks": str(self.locks), "max_seconds": max_seconds}
+            writers.append(self.spawn(rdir, "writer", w, cfg))
+
+    def crash_round(self, r: int, rdir: Path, mode: str, vbase: int, daemon: Daemon,
+                    writers: list[subprocess.Popen[bytes]]) -> float:
+        a = self.args
+        self.start_writers(rdir, vbase, 60, writers)
         start = time.monotonic()
         how = ""
         if mode == "kill":
@@ -1004,7 +1029,8 @@ class Torture:
             rel = os.path.relpath(dirpath, self.src)
             for name in dirnames + filenames:
                 p = os.path.normpath(os.path.join(rel, name))
-                if p not in allowed_paths and not p.startswith(".atomicfs"):
+                if (p not in allowed_paths and not p.startswith(".atomicfs")
+                        and p.split("/")[0] not in self.foreign):
                     bad(f"round {rn}: unexpected entry in SOURCE: {p}")
         for t in tmp_present:  # the application's leftovers: clean up for the next round
             t.unlink()
@@ -1053,11 +1079,359 @@ class Torture:
         return ", ".join(f"{o.v}:{o.method}[{''.join(sorted(o.events))}]"
                          for o in file_ops[-6:]) or "none"
 
+# ================================================================================
+# Stress (--stress SECONDS): no crash; readers, directory renames and writers at once
+# ================================================================================
+# Spin directories move all the time (the mover renames them between these places,
+# across parents too); their files are W files with an id independent of the place.
+SPIN_PLACES = ["mv/{d}a", "mv/{d}b", "mv/sub/{d}a", "mv/sub/{d}b"]
+SPIN_KINDS = {"WR": 3, "WI": 2}  # replaced by rename / rewritten in place, per directory
+HANG_SECONDS = 30.0  # a worker without progress this long: a deadlock (or a hung mount)
+
+
+def spin_dirs(n: int) -> list[str]:
+    return [f"d{i}" for i in range(n)]
+
+
+def spin_names() -> list[str]:
+    return [f"{k}{j}" for k, n in SPIN_KINDS.items() for j in range(n)]
+
+
+def spin_fid(d: str, name: str) -> str:
+    return f"spin-{d}/{name}"  # basename starts with W: a whole-file version
+
+
+class Worker:
+    """Base of the stress workers: a JSON-lines log, a deadline, errors are events."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.rng = random.Random(cfg["seed"])
+        self.mnt = Path(cfg["mnt"])
+        self.log_fd = os.open(cfg["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.end = time.monotonic() + cfg["seconds"]
+
+    def event(self, kind: str, **kw: Any) -> None:
+        rec = {"e": kind, "ts": time.monotonic(), **kw}
+        os.write(self.log_fd, (json.dumps(rec) + "\n").encode())
+
+    def find_dir(self, d: str, tries: int = 200) -> int:
+        """An fd of spin directory ``d`` through the mount, wherever the mover put it."""
+        for attempt in range(tries):
+            for place in SPIN_PLACES:
+                try:
+                    return os.open(self.mnt / place.format(d=d), os.O_RDONLY | os.O_DIRECTORY)
+                except FileNotFoundError:
+                    continue
+            if attempt % 20 == 19:
+                time.sleep(0.001)
+            self.races += 1
+        raise OSError(errno.ENOENT, f"spin directory {d} not found at any of its places")
+
+    races = 0
+
+    def main(self) -> int:
+        try:
+            while time.monotonic() < self.end:
+                self.step()
+        except OSError as exc:
+            self.event("E", msg=f"{type(exc).__name__}: {exc}")
+            return 1
+        self.event("D", races=self.races)
+        return 0
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+
+class SpinWriter(Worker):
+    """Rewrites its spin files (by rename or in place), through a directory fd, and checks
+    each one reads back as its last version first (close-to-open)."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__(cfg)
+        self.files: list[tuple[str, str]] = [tuple(f) for f in cfg["files"]]  # type: ignore[misc]
+        self.last = {f: 1 for f in self.files}
+        self.tmp_n = 0
+
+    def step(self) -> None:
+        d, name = self.rng.choice(self.files)
+        fid = spin_fid(d, name)
+        dfd = self.find_dir(d)
+        try:
+            fd = os.open(name, os.O_RDONLY, dir_fd=dfd)
+            try:
+                data = read_fd(fd)
+            finally:
+                os.close(fd)
+            try:
+                got = parse_w(data, fid)[0]
+            except Torn as exc:
+                self.event("X", f=fid, msg=f"own file torn: {exc}")
+                got = -1
+            if got != self.last[(d, name)]:
+                self.event("X", f=fid, msg=f"read back version {got}, last committed "
+                           f"{self.last[(d, name)]} (close-to-open)")
+            v = self.last[(d, name)] + 1
+            content, _ = make_w(fid, v, self.rng.randrange(0, 32768))
+            if name.startswith("WR"):
+                self.tmp_n += 1
+                tmp = f".tmp{self.cfg['id']}_{self.tmp_n}"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd)
+                try:
+                    os.write(fd, content)
+                    if self.rng.random() < 0.2:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            else:
+                trunc = self.rng.random() < 0.5
+                fd = os.open(name, os.O_RDWR | (os.O_TRUNC if trunc else 0), dir_fd=dfd)
+                try:
+                    os.pwrite(fd, content, 0)
+                    if not trunc:
+                        os.ftruncate(fd, len(content))
+                    if self.rng.random() < 0.2:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+            self.last[(d, name)] = v
+            self.event("C", f=fid, v=v)
+        finally:
+            os.close(dfd)
+
+
+class Reader(Worker):
+    """Reads spin files replaced by rename (every read a complete version, never older
+    than one it saw before) and lists the moving directories (exactly their files)."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__(cfg)
+        self.seen: dict[str, int] = {}
+        self.names = set(spin_names())
+
+    def step(self) -> None:
+        d = self.rng.choice(self.cfg["dirs"])
+        dfd = self.find_dir(d)
+        try:
+            if self.rng.random() < 0.2:
+                listed = {n for n in os.listdir(dfd) if not n.startswith(".tmp")}
+                if listed != self.names:
+                    self.event("X", f=d, msg=f"directory lists {sorted(listed)}, "
+                               f"want {sorted(self.names)}")
+                self.event("L")
+                return
+            name = self.rng.choice([n for n in self.names if n.startswith("WR")])
+            fid = spin_fid(d, name)
+            fd = os.open(name, os.O_RDONLY, dir_fd=dfd)
+            try:
+                data = os.pread(fd, 1 << 20, 0)  # one read(): small files, one version
+            finally:
+                os.close(fd)
+            try:
+                v = parse_w(data, fid)[0]
+            except Torn as exc:
+                self.event("X", f=fid, msg=f"torn read: {exc}")
+                return
+            if v < self.seen.get(fid, 0):
+                self.event("X", f=fid, msg=f"read version {v} after version "
+                           f"{self.seen[fid]} (went back)")
+            self.seen[fid] = v
+            self.event("R", f=fid, v=v)
+        finally:
+            os.close(dfd)
+
+
+class Mover(Worker):
+    """Renames the spin directories between their places, across parents too."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__(cfg)
+        self.where = {d: SPIN_PLACES[0].format(d=d) for d in cfg["dirs"]}
+
+    def step(self) -> None:
+        d = self.rng.choice(sorted(self.where))
+        new = self.rng.choice([p.format(d=d) for p in SPIN_PLACES
+                               if p.format(d=d) != self.where[d]])
+        os.rename(self.mnt / self.where[d], self.mnt / new)
+        self.where[d] = new
+        self.event("M", f=d, to=new)
+        time.sleep(self.rng.uniform(0, 0.004))
+
+
+WORKERS = {"_spin": SpinWriter, "_reader": Reader, "_mover": Mover}
+
+
+def worker_main(role: str, cfg_path: str) -> int:
+    cfg = json.loads(Path(cfg_path).read_text())
+    try:
+        return WORKERS[role](cfg).main()
+    except Exception:  # a harness bug: print it (the .out file is checked)
+        import traceback
+
+        traceback.print_exc()
+        return 1
+
+
+class Stress(Torture):
+    """One mount, no crash: writers, spin writers, readers and a mover for a while;
+    then a clean unmount and an exact check of the tree."""
+
+    def run(self) -> int:
+        a = self.args
+        rdir = self.work / "logs" / "stress"
+        rdir.mkdir(parents=True, exist_ok=True)
+        dirs = spin_dirs(a.spin_dirs)
+        for d in dirs:
+            place = self.src / SPIN_PLACES[0].format(d=d)
+            place.mkdir(parents=True)
+            for name in spin_names():
+                (place / name).write_bytes(make_w(spin_fid(d, name), 1, 1000)[0])
+        (self.src / "mv" / "sub").mkdir(exist_ok=True)
+        self.foreign.add("mv")
+        self.say(f"atomicfs stress: seed {a.seed}, {a.stress:.0f} s, {a.writers} writers, "
+                 f"{a.spin_writers} spin writers, {a.readers} readers, 1 mover, "
+                 f"{len(dirs)} moving directories, workdir {self.work}")
+        t0 = time.monotonic()
+        self.reset_locks(VERSION_STEP)
+        daemon = Daemon(self.src, self.mnt, rdir / "daemon.log", a.options)
+        procs: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
+        writers: list[subprocess.Popen[bytes]] = []
+        hang = None
+        try:
+            self.start_writers(rdir, VERSION_STEP, a.stress, writers)
+            procs += [(f"writer {i}", rdir / f"writer-{i}.log", p) for i, p in enumerate(writers)]
+            files = [(d, n) for d in dirs for n in spin_names()]
+            base = {"mnt": str(self.mnt), "seconds": a.stress, "dirs": dirs}
+            for role, n, extra in (
+                    [("spin", i, {"files": files[i::a.spin_writers]})
+                     for i in range(a.spin_writers)]
+                    + [("reader", i, {}) for i in range(a.readers)] + [("mover", 0, {})]):
+                log = rdir / f"{role}-{n}.log"
+                cfg = {**base, **extra, "id": n, "seed": self.rng.randrange(2**32),
+                       "log": str(log)}
+                procs.append((f"{role} {n}", log, self.spawn(rdir, role, n, cfg)))
+            hang = self.watch(procs, daemon, t0 + a.stress + HANG_SECONDS)
+        finally:
+            for _, _, p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        through_mount = {f: read_all(self.mnt / f) for f in self.all_files}
+        if hang is None:
+            try:
+                rc = daemon.unmount()
+                if rc != 0:
+                    self.violations.append(f"the daemon exited with {rc} at unmount")
+            except RuntimeError as exc:
+                self.violations.append(f"unmount: {exc}")
+                daemon.kill()
+        else:
+            self.violations.append(hang)
+            daemon.proc.send_signal(signal.SIGUSR1)  # faulthandler: stacks into its log
+            time.sleep(0.5)
+            daemon.kill()
+        self.check_log(0, "daemon", daemon.log())
+        ops, _ = self.load_logs(rdir, time.monotonic())
+        self.check_tree(0, ops, through_mount)
+        counts = self.check_stress_logs(rdir, dirs)
+        s = self.stats
+        self.say(f"STRESS seed={a.seed} seconds={time.monotonic() - t0:.1f} "
+                 f"reads_verified={counts['R']} listings_verified={counts['L']} "
+                 f"dir_renames={counts['M']} spin_commits={counts['C']} "
+                 f"writer_ops={s.ops_done} writer_reads_verified={s.live_reads} "
+                 f"path_races={counts['races']} hangs={int(hang is not None)} "
+                 f"violations={len(self.violations)}")
+        if self.violations:
+            self.say(f"FAILED: {len(self.violations)} violation(s); workdir kept: {self.work}")
+            for v in self.violations[:50]:
+                self.say("  " + v.replace("\n", "\n    "))
+            return 1
+        self.say("OK: no wrong read, no hang, the tree is exactly what was committed")
+        return 0
+
+    def watch(self, procs: list[tuple[str, Path, subprocess.Popen[bytes]]], daemon: Daemon,
+              deadline: float) -> str | None:
+        """Wait for the workers; a worker whose log stops growing for HANG_SECONDS hangs."""
+        progress = {name: (-1, time.monotonic()) for name, _, _ in procs}
+        while any(p.poll() is None for _, _, p in procs):
+            now = time.monotonic()
+            if daemon.proc.poll() is not None:
+                return f"the daemon died with {daemon.proc.returncode}:\n{daemon.log()[-3000:]}"
+            for name, log, p in procs:
+                if p.poll() is not None:
+                    continue
+                size = log.stat().st_size if log.exists() else 0
+                last_size, since = progress[name]
+                if size != last_size:
+                    progress[name] = (size, now)
+                elif now - since > HANG_SECONDS or now > deadline:
+                    return (f"HANG: {name} made no progress for {now - since:.0f} s "
+                            "(deadlock?); daemon stacks follow in its log")
+            time.sleep(0.2)
+        return None
+
+    def check_stress_logs(self, rdir: Path, dirs: list[str]) -> dict[str, int]:
+        bad = self.violations.append
+        counts = dict.fromkeys(["R", "L", "M", "C", "races"], 0)
+        last: dict[str, int] = {}
+        for log in sorted(rdir.glob("*.log")):
+            role = log.name.split("-")[0]
+            if role not in ("spin", "reader", "mover"):
+                continue
+            done = False
+            for line in log.read_text().splitlines():
+                ev = json.loads(line)
+                e = ev["e"]
+                if e in counts:
+                    counts[e] += 1
+                if e == "C":
+                    last[ev["f"]] = max(last.get(ev["f"], 1), ev["v"])
+                elif e == "X":
+                    bad(f"{log.name}: {ev.get('f')}: {ev['msg']}")
+                elif e == "E":
+                    bad(f"{log.name}: error while the daemon was alive: {ev['msg']}")
+                elif e == "D":
+                    done = True
+                    counts["races"] += ev.get("races", 0)
+            if not done:
+                bad(f"{log.name}: the worker did not finish")
+            out = log.with_suffix(".out")
+            if out.exists() and out.read_text().strip():
+                bad(f"{out.name}: worker printed:\n{out.read_text()[-2000:]}")
+        # the tree: each directory at exactly one place, each file its last version
+        for d in dirs:
+            places = [p.format(d=d) for p in SPIN_PLACES if (self.src / p.format(d=d)).is_dir()]
+            if len(places) != 1:
+                bad(f"spin directory {d} is at {places} in SOURCE, want exactly one place")
+                continue
+            where = self.src / places[0]
+            names = sorted(os.listdir(where))
+            if names != sorted(spin_names()):
+                bad(f"{places[0]} holds {names}, want {sorted(spin_names())}")
+            for name in spin_names():
+                fid = spin_fid(d, name)
+                try:
+                    v = parse_w((where / name).read_bytes(), fid)[0]
+                except (Torn, FileNotFoundError) as exc:
+                    self.stats.torn += 1
+                    bad(f"{places[0]}/{name}: {exc}")
+                    continue
+                if v != last.get(fid, 1):
+                    bad(f"{places[0]}/{name}: version {v}, the last committed is "
+                        f"{last.get(fid, 1)}")
+                else:
+                    self.stats.versions_verified += 1
+        return counts
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_writer"]:
         return writer_main(argv[1])
+    if argv[:1] and argv[0] in WORKERS:
+        return worker_main(argv[0], argv[1])
     p = argparse.ArgumentParser(prog="torture", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--crashes", type=int, default=10, help="crash rounds (default 10)")
@@ -1075,6 +1449,14 @@ def main(argv: list[str] | None = None) -> int:
                    "daemon runs: what it was writing must stay intact (SEMANTICS 1.3)")
     p.add_argument("--batch-every", type=int, default=3, metavar="K",
                    help="every K-th round mounts with durability=batch (0: never; default 3)")
+    p.add_argument("--stress", type=float, metavar="SECONDS", default=None,
+                   help="instead of crash rounds: one mount for SECONDS with the writers, "
+                   "spin writers, readers and a mover renaming directories; then check "
+                   "that no read was wrong, nothing hung, and the tree is exact")
+    p.add_argument("--readers", type=int, default=3, help="stress: reader processes")
+    p.add_argument("--spin-writers", type=int, default=2,
+                   help="stress: writers of the files in the moving directories")
+    p.add_argument("--spin-dirs", type=int, default=3, help="stress: moving directories")
     p.add_argument("--no-log-fsync", action="store_true",
                    help="do not fsync the writers' side logs (the harness kills processes "
                    "only, so this loses nothing)")
@@ -1090,7 +1472,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workdir = tempfile.mkdtemp(prefix="atomicfs-torture-")
     rc = 1
     try:
-        rc = Torture(args).run()
+        rc = (Torture if args.stress is None else Stress)(args).run()
     finally:
         with contextlib.suppress(Exception):
             detach(Path(args.workdir) / "mnt")

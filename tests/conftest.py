@@ -6,7 +6,9 @@
   declare with ``Mount.expect_log``.
 - ``mount_factory`` makes mounts on directories a test chooses (mount over
   itself, remount after a crash...).
-- At the end of the session, any atomicfs mount still present fails the run.
+- At the end of the session, any atomicfs mount still present fails the run, and
+  so does any other mount or loop device left below the run's temporary
+  directory (scratch filesystems of fault tests, tests/scratchfs.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import scratchfs
 
 from atomicfs.mount import mount_table, top_fstype
 
@@ -53,13 +56,15 @@ class Mount:
     options: Sequence[str]
     log_path: Path
     env: dict[str, str] | None = None
+    prefix: Sequence[str] = ()  # runs the daemon under this command (e.g. setpriv ...)
     proc: subprocess.Popen[bytes] | None = None
     allowed: list[re.Pattern[str]] = field(default_factory=list)
     _log_offset: int = 0
 
     # -- lifecycle ---------------------------------------------------------
     def start(self, timeout: float = 20.0) -> None:
-        cmd = [PYTHON, "-m", "atomicfs", "mount", "-f", str(self.source), str(self.mountpoint)]
+        cmd = [*self.prefix, PYTHON, "-m", "atomicfs", "mount", "-f", str(self.source),
+               str(self.mountpoint)]
         if self.options:
             cmd += ["-o", ",".join(self.options)]
         env = dict(os.environ)
@@ -157,7 +162,7 @@ def mount_factory(tmp_path: Path) -> Iterator[MountFactory]:
 
     def make(source: Path | None = None, mountpoint: Path | None = None,
              options: Sequence[str] = (), env: dict[str, str] | None = None,
-             start: bool = True) -> Mount:
+             start: bool = True, prefix: Sequence[str] = ()) -> Mount:
         n = next(counter)
         if source is None:
             source = tmp_path / f"src{n}"
@@ -165,7 +170,7 @@ def mount_factory(tmp_path: Path) -> Iterator[MountFactory]:
         if mountpoint is None:
             mountpoint = tmp_path / f"mnt{n}"
             mountpoint.mkdir()
-        m = Mount(source, mountpoint, list(options), tmp_path / f"daemon{n}.log", env)
+        m = Mount(source, mountpoint, list(options), tmp_path / f"daemon{n}.log", env, prefix)
         made.append(m)
         if start:
             m.start()
@@ -211,4 +216,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                          + "\n  ".join(left) + "\n")
         for point in left:
             subprocess.run(["fusermount3", "-uz", point], capture_output=True)
+        session.exitstatus = 1
+    other = scratchfs.leftovers(base)
+    if other:
+        sys.stderr.write("\nERROR: mounts or loop devices left behind by the test suite:\n  "
+                         + "\n  ".join(other) + "\n")
+        for entry in other:  # detach them, so the machine stays usable
+            what = entry.split()
+            if what[0] == "mount":
+                subprocess.run(["umount", "-l", what[1]], capture_output=True)
+            else:
+                subprocess.run(["losetup", "-d", what[2]], capture_output=True)
         session.exitstatus = 1

@@ -1,11 +1,13 @@
-"""Helpers shared by test_sessions.py and test_crash.py: source trees, debris checks,
+"""Helpers shared by the mount tests: source trees, debris checks, tree snapshots,
 sparse-file data maps, and the "legacy writers" (cp, tar, sed, shell...) as
 parametrizable tools."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import stat
 import subprocess
 import sys
 import tarfile
@@ -54,6 +56,39 @@ def assert_no_debris(source: Path) -> None:
 def user_entries(source: Path) -> list[str]:
     """Top-level names in SOURCE other than the daemon's own directory."""
     return sorted(n for n in os.listdir(source) if n != ".atomicfs")
+
+
+def snapshot(*roots: Path) -> dict[str, tuple[object, ...]]:
+    """Everything a program could have changed below ``roots``: names, types, modes,
+    owners, sizes, link counts, mtimes, ctimes, contents, symlink targets, xattrs
+    (not atime).  Does not descend into other mounts."""
+    out: dict[str, tuple[object, ...]] = {}
+
+    def visit(path: Path, dev: int) -> None:
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode):
+            extra: object = hashlib.sha256(path.read_bytes()).hexdigest()
+        elif stat.S_ISLNK(st.st_mode):
+            extra = os.readlink(path)
+        else:
+            extra = None
+        try:
+            xattrs = sorted((n, os.getxattr(path, n, follow_symlinks=False))
+                            for n in os.listxattr(path, follow_symlinks=False))
+        except OSError:  # not supported here
+            xattrs = []
+        out[str(path)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink,
+                          st.st_mtime_ns, st.st_ctime_ns, extra, tuple(xattrs))
+        if stat.S_ISDIR(st.st_mode) and st.st_dev == dev:  # not into other mounts
+            for name in sorted(os.listdir(path)):
+                visit(path / name, dev)
+
+    for root in roots:
+        if os.path.lexists(root):
+            visit(root, os.lstat(root).st_dev)
+        else:
+            out[str(root)] = ("absent",)
+    return out
 
 
 def data_map(path: Path | str) -> list[tuple[int, int]]:

@@ -9,10 +9,8 @@ after, and no mount appeared on or below them.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PYTHON, ROOT, Mount, mounted_fstype, needs_fuse, needs_root
+from sessionkit import snapshot
 
 from atomicfs import __version__
 
@@ -57,32 +56,6 @@ def run_cli(args: Sequence[str], cwd: Path, prefix: Sequence[str] = (),
 
 
 # -- "nothing changed" -------------------------------------------------------------------
-
-def snapshot(*roots: Path) -> dict[str, tuple[object, ...]]:
-    """Everything a failed command could have changed below ``roots`` (not atime)."""
-    out: dict[str, tuple[object, ...]] = {}
-
-    def visit(path: Path, dev: int) -> None:
-        st = os.lstat(path)
-        if stat.S_ISREG(st.st_mode):
-            extra: object = hashlib.sha256(path.read_bytes()).hexdigest()
-        elif stat.S_ISLNK(st.st_mode):
-            extra = os.readlink(path)
-        else:
-            extra = None
-        out[str(path)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink,
-                          st.st_mtime_ns, st.st_ctime_ns, extra)
-        if stat.S_ISDIR(st.st_mode) and st.st_dev == dev:  # not into other mounts
-            for name in sorted(os.listdir(path)):
-                visit(path / name, dev)
-
-    for root in roots:
-        if os.path.lexists(root):
-            visit(root, os.lstat(root).st_dev)
-        else:
-            out[str(root)] = ("absent",)
-    return out
-
 
 def mounts_below(*roots: Path) -> list[str]:
     """Mount points (from mountinfo) at or below any of ``roots``."""
@@ -543,3 +516,72 @@ def test_umount_command_of_a_background_mount(dirs: Path) -> None:
     log = (dirs / "daemon.log").read_text()
     assert "Traceback" not in log and " ERROR " not in log, log
 
+
+
+# -- odd paths as arguments, the same SOURCE twice ---------------------------------------
+
+ODD_NAMES = {
+    "space": "with space",
+    "newline": "new\nline",
+    "tab-backslash": "tab\tback\\slash",
+    "comma": "com,ma",
+    "utf8": "donn\u00e9es-\u65e5\u672c",
+    "non-utf8": os.fsdecode(b"latin1-\xe9t\xe9-\xff"),
+    "255-bytes": "n" * 255,
+}
+
+
+@needs_fuse
+@pytest.mark.parametrize("name", ODD_NAMES.values(), ids=ODD_NAMES.keys())
+def test_mount_and_umount_with_odd_paths(tmp_path: Path, name: str) -> None:
+    # SOURCE and MOUNTPOINT named alike, side by side: the mount table escapes both
+    (tmp_path / "s").mkdir()
+    (tmp_path / "m").mkdir()
+    src, mnt = tmp_path / "s" / name, tmp_path / "m" / name
+    src.mkdir()
+    mnt.mkdir()
+    (src / "f").write_bytes(b"old\n")
+    try:
+        res = run_cli(["mount", str(src), str(mnt), "--log", str(tmp_path / "log")], tmp_path)
+        assert res.returncode == 0 and res.stderr == "", res.stderr
+        assert mounted_fstype(mnt) == "fuse.atomicfs", "the mount table reader misses it"
+        (mnt / "f").write_bytes(b"new\n")
+        assert (src / "f").read_bytes() == b"new\n"
+        res = run_cli(["umount", str(mnt)], tmp_path)
+        assert res.returncode == 0 and res.stderr == "", res.stderr
+        assert mounted_fstype(mnt) is None
+    finally:
+        _unmount_background(mnt, src)
+    assert os.listdir(src) == ["f"], "the daemon left its directory behind"
+    log = (tmp_path / "log").read_text(errors="replace")
+    assert "Traceback" not in log and " ERROR " not in log, log
+
+
+def test_non_ascii_mount_option_is_refused(dirs: Path) -> None:
+    expect_refusal(["mount", "src", "mnt", "-o", "fsname=caf\u00e9"], ["fsname", "ASCII"],
+                   cwd=dirs)
+
+
+@needs_fuse
+def test_same_source_mounted_twice_is_refused(mount: Mount, tmp_path: Path) -> None:
+    # Two daemons would share SOURCE/.atomicfs: the first to unmount removes it from
+    # under the other (whose commits then fail), and each one's recovery at mount
+    # would resolve the other's commits in flight.
+    second = tmp_path / "second"
+    second.mkdir()
+    mount.path("f").write_bytes(b"through the first mount\n")
+    expect_refusal(["mount", str(mount.source), str(second)],
+                   ["SOURCE", str(mount.source), "already mounted"],
+                   cwd=tmp_path, watch=[mount.source, second])
+    mount.path("f").write_bytes(b"still committed\n")
+    assert mount.src("f").read_bytes() == b"still committed\n"
+
+
+@needs_fuse
+def test_recover_refused_while_the_source_is_mounted_elsewhere(mount: Mount,
+                                                               tmp_path: Path) -> None:
+    mount.path("f").write_bytes(b"x\n")
+    expect_refusal(["recover", str(mount.source)], ["SOURCE", "mounted"], cwd=tmp_path,
+                   watch=[mount.source])
+    mount.path("f").write_bytes(b"still committed\n")
+    assert mount.src("f").read_bytes() == b"still committed\n"

@@ -1,0 +1,310 @@
+"""Faults from the filesystem below a live mount (SEMANTICS §2.1, §8.2).
+
+- EROFS: the source filesystem (a tmpfs) is remounted read-only under the
+  mount, then read-write again;
+- EDQUOT: the source is a directory under a space quota (a btrfs qgroup, or
+  ext4 project quota where the kernel has it), then the limit is lifted;
+- ENOSPC in the middle of a journalled in-place commit.
+
+Each time: every call that would change the tree fails with the errno, at a
+call the program sees (open, write, fsync, close, or the namespace call
+itself), never silently; committed versions stay intact, through the mount
+and in the source; the daemon keeps serving; once the fault is gone, commits
+succeed again; and nothing of the daemon's is left after the unmount.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import scratchfs
+from conftest import MountFactory
+from sessionkit import assert_no_debris
+
+KiB = 1024
+MiB = 1024 * KiB
+RELEASE_WARNING = r"WARNING .*commit of inode \d+ at its last close failed"
+
+
+def status(mnt: Path) -> dict:  # type: ignore[type-arg]
+    return json.loads(os.getxattr(mnt, "user.atomicfs.status"))
+
+
+def errno_of(fn: Callable[[], object]) -> int | None:
+    """The errno ``fn`` fails with, or None if it succeeds."""
+    try:
+        fn()
+    except OSError as exc:
+        return exc.errno
+    return None
+
+
+def write_then_close(path: Path, flags: int, data: bytes, offset: int | None = None) -> str:
+    """open, write, close; returns where it failed and how: "open:EROFS", ..., or "ok"."""
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        return f"open:{errno.errorcode[exc.errno or 0]}"
+    failed = None
+    try:
+        if data:
+            if offset is None:
+                os.write(fd, data)
+            else:
+                os.pwrite(fd, data, offset)
+    except OSError as exc:
+        failed = f"write:{errno.errorcode[exc.errno or 0]}"
+    try:
+        os.close(fd)
+    except OSError as exc:
+        failed = failed or f"close:{errno.errorcode[exc.errno or 0]}"
+    return failed or "ok"
+
+
+# -- EROFS --------------------------------------------------------------------------------
+@pytest.fixture
+def tmpfs_source(tmp_path: Path) -> Iterator[Path]:
+    with scratchfs.tmpfs(tmp_path / "tmpfs", "16m") as point:
+        yield point
+
+
+def test_source_remounted_read_only_under_a_live_mount(tmpfs_source: Path,
+                                                       mount_factory: MountFactory) -> None:
+    src = tmpfs_source
+    (src / "f").write_bytes(b"committed f\n")
+    (src / "d").mkdir()
+    (src / "d" / "g").write_bytes(b"committed g\n")
+    before = {p: (src / p).read_bytes() for p in ("f", "d/g")}
+    m = mount_factory(source=src)
+    m.expect_log(RELEASE_WARNING)
+    held = os.open(m.path("f"), os.O_RDWR)  # a writer that has not written yet
+    try:
+        res = scratchfs.sh("mount", "-o", "remount,ro", str(src))
+        assert res.returncode == 0, "an idle daemon keeps the source busy for a read-only " \
+            f"remount: {res.stderr.strip()}"
+        # the writer that was open: every way it can reach a commit reports EROFS
+        assert errno_of(lambda: os.write(held, b"x")) == errno.EROFS
+        # a session without a shadow yet; longer (a shorter one: the xfail test below)
+        os.ftruncate(held, len(before["f"]) + 100)
+        assert errno_of(lambda: os.fsync(held)) == errno.EROFS
+    finally:
+        rc = errno_of(lambda: os.close(held))
+    assert rc == errno.EROFS, f"close() of a written descriptor gave {rc}, not EROFS"
+    mp = m.path
+    outcomes = {
+        "rewrite": write_then_close(mp("f"), os.O_WRONLY | os.O_TRUNC, b"new\n"),
+        "truncate-only (: > f)": write_then_close(mp("f"), os.O_WRONLY | os.O_TRUNC, b""),
+        "patch": write_then_close(mp("d/g"), os.O_RDWR, b"P", offset=2),
+        "create": write_then_close(mp("d/new"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, b"n"),
+    }
+    for what, outcome in outcomes.items():
+        assert outcome.endswith(":EROFS"), \
+            f"{what} on a read-only source: {outcome}, want EROFS from open, write or close"
+    namespace = {
+        "truncate(2)": lambda: os.truncate(mp("f"), 1),
+        "mkdir": lambda: os.mkdir(mp("nd")),
+        "unlink": lambda: os.unlink(mp("d/g")),
+        "rename": lambda: os.rename(mp("d/g"), mp("d/h")),
+        "link": lambda: os.link(mp("f"), mp("f2")),
+        "symlink": lambda: os.symlink("f", mp("s")),
+        "chmod": lambda: os.chmod(mp("f"), 0o600),
+        "utime": lambda: os.utime(mp("f"), (1, 1)),
+        "setxattr": lambda: os.setxattr(mp("f"), "user.x", b"1"),
+    }
+    got = {what: errno_of(fn) for what, fn in namespace.items()}
+    assert got == dict.fromkeys(namespace, errno.EROFS), got
+    # nothing changed, and the daemon still serves the committed versions
+    assert {p: (src / p).read_bytes() for p in before} == before
+    assert {p: mp(p).read_bytes() for p in before} == before
+    assert sorted(os.listdir(m.mountpoint)) == ["d", "f"]
+    assert status(m.mountpoint)["failures"].get("EROFS", 0) >= 1
+    # read-write again: commits work
+    res = scratchfs.sh("mount", "-o", "remount,rw", str(src))
+    assert res.returncode == 0, res.stderr
+    assert write_then_close(mp("f"), os.O_WRONLY | os.O_TRUNC, b"after\n") == "ok"
+    assert write_then_close(mp("d/new"), os.O_WRONLY | os.O_CREAT, b"new\n") == "ok"
+    assert (src / "f").read_bytes() == b"after\n"
+    assert (src / "d" / "new").read_bytes() == b"new\n"
+    assert (src / "d" / "g").read_bytes() == before["d/g"]
+    m.unmount()
+    assert_no_debris(src)
+    assert not (src / ".atomicfs").exists()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: when a session's data is dropped (its last release could not commit), the "
+    "kernel keeps the session's attributes (size) for the attribute timeout (1 s): a "
+    "reader right after the failed close() sees the committed version cut to the "
+    "session's size. The daemon does not invalidate the inode's attributes "
+    "(pyfuse3.invalidate_inode, from outside the handler) when it drops a session."))
+def test_dropped_session_does_not_leave_its_size_in_the_kernel(
+        tmpfs_source: Path, mount_factory: MountFactory) -> None:
+    src = tmpfs_source
+    (src / "f").write_bytes(b"committed f\n")
+    m = mount_factory(source=src)
+    m.expect_log(RELEASE_WARNING)
+    held = os.open(m.path("f"), os.O_RDWR)
+    try:
+        assert scratchfs.sh("mount", "-o", "remount,ro", str(src)).returncode == 0
+        os.ftruncate(held, 3)
+    finally:
+        assert errno_of(lambda: os.close(held)) == errno.EROFS
+    try:
+        assert m.path("f").read_bytes() == b"committed f\n", \
+            "a reader sees the dropped session's size"
+    finally:
+        assert scratchfs.sh("mount", "-o", "remount,rw", str(src)).returncode == 0
+
+
+# -- EDQUOT ---------------------------------------------------------------------------------
+@pytest.fixture(params=sorted(scratchfs.QUOTA_KINDS))
+def quota_source(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[scratchfs.QuotaFs]:
+    make = scratchfs.QUOTA_KINDS[request.param]
+    with make(tmp_path / "quota", 6 * MiB) as fs:
+        yield fs
+
+
+PATCH = b"J" * (MiB + MiB // 4)
+
+
+def test_quota_exceeded_under_a_live_mount(quota_source: scratchfs.QuotaFs,
+                                           mount_factory: MountFactory) -> None:
+    q = quota_source
+    src = q.root
+    committed = os.urandom(MiB)
+    (src / "f").write_bytes(committed)
+    (src / "h").write_bytes(committed)
+    os.link(src / "h", src / "h.lnk")  # hard-linked: its commits are journalled in place
+    q.set_limit(4 * MiB)  # ~2 MiB in use: 2 MiB left
+    m = mount_factory(source=src, prefix=q.daemon_prefix)
+    m.expect_log(RELEASE_WARNING)
+    mp = m.path
+    journal = status(m.mountpoint)["journal"]
+
+    # a commit that needs more space than is left, at close(): a journalled one
+    # (the shadow takes 1.25 MiB, the journal record as much again)
+    outcome = write_then_close(mp("h"), os.O_RDWR, PATCH, offset=256 * KiB)
+    assert outcome == ("close:EDQUOT" if journal else "write:EDQUOT"), outcome
+    assert (src / "h").read_bytes() == committed, "a failed commit changed the committed file"
+    assert os.stat(src / "h").st_nlink == 2 and mp("h").read_bytes() == committed
+    if journal:
+        assert os.listdir(src / ".atomicfs") == [], \
+            "a failed journalled commit left its record behind (it holds quota until remount)"
+
+    # a new file larger than what is left: the error reaches the writer, no file appears
+    fd = os.open(mp("big"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    written, failure = 0, None
+    try:
+        while written < 8 * MiB:
+            written += os.write(fd, b"B" * (256 * KiB))
+    except OSError as exc:
+        failure = exc.errno
+    finally:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            failure = failure or exc.errno
+    assert failure == errno.EDQUOT, f"writing 8 MiB under a 2 MiB quota: {failure}"
+    big = src / "big"
+    assert not big.exists() or big.read_bytes() == b"B" * written, \
+        "the new file is neither absent nor exactly what was written before the error"
+    print(f"{q.kind}: hard-linked patch: {outcome}; new file: "
+          f"{errno.errorcode[failure]} after {written} bytes, "
+          f"{'kept' if big.exists() else 'absent'}")
+    if big.exists():
+        os.unlink(mp("big"))
+
+    # the daemon keeps serving
+    assert mp("f").read_bytes() == committed
+    assert sorted(os.listdir(m.mountpoint)) == ["f", "h", "h.lnk"]
+    assert status(m.mountpoint)["failures"].get("EDQUOT", 0) >= 1
+
+    # the limit lifted: the same commits succeed
+    q.set_limit(None)
+    assert write_then_close(mp("big"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                            b"B" * (8 * MiB)) == "ok"
+    assert write_then_close(mp("h"), os.O_RDWR, PATCH, offset=256 * KiB) == "ok"
+    want_h = committed[:256 * KiB] + PATCH
+    assert (src / "big").exists(), "close() returned 0 after writing a new file, and the " \
+        "file does not exist (was a new file of that name dropped just before?)"
+    assert (src / "big").read_bytes() == b"B" * (8 * MiB)
+    assert (src / "h").read_bytes() == want_h and (src / "h.lnk").read_bytes() == want_h
+    assert (src / "f").read_bytes() == committed
+    m.unmount()
+    assert_no_debris(src)
+    assert not (src / ".atomicfs").exists(), os.listdir(src / ".atomicfs")
+
+
+# -- ENOSPC in the middle of a journalled in-place commit -----------------------------------
+@pytest.mark.skipif(os.geteuid() != 0, reason="journalled commits need root")
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG (§1.2, §8.2): a journalled commit writes its record, then applies it in place; "
+    "when the apply runs out of space (writes into holes, or any overwrite on a "
+    "copy-on-write filesystem), close() gets ENOSPC but the file is left half-applied, "
+    "through the mount and in the source, and the complete record stays in "
+    "SOURCE/.atomicfs, so the next mount replays the commit that close() reported as "
+    "failed. Needs a design fix: reserve the space before the record (fallocate of the "
+    "changed ranges), or roll the apply forward instead of failing."))
+def test_enospc_while_a_journalled_commit_is_applied(tmpfs_source: Path,
+                                                      mount_factory: MountFactory) -> None:
+    src = tmpfs_source
+    size, patch = 8 * MiB, 4 * MiB
+    with open(src / "f", "wb") as f:  # sparse: 64 KiB of data, then a hole
+        f.write(b"A" * (64 * KiB))
+        f.truncate(size)
+    os.link(src / "f", src / "f.lnk")  # hard-linked: journalled in place
+    old = (src / "f").read_bytes()
+    m = mount_factory(source=src)
+    m.expect_log(RELEASE_WARNING)
+    if not status(m.mountpoint)["journal"]:
+        pytest.skip("no journalled commits on this tmpfs (open_by_handle_at)")
+    # room for the shadow (4 MiB) and the record (4 MiB), not for filling the hole too
+    st = os.statvfs(src)
+    (src / "filler").write_bytes(b"F" * (st.f_bavail * st.f_frsize - 5 * patch // 2))
+    outcome = write_then_close(m.path("f"), os.O_RDWR, b"B" * patch, offset=MiB)
+    new = old[:MiB] + b"B" * patch + old[MiB + patch:]
+    got_src, got_mnt = (src / "f").read_bytes(), m.path("f").read_bytes()
+    if outcome == "ok":
+        assert got_src == new and got_mnt == new
+    else:
+        assert outcome == "close:ENOSPC", outcome
+        assert got_src == old, f"the source file holds {got_src.count(b'B')} of the " \
+            f"{patch} new bytes after close() failed"
+        assert got_mnt == old
+        assert os.listdir(src / ".atomicfs") == [], "a record of a failed commit remains: " \
+            "the next mount would replay it"
+
+
+# -- a write that fails, then close() ------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason=(
+    "GAP (§8.2 'the committed version stays intact'): a write() that fails with ENOSPC "
+    "leaves the session with what was written before it, and the next close() commits "
+    "that: a program that gets the error and closes (cp, a shell redirect) replaces the "
+    "old version with a short one, as on ext4. A session whose write failed could refuse "
+    "to commit (close() returning the error) instead; a design decision."))
+def test_failed_write_then_close_keeps_the_committed_version(mount_factory: MountFactory,
+                                                             tmp_path: Path) -> None:
+    with scratchfs.tmpfs(tmp_path / "small", "4m") as src:
+        (src / "f").write_bytes(b"old version\n")
+        m = mount_factory(source=src)
+        m.expect_log(RELEASE_WARNING)
+        try:
+            fd = os.open(m.path("f"), os.O_WRONLY | os.O_TRUNC)
+            written, failure = 0, None
+            try:
+                while written < 8 * MiB:  # a writer that checks every write
+                    written += os.write(fd, b"N" * (256 * KiB))
+            except OSError as exc:
+                failure = exc.errno
+            finally:
+                os.close(fd)  # and closes after the error, as cp and shells do
+            assert failure == errno.ENOSPC, failure
+            assert (src / "f").read_bytes() == b"old version\n", \
+                f"close() after the failed write committed {os.path.getsize(src / 'f')} bytes"
+        finally:
+            m.unmount()

@@ -52,9 +52,12 @@ def setup(debug: bool, log_file: str | None) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     handler: logging.Handler
+    # paths that are not UTF-8 (surrogate escapes) are logged escaped, never fail
     if log_file is not None:
-        handler = logging.FileHandler(log_file)
+        handler = logging.FileHandler(log_file, errors="backslashreplace")
     else:
+        if hasattr(sys.stderr, "reconfigure"):
+            sys.stderr.reconfigure(errors="backslashreplace")
         handler = logging.StreamHandler(sys.stderr)
     if log_file is None and stderr_is_journal():
         handler.setFormatter(JournalFormatter())

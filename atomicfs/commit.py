@@ -487,8 +487,17 @@ class Committer:
         shadow = session.shadow if session.shadow is not None else -1
         self._records += 1
         name = f"{journal.RECORD_PREFIX}{os.getpid()}-{self._records}"
-        await trio.to_thread.run_sync(journal.write_record, self.daemon_dir, name, record,
-                                      shadow)
+        target = syscalls.reopen(inode.fd, os.O_RDWR)
+        try:  # space for filling holes first: ENOSPC must come before the record
+            reserved = await trio.to_thread.run_sync(journal.reserve, target, record)
+            try:
+                await trio.to_thread.run_sync(journal.write_record, self.daemon_dir, name,
+                                              record, shadow)
+            except BaseException:
+                await trio.to_thread.run_sync(journal.unreserve, target, reserved)
+                raise
+        finally:
+            os.close(target)
         await self._apply(session, lambda fd: journal.apply(fd, record, shadow, None))
         await trio.to_thread.run_sync(journal.retire, self.daemon_dir, name, False)
         self.housekeeper.sync_daemon_dir()  # the removal made durable soon (journal.py, 3.)
@@ -499,6 +508,11 @@ class Committer:
         record = journal.Record(journal.FileId(0, 0, b""), size,
                                 -1 if mtime is None else mtime, tuple(changes))
         shadow = session.shadow if session.shadow is not None else -1
+        target = syscalls.reopen(session.inode.fd, os.O_RDWR)
+        try:  # out of space before the first byte changes, where fallocate can tell
+            await trio.to_thread.run_sync(journal.reserve, target, record)
+        finally:
+            os.close(target)
         await self._apply(session, lambda fd: journal.apply(fd, record, shadow, None))
 
     async def _apply(self, session: Session, work: Callable[[int], None]) -> None:

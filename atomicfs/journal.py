@@ -269,6 +269,60 @@ def apply(target_fd: int, record: Record, data_source: int, data_base: int | Non
     faults.point("journal.after_apply")
 
 
+@dataclass
+class Reservation:
+    """What :func:`reserve` allocated in a target, and the target's state before."""
+
+    ranges: list[tuple[int, int]]
+    size: int
+    atime_ns: int
+    mtime_ns: int
+
+
+def reserve(target_fd: int, record: Record) -> Reservation:
+    """Allocate the target's holes that the record's data will fill, before the record
+    is written, so that running out of space fails the commit while nothing has changed.
+
+    fallocate(KEEP_SIZE) leaves the content as it is (the blocks read as zeros, as the
+    holes did); on failure what was allocated is given back (:func:`unreserve`) and the
+    error raised.  A filesystem without fallocate reserves nothing.  (On a
+    copy-on-write filesystem an overwrite needs space too; that is not reserved.)
+    """
+    st = os.fstat(target_fd)
+    res = Reservation([], st.st_size, st.st_atime_ns, st.st_mtime_ns)
+    try:
+        for change in record.changes:
+            if change.kind != DATA:
+                continue
+            for a, b, data in syscalls.split_by_data(target_fd, change.offset,
+                                                     change.offset + change.length):
+                if not data:
+                    res.ranges.append((a, b))  # a failed fallocate may have allocated part
+                    syscalls.allocate(target_fd, a, b - a)
+    except OSError as exc:
+        unreserve(target_fd, res)
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+            return Reservation([], res.size, res.atime_ns, res.mtime_ns)
+        raise
+    return res
+
+
+def unreserve(target_fd: int, res: Reservation) -> None:
+    """Give back what :func:`reserve` allocated (holes again, size and times as before;
+    the ctime has moved)."""
+    if not res.ranges:
+        return
+    try:
+        for a, b in res.ranges:
+            if a < res.size:
+                syscalls.punch_hole(target_fd, a, min(b, res.size) - a)
+        if any(b > res.size for _, b in res.ranges):
+            os.ftruncate(target_fd, res.size)  # frees the blocks allocated past the end
+        syscalls.utimens_fd(target_fd, res.atime_ns, res.mtime_ns)
+    except OSError as exc:
+        log.warning("could not give back a space reservation: %s", exc)
+
+
 def retire(daemon_dir: int, name: str, sync: bool = True) -> None:
     """Remove a record; ``sync=False`` leaves the directory fsync to the caller."""
     os.unlink(name, dir_fd=daemon_dir)

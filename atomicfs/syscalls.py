@@ -137,6 +137,12 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
                "fallocate(PUNCH_HOLE)")
 
 
+def allocate(fd: int, offset: int, length: int) -> None:
+    """fallocate(KEEP_SIZE): reserve blocks for ``[offset, offset+length)``; content unchanged."""
+    if length > 0:
+        _check(_libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length), "fallocate")
+
+
 def syncfs(fd: int) -> None:
     _check(_libc.syncfs(fd), "syncfs")
 

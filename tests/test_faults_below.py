@@ -242,16 +242,11 @@ def test_quota_exceeded_under_a_live_mount(quota_source: scratchfs.QuotaFs,
 
 # -- ENOSPC in the middle of a journalled in-place commit -----------------------------------
 @pytest.mark.skipif(os.geteuid() != 0, reason="journalled commits need root")
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (§1.2, §8.2): a journalled commit writes its record, then applies it in place; "
-    "when the apply runs out of space (writes into holes, or any overwrite on a "
-    "copy-on-write filesystem), close() gets ENOSPC but the file is left half-applied, "
-    "through the mount and in the source, and the complete record stays in "
-    "SOURCE/.atomicfs, so the next mount replays the commit that close() reported as "
-    "failed. Needs a design fix: reserve the space before the record (fallocate of the "
-    "changed ranges), or roll the apply forward instead of failing."))
 def test_enospc_while_a_journalled_commit_is_applied(tmpfs_source: Path,
                                                       mount_factory: MountFactory) -> None:
+    """The commit needs space for filling the target's holes: it is reserved
+    (fallocate) before the record is written, so ENOSPC comes while nothing has
+    changed, and no record of the failed commit is left to be replayed."""
     src = tmpfs_source
     size, patch = 8 * MiB, 4 * MiB
     with open(src / "f", "wb") as f:  # sparse: 64 KiB of data, then a hole

@@ -133,3 +133,30 @@ def test_record_for_a_vanished_file_is_discarded(tmp_path: Path) -> None:
     assert lines[0].startswith("discarded"), lines
     assert (tmp_path / "root" / "other").read_bytes() == b"y" * 100
     assert os.listdir(tmp_path / "root" / ".atomicfs") == []
+
+
+def test_reserve_allocates_the_holes_data_will_fill_and_unreserve_gives_them_back(
+        tmp_path: Path) -> None:
+    path = tmp_path / "target"
+    with open(path, "wb") as f:
+        f.write(b"A" * 65536)  # data, then a hole up to 1 MiB
+        f.truncate(1 << 20)
+    before = path.read_bytes()
+    os.utime(path, ns=(10**18, 2 * 10**18))
+    blocks = os.stat(path).st_blocks
+    record = _record([Change(32768, 65536, DATA),  # half data, half hole
+                      Change(512 * 1024, 8192, HOLE),  # a hole change reserves nothing
+                      Change((1 << 20) - 4096, 8192, DATA)])  # past EOF
+    fd = os.open(path, os.O_RDWR)
+    try:
+        reserved = journal.reserve(fd, record)
+        assert reserved.ranges == [(65536, 98304), ((1 << 20) - 4096, (1 << 20) + 4096)]
+        assert path.read_bytes() == before, "reserving changed the content or the size"
+        assert os.stat(path).st_blocks >= blocks + (32768 + 8192) // 512
+        journal.unreserve(fd, reserved)
+        st = os.stat(path)
+        assert st.st_blocks == blocks, "the reserved blocks were not all given back"
+        assert (st.st_atime_ns, st.st_mtime_ns) == (10**18, 2 * 10**18), "times moved"
+        assert path.read_bytes() == before
+    finally:
+        os.close(fd)

@@ -486,9 +486,10 @@ class Committer:
                                 -1 if mtime is None else mtime, tuple(changes))
         shadow = session.shadow if session.shadow is not None else -1
         self._records += 1
-        name = f"{journal.RECORD_PREFIX}{os.getpid()}-{self._records}"
+        name = f"{journal.RECORD_PREFIX}{os.getpid()}-{self._records:012d}"
         target = syscalls.reopen(inode.fd, os.O_RDWR)
-        try:  # space for filling holes first: ENOSPC must come before the record
+        try:
+            # space for filling holes first: ENOSPC must come before the record
             reserved = await trio.to_thread.run_sync(journal.reserve, target, record)
             try:
                 await trio.to_thread.run_sync(journal.write_record, self.daemon_dir, name,
@@ -496,11 +497,14 @@ class Committer:
             except BaseException:
                 await trio.to_thread.run_sync(journal.unreserve, target, reserved)
                 raise
-        finally:
+            # durable from here (write-ahead); the target's fsync and the record's
+            # removal follow off the call's path (journal.py, 3.)
+            await self._apply(session, lambda fd: journal.apply(fd, record, shadow, None,
+                                                                 sync=False), target)
+        except BaseException:
             os.close(target)
-        await self._apply(session, lambda fd: journal.apply(fd, record, shadow, None))
-        await trio.to_thread.run_sync(journal.retire, self.daemon_dir, name, False)
-        self.housekeeper.sync_daemon_dir()  # the removal made durable soon (journal.py, 3.)
+            raise
+        self.housekeeper.settle_later(target, name)
 
     async def _in_place(self, session: Session) -> None:
         """In place without a record: durable, not crash-atomic (no journal available)."""
@@ -515,16 +519,19 @@ class Committer:
             os.close(target)
         await self._apply(session, lambda fd: journal.apply(fd, record, shadow, None))
 
-    async def _apply(self, session: Session, work: Callable[[int], None]) -> None:
-        """Run ``work(target_fd)`` in a thread while isolated readers of the file wait."""
+    async def _apply(self, session: Session, work: Callable[[int], None],
+                     target: int | None = None) -> None:
+        """Run ``work(target_fd)`` in a thread while isolated readers of the file wait
+        (on ``target``, which stays open, or on a descriptor of its own)."""
         inode = session.inode
         done = self.applying[inode.ino] = trio.Event()
         try:
-            fd = syscalls.reopen(inode.fd, os.O_RDWR)
+            fd = syscalls.reopen(inode.fd, os.O_RDWR) if target is None else target
             try:
                 await trio.to_thread.run_sync(work, fd)
             finally:
-                os.close(fd)
+                if target is None:
+                    os.close(fd)
         finally:
             del self.applying[inode.ino]
             done.set()

@@ -7,15 +7,20 @@ redo record written first:
 
 1. the record — target identity, new size and mtime, and every changed extent
    (data, or a hole to punch) — is written to ``SOURCE/.atomicfs/journal-N``,
-   and the file and the directory are fsync'ed;
-2. the extents are applied to the target in place and the target is fsync'ed;
-3. the record is removed, so it is not replayed over a later change.  The
-   directory fsync that makes the removal durable is left to the daemon's
-   housekeeping (within milliseconds): replaying a record whose removal was
-   lost only rewrites the bytes it already wrote, since any later change of the
-   file either is a journal record too — whose creation fsync'ed the directory,
-   removal included — or replaced the inode (a rename commit), which makes the
-   old record's target handle stale.
+   and the file and the directory are fsync'ed: from here the commit is
+   durable (write-ahead), and the call that made it may return once
+2. the extents are applied to the target in place (the page cache: readers
+   through the mount see the new version at once);
+3. after the call returned, the daemon's housekeeping fsyncs the target and
+   removes the record (:func:`settle`), then fsyncs the directory.
+
+Records are named with a zero-padded sequence number, and replay applies them
+in that order, so a crash that leaves several records of one file (a second
+commit came before the first settled) redoes them oldest first.  Replaying a
+record that was already applied and fsync'ed only rewrites what it wrote: any
+later change of the file is either a later record (replayed after it) or
+replaced the inode (a rename commit), which makes the old record's target
+handle stale.
 
 A crash during 1 leaves a record that does not verify (wrong length or
 checksum): it is discarded and the target was never touched.  A crash during
@@ -240,8 +245,9 @@ def _read_range(fd: int, offset: int, length: int) -> Iterator[bytes]:
         done += len(chunk)
 
 
-def apply(target_fd: int, record: Record, data_source: int, data_base: int | None) -> None:
-    """Apply a record in place and fsync the target.
+def apply(target_fd: int, record: Record, data_source: int, data_base: int | None,
+          sync: bool = True) -> None:
+    """Apply a record in place and (``sync``) fsync the target.
 
     DATA bytes come from ``data_source`` at the change's own offset (the shadow,
     ``data_base`` None) or sequentially from ``data_base`` on (a record file).
@@ -265,8 +271,18 @@ def apply(target_fd: int, record: Record, data_source: int, data_base: int | Non
     os.ftruncate(target_fd, record.size)
     if record.mtime_ns >= 0:
         syscalls.utimens_fd(target_fd, None, record.mtime_ns)
-    os.fsync(target_fd)
+    if sync:
+        os.fsync(target_fd)
     faults.point("journal.after_apply")
+
+
+def settle(target_fd: int, daemon_dir: int, name: str) -> None:
+    """The end of a journalled commit, after its call returned: fsync the target the
+    record was applied to, then remove the record (its removal is made durable by
+    the caller's next directory fsync)."""
+    os.fsync(target_fd)
+    faults.point("journal.after_target_fsync")
+    retire(daemon_dir, name, sync=False)
 
 
 @dataclass

@@ -91,7 +91,8 @@ PYTHON = sys.executable
 FAULT_POINTS = ["commit.before_fsync", "commit.after_fsync", "commit.after_link",
                 "commit.after_rename", "commit.after_dir_fsync",
                 "journal.before_header", "journal.before_record_fsync", "journal.after_record",
-                "journal.mid_apply", "journal.after_apply", "journal.after_retire"]
+                "journal.mid_apply", "journal.after_apply", "journal.after_target_fsync",
+                "journal.after_retire"]
 ABSENT = "-"  # the digest of "no file"
 VERSION_STEP = 10**7  # versions of round r are r * VERSION_STEP + n
 DEAD_ERRNOS = {errno.ENOTCONN, errno.ECONNABORTED}

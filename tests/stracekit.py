@@ -333,17 +333,28 @@ def writer_violations(calls: list[Call], daemon_dir: str, ops: Iterable[WriterOp
     return bad
 
 
-def journal_violations(calls: list[Call], daemon_dir: str, target: str) -> tuple[int, list[str]]:
+def journal_violations(calls: list[Call], daemon_dir: str, target: str,
+                       records_from: list[Call] | None = None) -> tuple[int, list[str]]:
     """Order of journalled commits of ``target``: (records checked, violations).
 
-    Records are taken one at a time (the caller commits sequentially): the target
-    writes between a record's creation and its removal are that record's apply.
+    The records checked are those created in ``records_from`` (default: ``calls``);
+    everything else is looked up in ``calls``.  A record's apply is the target's
+    writes from its creation to the next record's creation (commits of one file
+    are sequential) or its removal.  Each record: fsync'ed, and the daemon's
+    directory fsync'ed, before its first in-place write; the target fsync'ed after
+    its last in-place write and before the record's removal (which, since the
+    commit is durable once the record is, may come after the call returned).
     """
     bad = []
-    records = [c for c in calls if c.name == "openat" and c.ok and c.ret_obj is not None
-               and os.path.dirname(c.ret_obj.path) == daemon_dir
-               and os.path.basename(c.ret_obj.path).startswith("journal-")]
-    for rec in records:
+
+    def created(among: list[Call]) -> list[Call]:
+        return [c for c in among if c.name == "openat" and c.ok and c.ret_obj is not None
+                and os.path.dirname(c.ret_obj.path) == daemon_dir
+                and os.path.basename(c.ret_obj.path).startswith("journal-")]
+
+    mine = created(calls if records_from is None else records_from)
+    every = created(calls)
+    for rec in mine:
         rpath = rec.ret_obj.path if rec.ret_obj else ""
         rname = os.path.basename(rpath)
         retire = next((c for c in calls if c.start > rec.start and c.name == "unlinkat"
@@ -352,13 +363,16 @@ def journal_violations(calls: list[Call], daemon_dir: str, target: str) -> tuple
         if retire is None:
             bad.append(f"journal record {rname} never removed")
             continue
+        later = [c.start for c in every if c.start > rec.start]
+        apply_end = min([retire.start] + later)
         window = [c for c in calls if rec.start <= c.start <= retire.start]
         rec_writes = [c for c in window if (o := modified(c)) is not None and o.path == rpath]
         rec_syncs = [c for c in window if (o := synced(c)) is not None and o.path == rpath
                      and (not rec_writes or c.start + EPS >= rec_writes[-1].end)]
         ddir_syncs = [c for c in window if (o := synced(c)) is not None
                       and o.path == daemon_dir and c.start + EPS >= rec.end]
-        applies = [c for c in window if (o := modified(c)) is not None and o.path == target]
+        applies = [c for c in window if (o := modified(c)) is not None and o.path == target
+                   and c.start <= apply_end]
         if not applies:
             bad.append(f"journal record {rname}: no in-place write to {target} before its "
                        "removal")
@@ -375,21 +389,25 @@ def journal_violations(calls: list[Call], daemon_dir: str, target: str) -> tuple
         if not tsyncs:
             bad.append(f"journal record {rname} removed at {retire} before {target} was "
                        f"fsync'ed after its last in-place write {last}")
-    return len(records), bad
+    return len(mine), bad
 
 
-def journal_writer_violations(calls: list[Call], target: str,
+def journal_writer_violations(calls: list[Call], daemon_dir: str, target: str,
                               ops: Iterable[WriterOp]) -> list[str]:
-    """Each op on ``target`` returned only after an in-place write and fsync of it."""
+    """Each op on ``target`` returned only after its commit was durable (a journal
+    record fsync'ed) and applied in place (the target written after that fsync)."""
     bad = []
     for op in ops:
         window = [c for c in calls if c.start >= op.t0 and c.end <= op.t1 + EPS]
-        writes = [c for c in window if (o := modified(c)) is not None and o.path == target]
-        syncs = [c for c in window if (o := synced(c)) is not None and o.path == target
-                 and writes and c.start + EPS >= writes[-1].end]
-        if not writes or not syncs:
-            bad.append(f"{op.how} of {target} [{op.t0:.6f}-{op.t1:.6f}] returned before the "
-                       f"file was {'written' if not writes else 'fsync-ed'} in place")
+        rec_syncs = [c for c in window if (o := synced(c)) is not None
+                     and os.path.dirname(o.path) == daemon_dir
+                     and os.path.basename(o.path).startswith("journal-")]
+        writes = [c for c in window if (o := modified(c)) is not None and o.path == target
+                  and rec_syncs and c.start + EPS >= rec_syncs[0].end]
+        if not rec_syncs or not writes:
+            what = "its journal record was fsync-ed" if not rec_syncs else "written in place"
+            bad.append(f"{op.how} of {target} [{op.t0:.6f}-{op.t1:.6f}] returned before "
+                       f"{what}")
     return bad
 
 

@@ -8,8 +8,10 @@ strace is attached to a live daemon while writers make a burst of commits
 - durability=full: the directory holding it was fsync'ed after the
   publication and before the writer's close()/fsync() returned;
 - commit=journal: the redo record (and the daemon's directory) were fsync'ed
-  before the first in-place write, the file after its last one and before
-  the record was removed, and all of it before the writer's call returned;
+  before the first in-place write, and the writer's call returned only after
+  both (the commit is durable once its record is); the file was fsync'ed
+  after its last in-place write and before the record was removed, which may
+  come after the call returned;
 - durability=batch: fsync() returns only after the group published the file
   and fsync'ed its directory; a close() is published by a group, in the same
   order, within a bounded delay.
@@ -196,17 +198,21 @@ def test_journalled_commits_sync_record_then_file_before_the_call_returns(
     hows = ["close", "fsync"] * 5
     for i, how in enumerate(hows):  # sequential: the checker pairs a record with its apply
         burst.rewrite(NAMES[i % 3], how, patch=True)
-    calls = tracer.stop()
     daemon_dir = str(m.src(".atomicfs"))
+    deadline = time.monotonic() + 10  # the last commits settle after their call returned
+    while any(n.startswith("journal-") for n in os.listdir(daemon_dir)):
+        assert time.monotonic() < deadline, "journal records not settled in 10 s"
+        time.sleep(0.01)
+    calls = tracer.stop()
     assert status(m)["commits"]["journal"] == len(hows)
     checked, problems = 0, []
     for name in NAMES[:3]:  # one file at a time: its records and the calls of its ops
         target = str(m.src(name))
         ops = [op for op in burst.ops if op.path == target]
         mine = [c for c in calls if any(op.t0 <= c.start <= op.t1 for op in ops)]
-        n, bad = journal_violations(mine, daemon_dir, target)
+        n, bad = journal_violations(calls, daemon_dir, target, records_from=mine)
         checked += n
-        problems += bad + journal_writer_violations(calls, target, ops)
+        problems += bad + journal_writer_violations(calls, daemon_dir, target, ops)
     assert checked == len(hows), f"{checked} journal records traced for {len(hows)} commits"
     print(f"{checked} journalled commits, {len(calls)} calls checked")
     assert not problems, report(calls, problems)
@@ -340,7 +346,7 @@ J_OP = [WriterOp("/s/f", "close", 1000.0, 1000.001)]
 def test_checker_accepts_a_correct_journalled_commit() -> None:
     calls = checked(JOURNAL_COMMIT)
     assert journal_violations(calls, "/s/.atomicfs", "/s/f") == (1, [])
-    assert journal_writer_violations(calls, "/s/f", J_OP) == []
+    assert journal_writer_violations(calls, "/s/.atomicfs", "/s/f", J_OP) == []
 
 
 @pytest.mark.parametrize(("change", "words"), [
@@ -358,6 +364,9 @@ def test_checker_catches_a_journal_out_of_order(change: tuple[str, str], words: 
 
 
 def test_checker_catches_a_journalled_commit_after_the_return() -> None:
-    op = WriterOp("/s/f", "fsync", 1000.0, 1000.00065)
-    problems = journal_writer_violations(checked(JOURNAL_COMMIT), "/s/f", [op])
-    assert len(problems) == 1 and "fsync" in problems[0], problems
+    op = WriterOp("/s/f", "fsync", 1000.0, 1000.00055)  # before the in-place writes
+    problems = journal_writer_violations(checked(JOURNAL_COMMIT), "/s/.atomicfs", "/s/f", [op])
+    assert len(problems) == 1 and "written in place" in problems[0], problems
+    op = WriterOp("/s/f", "fsync", 1000.0, 1000.00029)  # before the record's fsync ended
+    problems = journal_writer_violations(checked(JOURNAL_COMMIT), "/s/.atomicfs", "/s/f", [op])
+    assert len(problems) == 1 and "record was fsync-ed" in problems[0], problems

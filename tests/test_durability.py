@@ -97,16 +97,8 @@ class Burst:
                 os.pwrite(fd, data[:512], self.rng.randrange(0, 4096))
             else:
                 os.write(fd, data)
-            if how == "fsync":
-                t0 = time.time()
-                os.fsync(fd)
-                self.record(rel, how, t0, time.time())
         finally:
-            t0 = time.time()
-            os.close(fd)
-            t1 = time.time()
-        if how == "close":
-            self.record(rel, how, t0, t1)
+            self.finish(fd, rel, how)
 
     def create(self, directory: str, how: str) -> None:
         with self.lock:
@@ -115,6 +107,12 @@ class Burst:
         fd = os.open(self.m.path(rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.write(fd, os.urandom(self.rng.randrange(1, 9000)))
+        finally:
+            self.finish(fd, rel, how)
+
+    def finish(self, fd: int, rel: str, how: str) -> None:
+        """fsync (timed, if that is the commit point) and close (timed, if it is)."""
+        try:
             if how == "fsync":
                 t0 = time.time()
                 os.fsync(fd)

@@ -119,6 +119,9 @@ class Files:
         return self.committer.make_shadow(session.inode)
 
     async def _commit(self, session: Session, at: str) -> bool:
+        if session.failed and session.dirty:  # SEMANTICS §8.2: the committed version stays
+            raise OSError(session.failed, "not committed: an earlier write to this file "
+                          f"failed ({os.strerror(session.failed)})")
         return await self.committer.commit(session, self.table.data, at)
 
     async def publish(self, inode: Inode) -> None:
@@ -251,7 +254,11 @@ class Files:
             done = []
             if plan:
                 committed = None if session.pending else self.table.data(session.inode)
-                done = await trio.to_thread.run_sync(session.spill_copy, committed, plan)
+                try:
+                    done = await trio.to_thread.run_sync(session.spill_copy, committed, plan)
+                except OSError as exc:  # the map stays as it was, exact; only bigger
+                    log.warning("%s: extent map not bounded (%s)",
+                                self.committer.describe(session.inode), exc)
             session.spill_apply(done)
 
     def _write(self, handle: FileHandle, session: Session, off: int, buf: bytes) -> int:
@@ -335,7 +342,12 @@ class Files:
     async def _last_release(self, session: Session) -> None:
         try:
             async with session.lock:
-                if session.writers == 0 and session.dirty and not session.abandoned:
+                if session.writers == 0 and session.dirty and session.failed:
+                    log.warning("%s: not committed at its last close: a write to it failed "
+                                "(%s); the committed version is kept",
+                                self.committer.describe(session.inode),
+                                os.strerror(session.failed))
+                elif session.writers == 0 and session.dirty and not session.abandoned:
                     await self._commit(session, "last close")
         except OSError:
             pass  # logged by the committer; nobody is left to hear of it

@@ -35,6 +35,7 @@ from .extents import Extent, ExtentMap, Kind
 from .inodes import Inode
 
 ZEROS_CHUNK = bytes(1 << 20)
+FAILING_WRITES = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG}
 MAX_EXACT_EXTENTS = 256  # above this, st_blocks of a session is estimated
 # The bound on a session's extent map (~115 bytes an extent: ~7.5 MiB).  Beyond it,
 # the smallest gaps between written ranges are filled into the shadow ("spilled")
@@ -63,6 +64,7 @@ class Session:
     created_at: float = field(default_factory=time.monotonic)
     commits: int = 0
     abandoned: int = 0  # a writer was killed by this signal: the last release drops
+    failed: int = 0  # errno of a write that failed: no commit until truncated to zero
     spill_at: int = MAX_EXTENTS  # map size that triggers the next spill
     spilled: int = 0  # committed bytes copied into the shadow to bound the map
 
@@ -93,14 +95,24 @@ class Session:
         return b"".join(parts)
 
     def write(self, make_shadow: Callable[[Session], int], offset: int, data: bytes) -> int:
-        if self.shadow is None:
-            self.shadow = make_shadow(self)
-        written = os.pwrite(self.shadow, data, offset)
+        """Write into the shadow.  A write that fails for want of space or by an I/O
+        error marks the session ``failed``: its content is not what the program
+        meant, so it is not committed (SEMANTICS §8.2) until truncated to zero."""
+        try:
+            if self.shadow is None:
+                self.shadow = make_shadow(self)
+            written = os.pwrite(self.shadow, data, offset)
+        except OSError as exc:
+            if exc.errno in FAILING_WRITES:
+                self.failed = exc.errno
+            raise
         self.emap.write(offset, written)
         self.touch()
         return written
 
     def truncate(self, size: int) -> None:
+        if size == 0:
+            self.failed = 0  # nothing left that a failed write should have changed
         if size < self.emap.size and self.shadow is not None:
             # Drop shadow bytes past the new end, so a later extension reads as a hole.
             os.ftruncate(self.shadow, size)

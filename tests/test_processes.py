@@ -56,3 +56,14 @@ def test_unknown_processes_answer_the_safe_way() -> None:
     assert not processes.holds(gone, "/", 1, os.O_WRONLY)
     assert processes.children(gone) == []
     assert not processes.silent_children_closing(gone)
+
+
+def test_children_of_a_process_with_too_many_threads_are_not_read(monkeypatch) -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert child.pid in processes.children(os.getpid())
+        monkeypatch.setattr(processes, "MAX_THREADS", 0)
+        assert processes.children(os.getpid()) == []
+    finally:
+        child.kill()
+        child.wait()

@@ -238,6 +238,29 @@ class Committer:
             dir_fd = self.daemon_dir
         return syscalls.tmpfile(dir_fd)
 
+    def new_file_shadow(self, parent: Inode, parent_st: os.stat_result, mode: int) -> int:
+        """The unnamed file that becomes a new file in ``parent`` at its first commit.
+
+        A ready one from the pool (made in the daemon's directory) when the parent
+        would give a file made in it nothing a file made elsewhere lacks: same
+        filesystem, no default ACL, no security label, and (for an unprivileged
+        daemon, which cannot chown) no setgid group; else one made in ``parent``.
+        """
+        if (parent.key[0] == self.table.dev
+                and (metadata.IS_ROOT or not parent_st.st_mode & stat.S_ISGID)
+                and not any(n == b"system.posix_acl_default" or n.startswith(b"security.")
+                            for n in metadata.list_xattrs(parent.fd))):
+            fd = self.housekeeper.take_shadow()
+            if fd is not None:
+                try:
+                    os.fchmod(fd, mode & 0o7777)
+                    syscalls.touch_fd(fd, atime=True)  # made now, by the kernel's clock
+                except BaseException:
+                    os.close(fd)
+                    raise
+                return fd
+        return syscalls.tmpfile(parent.fd, mode & 0o7777)
+
     def _new_shadow(self, session: Session) -> int:
         if session.shadow is None:
             session.shadow = self.make_shadow(session.inode)

@@ -178,9 +178,10 @@ class Files:
         self.namespace._creatable(parent, name)
         if self.namespace.exists(parent, name):
             raise OSError(errno.EEXIST, "file exists")
-        shadow = syscalls.tmpfile(parent.fd, mode & 0o7777)
+        parent_st = os.stat(parent.fd)
+        shadow = self.committer.new_file_shadow(parent, parent_st, mode)
         try:
-            metadata.give_to_caller(shadow, ctx, os.stat(parent.fd), mode)
+            metadata.give_to_caller(shadow, ctx, parent_st, mode)
             path_fd = syscalls.reopen(shadow, os.O_PATH)
         except BaseException:
             os.close(shadow)

@@ -109,9 +109,11 @@ def fchown_fd(fd: int, uid: int, gid: int) -> None:
                           AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "fchownat")
 
 
-def touch_fd(fd: int) -> None:
-    """Set the mtime (and so the ctime) of the inode behind ``fd`` to now; atime kept."""
-    times = (_Timespec * 2)(_Timespec(0, UTIME_OMIT), _Timespec(0, UTIME_NOW))
+def touch_fd(fd: int, atime: bool = False) -> None:
+    """Set the mtime (and so the ctime) of the inode behind ``fd`` to now; the atime
+    too with ``atime``, else kept."""
+    times = (_Timespec * 2)(_Timespec(0, UTIME_NOW if atime else UTIME_OMIT),
+                            _Timespec(0, UTIME_NOW))
     _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "utimensat")
 
 

@@ -505,8 +505,7 @@ class Committer:
         """Redo record first, then apply in place (atomic across a crash; journal.py)."""
         inode = session.inode
         changes, size, mtime = await trio.to_thread.run_sync(self._changes, session)
-        record = journal.Record(journal.file_id(inode.fd), size,
-                                -1 if mtime is None else mtime, tuple(changes))
+        record = journal.Record(journal.file_id(inode.fd), size, mtime, tuple(changes))
         shadow = session.shadow if session.shadow is not None else -1
         self._records += 1
         name = f"{journal.RECORD_PREFIX}{os.getpid()}-{self._records:012d}"
@@ -532,8 +531,7 @@ class Committer:
     async def _in_place(self, session: Session) -> None:
         """In place without a record: durable, not crash-atomic (no journal available)."""
         changes, size, mtime = await trio.to_thread.run_sync(self._changes, session)
-        record = journal.Record(journal.FileId(0, 0, b""), size,
-                                -1 if mtime is None else mtime, tuple(changes))
+        record = journal.Record(journal.FileId(0, 0, b""), size, mtime, tuple(changes))
         shadow = session.shadow if session.shadow is not None else -1
         target = syscalls.reopen(session.inode.fd, os.O_RDWR)
         try:  # out of space before the first byte changes, where fallocate can tell

@@ -27,13 +27,15 @@ checksum): it is discarded and the target was never touched.  A crash during
 2 or 3 leaves a complete record: replay applies it again (applying is
 idempotent: the same bytes at the same offsets, the same size) and removes it.
 
-Record layout (little-endian):
-    header  "AFSJ0001" | u64 body length | u32 crc32(body)
-    body    u64 st_ino | u64 new size | i64 mtime_ns (-1: keep) | u32 handle type
-            | u32 handle length | handle bytes | u32 extent count
+Record layout (little-endian), version 2:
+    header  "AFSJ0002" | u64 body length | u32 crc32(body)
+    body    u64 st_ino | u64 new size | i64 mtime_ns | u32 flags (1: set the mtime)
+            | u32 handle type | u32 handle length | handle bytes | u32 extent count
             | per extent: u64 offset | u64 length | u8 kind (1 data, 2 hole)
             | then the data of every data extent, in order
-The encoding functions are pure (testable without FUSE); applying and replay
+Version 1 ("AFSJ0001", no flags field, mtime_ns -1 meaning "keep", so a
+time before 1970 could not be kept) is still read, for records left by an
+older daemon.  The encoding functions are pure (testable without FUSE); applying and replay
 take fds.
 """
 
@@ -53,9 +55,12 @@ from . import faults, syscalls
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"AFSJ0001"
+MAGIC = b"AFSJ0002"
+MAGIC_V1 = b"AFSJ0001"
 HEADER = struct.Struct("<8sQI")
-FIXED = struct.Struct("<QQqII")
+FIXED = struct.Struct("<QQqIII")  # ino, size, mtime_ns, flags, handle type, handle length
+FIXED_V1 = struct.Struct("<QQqII")  # ino, size, mtime_ns (-1: keep), handle type, length
+SET_MTIME = 1
 EXTENT = struct.Struct("<QQB")
 COUNT = struct.Struct("<I")
 DATA, HOLE = 1, 2
@@ -83,7 +88,7 @@ class Change:
 class Record:
     target: FileId
     size: int
-    mtime_ns: int  # -1: leave the mtime as applying sets it
+    mtime_ns: int | None  # None: leave the mtime as applying sets it
     changes: tuple[Change, ...]
 
 
@@ -145,7 +150,8 @@ def available(root_fd: int) -> bool:
 # -- encoding (pure) --------------------------------------------------------------
 def encode_meta(record: Record) -> bytes:
     t = record.target
-    parts = [FIXED.pack(t.ino, record.size, record.mtime_ns, t.handle_type, len(t.handle)),
+    flags, mtime = (0, 0) if record.mtime_ns is None else (SET_MTIME, record.mtime_ns)
+    parts = [FIXED.pack(t.ino, record.size, mtime, flags, t.handle_type, len(t.handle)),
              t.handle, COUNT.pack(len(record.changes))]
     parts.extend(EXTENT.pack(c.offset, c.length, c.kind) for c in record.changes)
     return b"".join(parts)
@@ -157,10 +163,25 @@ def encode(record: Record, data: Iterable[bytes]) -> bytes:
     return HEADER.pack(MAGIC, len(body), zlib.crc32(body)) + body
 
 
-def parse_meta(meta: bytes) -> tuple[Record, int]:
+def _fixed(magic: bytes) -> struct.Struct:
+    if magic == MAGIC:
+        return FIXED
+    if magic == MAGIC_V1:
+        return FIXED_V1
+    raise ValueError("not a journal record")
+
+
+def parse_meta(meta: bytes, magic: bytes = MAGIC) -> tuple[Record, int]:
     """Parse a body's metadata part; returns the record and the metadata's length."""
-    ino, size, mtime, htype, hlen = FIXED.unpack_from(meta, 0)
-    pos = FIXED.size
+    fixed = _fixed(magic)
+    mtime: int | None
+    if magic == MAGIC:
+        ino, size, mtime_ns, flags, htype, hlen = fixed.unpack_from(meta, 0)
+        mtime = mtime_ns if flags & SET_MTIME else None
+    else:
+        ino, size, mtime_ns, htype, hlen = fixed.unpack_from(meta, 0)
+        mtime = None if mtime_ns == -1 else mtime_ns
+    pos = fixed.size
     handle = meta[pos:pos + hlen]
     if len(handle) != hlen:
         raise ValueError("short handle")
@@ -187,10 +208,10 @@ def decode(blob: bytes) -> tuple[Record, bytes] | None:
         return None
     magic, body_len, crc = HEADER.unpack_from(blob, 0)
     body = blob[HEADER.size:]
-    if magic != MAGIC or body_len != len(body) or zlib.crc32(body) != crc:
+    if magic not in (MAGIC, MAGIC_V1) or body_len != len(body) or zlib.crc32(body) != crc:
         return None
     try:
-        record, start = parse_meta(body)
+        record, start = parse_meta(body, magic)
     except (struct.error, ValueError):
         return None
     if start + data_length(record) != len(body):
@@ -269,7 +290,7 @@ def apply(target_fd: int, record: Record, data_source: int, data_base: int | Non
                 done += len(chunk)
             pos += change.length
     os.ftruncate(target_fd, record.size)
-    if record.mtime_ns >= 0:
+    if record.mtime_ns is not None:
         syscalls.utimens_fd(target_fd, None, record.mtime_ns)
     if sync:
         os.fsync(target_fd)
@@ -371,7 +392,7 @@ def _replay_one(fd: int, root_fd: int, name: str) -> str:
     if len(head) < HEADER.size:
         return f"discarded torn journal record {name} (target untouched)"
     magic, body_len, crc = HEADER.unpack(head)
-    if magic != MAGIC or body_len != size - HEADER.size:
+    if magic not in (MAGIC, MAGIC_V1) or body_len != size - HEADER.size:
         return f"discarded torn journal record {name} (target untouched)"
     check = 0
     for chunk in _read_range(fd, HEADER.size, body_len):
@@ -379,7 +400,7 @@ def _replay_one(fd: int, root_fd: int, name: str) -> str:
     if check != crc:
         return f"discarded corrupt journal record {name} (target untouched)"
     try:
-        record, start = _read_meta(fd, body_len)
+        record, start = _read_meta(fd, body_len, magic)
     except (struct.error, ValueError):
         return f"discarded unreadable journal record {name} (target untouched)"
     try:
@@ -395,15 +416,15 @@ def _replay_one(fd: int, root_fd: int, name: str) -> str:
            f"({len(record.changes)} extents, size {record.size})"
 
 
-def _read_meta(fd: int, body_len: int) -> tuple[Record, int]:
+def _read_meta(fd: int, body_len: int, magic: bytes) -> tuple[Record, int]:
     """Read and parse a record file's metadata (its size is only known in two steps)."""
-    fixed = os.pread(fd, FIXED.size, HEADER.size)
-    hlen = FIXED.unpack(fixed)[4]
-    (count,) = COUNT.unpack(os.pread(fd, COUNT.size, HEADER.size + FIXED.size + hlen))
-    meta_len = FIXED.size + hlen + COUNT.size + count * EXTENT.size
+    fixed = _fixed(magic)
+    hlen = fixed.unpack(os.pread(fd, fixed.size, HEADER.size))[-1]
+    (count,) = COUNT.unpack(os.pread(fd, COUNT.size, HEADER.size + fixed.size + hlen))
+    meta_len = fixed.size + hlen + COUNT.size + count * EXTENT.size
     if meta_len > body_len:
         raise ValueError("metadata longer than the record")
-    record, start = parse_meta(os.pread(fd, meta_len, HEADER.size))
+    record, start = parse_meta(os.pread(fd, meta_len, HEADER.size), magic)
     if start + data_length(record) != body_len:
         raise ValueError("body length does not match the extents")
     return record, start

@@ -14,16 +14,17 @@ from atomicfs import journal
 from atomicfs.journal import DATA, HOLE, Change, FileId, Record
 
 
-def _record(changes: list[Change], size: int = 1 << 20, mtime: int = 123) -> Record:
+def _record(changes: list[Change], size: int = 1 << 20, mtime: int | None = 123) -> Record:
     return Record(FileId(42, 1, b"\x01\x02\x03\x04\x05\x06\x07\x08"), size, mtime,
                   tuple(changes))
 
 
 @given(st.lists(st.tuples(st.integers(0, 1 << 40), st.integers(1, 64), st.booleans()),
-                max_size=20), st.integers(0, 1 << 50), st.integers(-1, 1 << 62))
+                max_size=20), st.integers(0, 1 << 50),
+       st.one_of(st.none(), st.integers(-(1 << 62), 1 << 62)))
 @settings(max_examples=200, deadline=None)
 def test_encode_decode_round_trip(raw: list[tuple[int, int, bool]], size: int,
-                                  mtime: int) -> None:
+                                  mtime: int | None) -> None:
     changes = [Change(off, n, DATA if data else HOLE) for off, n, data in raw]
     payload = [os.urandom(c.length) for c in changes if c.kind == DATA]
     rec = _record(changes, size, mtime)
@@ -101,7 +102,7 @@ def test_torn_or_corrupt_records_are_discarded(tmp_path: Path, damage: str) -> N
     shadow = tmp_path / "shadow"
     shadow.write_bytes(b"n" * 10000)
     tfd = os.open(target, os.O_PATH)
-    rec = Record(journal.file_id(tfd), 10000, -1, (Change(0, 10000, DATA),))
+    rec = Record(journal.file_id(tfd), 10000, None, (Change(0, 10000, DATA),))
     journal.write_record(ddir, "journal-x-1", rec, os.open(shadow, os.O_RDONLY))
     path = tmp_path / "root" / ".atomicfs" / "journal-x-1"
     blob = bytearray(path.read_bytes())
@@ -123,7 +124,7 @@ def test_torn_or_corrupt_records_are_discarded(tmp_path: Path, damage: str) -> N
 def test_record_for_a_vanished_file_is_discarded(tmp_path: Path) -> None:
     root_fd, ddir, target = _setup(tmp_path, b"x" * 100)
     tfd = os.open(target, os.O_PATH)
-    rec = Record(journal.file_id(tfd), 0, -1, ())
+    rec = Record(journal.file_id(tfd), 0, None, ())
     os.close(tfd)
     journal.write_record(ddir, "journal-y-1", rec, -1)
     target.unlink()
@@ -160,3 +161,35 @@ def test_reserve_allocates_the_holes_data_will_fill_and_unreserve_gives_them_bac
         assert path.read_bytes() == before
     finally:
         os.close(fd)
+
+
+def test_a_version_1_record_still_decodes() -> None:
+    """Records left by an older daemon (AFSJ0001: no flags, -1 meaning "keep")."""
+    import struct
+    import zlib
+
+    for mtime_v1, want in ((-1, None), (5_000_000_000, 5_000_000_000)):
+        handle = b"\x01\x02\x03\x04"
+        body = (journal.FIXED_V1.pack(42, 4096, mtime_v1, 1, len(handle)) + handle
+                + journal.COUNT.pack(1) + journal.EXTENT.pack(0, 4, DATA) + b"data")
+        blob = journal.HEADER.pack(journal.MAGIC_V1, len(body), zlib.crc32(body)) + body
+        decoded = journal.decode(blob)
+        assert decoded is not None, struct.calcsize("<QQqII")
+        record, data = decoded
+        assert record == Record(FileId(42, 1, handle), 4096, want, (Change(0, 4, DATA),))
+        assert data == b"data"
+
+
+def test_apply_keeps_an_mtime_before_1970(tmp_path: Path) -> None:
+    target = tmp_path / "t"
+    target.write_bytes(b"old")
+    fd = os.open(target, os.O_RDWR)
+    try:
+        record = Record(FileId(0, 0, b""), 3, -86_400 * 10**9, (Change(0, 3, HOLE),))
+        blob = journal.encode(record, [])
+        decoded = journal.decode(blob)
+        assert decoded is not None and decoded[0].mtime_ns == -86_400 * 10**9
+        journal.apply(fd, decoded[0], -1, None)
+    finally:
+        os.close(fd)
+    assert os.stat(target).st_mtime_ns == -86_400 * 10**9, "a pre-1970 mtime was dropped"

@@ -246,3 +246,18 @@ def test_scattered_writes_keep_the_extent_map_bounded(mount_factory: MountFactor
     counts = status(m)["commits"]
     assert counts[commit] == 1, counts
     assert settled(src) == []
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the journal needs open_by_handle_at (root)")
+def test_journalled_commit_keeps_an_explicit_mtime_before_1970(mount: Mount) -> None:
+    mount.src("a").write_bytes(b"old content\n")
+    os.link(mount.src("a"), mount.src("b"))  # hard-linked: journalled in place
+    fd = os.open(mount.path("a"), os.O_RDWR)
+    try:
+        os.pwrite(fd, b"NEW", 0)
+        os.utime(fd, ns=(0, -10 * 365 * 86_400 * 10**9))  # 1960, set during the session
+    finally:
+        os.close(fd)
+    assert status(mount)["commits"]["journal"] == 1
+    assert mount.src("b").read_bytes() == b"NEW content\n"
+    assert os.stat(mount.src("a")).st_mtime_ns == -10 * 365 * 86_400 * 10**9

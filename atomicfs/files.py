@@ -30,6 +30,7 @@ Policy (SEMANTICS §2, §4):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -105,6 +106,11 @@ class Files:
             del self.sessions[session.inode.ino]
         if session.dirty and not session.pending:  # uncommitted content is dropped
             self.stale_cache.add(session.inode.ino)
+            # The kernel's attributes (the session's size) go at once: an attribute-only
+            # invalidation touches no page, so it cannot wait on a request (safe here,
+            # inside a handler); the cached pages go from the housekeeper's thread.
+            with contextlib.suppress(OSError):  # ENOENT: the kernel forgot the inode
+                pyfuse3.invalidate_inode(session.inode.ino, attr_only=True)
             self.committer.housekeeper.invalidate(session.inode.ino)
         if session.pending:  # never committed: the new file goes with its session
             for parent_ino, name in list(session.inode.names):

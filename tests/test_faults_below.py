@@ -136,14 +136,10 @@ def test_source_remounted_read_only_under_a_live_mount(tmpfs_source: Path,
     assert not (src / ".atomicfs").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: when a session's data is dropped (its last release could not commit), the "
-    "kernel keeps the session's attributes (size) for the attribute timeout (1 s): a "
-    "reader right after the failed close() sees the committed version cut to the "
-    "session's size. The daemon does not invalidate the inode's attributes "
-    "(pyfuse3.invalidate_inode, from outside the handler) when it drops a session."))
 def test_dropped_session_does_not_leave_its_size_in_the_kernel(
         tmpfs_source: Path, mount_factory: MountFactory) -> None:
+    """A session dropped at its last release (its commit failed: EROFS) takes its
+    attributes out of the kernel at once: the next reader sees the committed size."""
     src = tmpfs_source
     (src / "f").write_bytes(b"committed f\n")
     m = mount_factory(source=src)

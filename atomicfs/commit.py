@@ -308,8 +308,11 @@ class Committer:
                 os.fsync(shadow)
                 faults.point("commit.after_fsync")
 
+        # Without an fsync or data to copy, the steps are a few cheap syscalls: run them
+        # here rather than pay a thread's round trip (durability=batch saves).
+        quick = not sync and not clone and session.emap.count(Kind.COMMITTED) == 0
         try:
-            await trio.to_thread.run_sync(build)
+            await _blocking(build, quick)
         except BaseException:
             if clone:
                 os.close(shadow)
@@ -342,7 +345,7 @@ class Committer:
                 os.fsync(shadow)
                 faults.point("commit.after_fsync")
 
-        await trio.to_thread.run_sync(build)
+        await _blocking(build, not sync)
         session.shadow = None
         try:
             await self._install(session, shadow, new_file=True)
@@ -561,6 +564,14 @@ class Committer:
         session.emap.reset(session.size)
         session.base_size = session.size
         session.mtime_ns = None
+
+
+async def _blocking(fn: Callable[[], None], quick: bool) -> None:
+    """Run ``fn`` in a worker thread, or right here when ``quick`` (no fsync, no copy)."""
+    if quick:
+        fn()
+    else:
+        await trio.to_thread.run_sync(fn)
 
 
 def probe_reflink(dir_fd: int) -> bool:

@@ -64,6 +64,7 @@ def snapshot(ops: AtomicOperations) -> dict[str, Any]:
             "writers": session.writers,
             "new_file": session.pending,
             "dirty": session.dirty,
+            "spilled_bytes": session.spilled,
         })
     stats = ops.committer.stats
     info = ops.info
@@ -87,6 +88,12 @@ def snapshot(ops: AtomicOperations) -> dict[str, Any]:
         "commit_latency": percentiles(list(stats.latencies)),
         "reflink": ops.committer.reflink_ok,
         "journal": ops.committer.journal_ok,
+        "housekeeping": {
+            "shadows_ready": len(ops.housekeeper.ready),
+            "shadows_made": ops.housekeeper.made,
+            "shadow_pool_misses": ops.housekeeper.misses,
+            "journal_records_unsettled": len(ops.housekeeper.to_settle),
+        },
     }
 
 
@@ -158,6 +165,12 @@ def format_text(doc: dict[str, Any]) -> str:
     recoveries = doc.get("recoveries", [])
     lines.append(f"recoveries at mount: {len(recoveries) or 'none'}")
     lines.extend(f"  {line}" for line in recoveries)
+    hk = doc.get("housekeeping", {})
+    if hk:
+        lines.append(f"shadow pool: {hk.get('shadows_ready', 0)} ready, "
+                     f"{hk.get('shadows_made', 0)} made, {hk.get('shadow_pool_misses', 0)} "
+                     f"asked for while empty; journal records not yet settled: "
+                     f"{hk.get('journal_records_unsettled', 0)}")
     lat = doc.get("commit_latency", {})
     if lat:
         lines.append(f"commit latency: p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms, "

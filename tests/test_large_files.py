@@ -220,7 +220,7 @@ def test_scattered_writes_keep_the_extent_map_bounded(mount_factory: MountFactor
     m = mount_factory(source=src, options=[f"commit={commit}"],
                       env={"ATOMICFS_MAX_EXTENTS": "64"})
     rng = random.Random(7)
-    most = 0
+    most = spilled = 0
     fd = os.open(m.path("big"), os.O_RDWR)
     try:
         hole_writes = 0
@@ -233,12 +233,14 @@ def test_scattered_writes_keep_the_extent_map_bounded(mount_factory: MountFactor
             if i % 50 == 0:
                 sessions = status(m)["sessions"]
                 most = max([most] + [s["extents"] for s in sessions])
+                spilled = max([spilled] + [s["spilled_bytes"] for s in sessions])
                 probe = rng.randrange(0, 32 * MiB - 65536)
                 assert os.pread(fd, 65536, probe) == model[probe:probe + 65536], \
                     f"read during the session differs at {probe}"
     finally:
         os.close(fd)
     assert 0 < most <= 64 + 2, f"the extent map reached {most} extents (bound 64)"
+    assert spilled > 0, "the status never showed committed bytes spilled into the shadow"
     assert (src / "big").read_bytes() == model, "the committed content differs"
     allocated = os.stat(src / "big").st_blocks * 512
     assert allocated <= 16 * MiB + hole_writes * 8192 + MiB, \

@@ -413,8 +413,7 @@ def test_service_notify_handshake_stop_and_restart(tmp_path: Path, cleanup: Clea
 # -- status --------------------------------------------------------------------------------
 
 def cli_output(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    """Run the command line in this process (a subprocess would not do here: the close
-    of the descriptors it inherits, at its exec, is a FLUSH, which commits)."""
+    """Run the command line in this process, its output captured."""
     assert cli.main(list(args)) == 0
     out, err = capsys.readouterr()
     assert err == ""
@@ -443,6 +442,7 @@ def test_status_shows_open_sessions_and_counters(mount: Mount,
         s = sessions["/old.txt"]
         assert (s["buffered_bytes"], s["extents"], s["writers"], s["new_file"], s["size"]) \
             == (4096, 3, 2, False, 100_000)
+        assert s["spilled_bytes"] == 0
         assert all(s["age_s"] >= 0.1 for s in doc["sessions"])
         assert mount.proc is not None and doc["pid"] == mount.proc.pid
         assert doc["mountpoint"] == mnt and doc["source"] == str(mount.source)
@@ -463,12 +463,18 @@ def test_status_shows_open_sessions_and_counters(mount: Mount,
     assert doc["bytes_committed"] == 150_100
     assert doc["failures"] == {}
     assert doc["commit_latency"]["samples"] == 2
+    hk = doc["housekeeping"]
+    # both first writes asked the (empty at mount) shadow pool, which then filled
+    assert hk["shadow_pool_misses"] >= 1 and hk["shadows_made"] >= 1, hk
+    assert 0 < hk["shadows_ready"] <= 8 and hk["journal_records_unsettled"] == 0, hk
     res = atomicfs("status", mnt)  # and as its own process
     assert res.returncode == 0 and res.stderr == "", res.stderr
     text = res.stdout
     assert "open sessions: 0" in text
     assert "commits: 2 (new 1, rename 1); 146.6 KiB committed" in text, text
     assert "failed commits: none" in text
+    assert re.search(r"shadow pool: \d+ ready, \d+ made, \d+ asked for while empty; "
+                     r"journal records not yet settled: 0", text), text
     assert re.search(r"commit latency: p50 [\d.]+ ms, p90 [\d.]+ ms, p99 [\d.]+ ms, "
                      r"max [\d.]+ ms \(2 most recent commits\)", text), text
 

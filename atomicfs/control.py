@@ -26,7 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .mount import MountEntry, MountError, top_mount
+from . import processes
+from .mount import MountEntry, MountError, is_fuse, top_mount
 from .status import STATUS_XATTR
 
 T = TypeVar("T")
@@ -61,7 +62,7 @@ def _in_thread(fn: Callable[[], T], timeout: float) -> T:
 def fuse_mount_at(mountpoint: str) -> MountEntry:
     """The FUSE mount exactly at ``mountpoint``, or MountError."""
     entry = top_mount(os.path.realpath(mountpoint))
-    if entry is None or not (entry.fstype == "fuse" or entry.fstype.startswith("fuse.")):
+    if entry is None or not is_fuse(entry.fstype):
         if not os.path.lexists(mountpoint):
             raise MountError(f"{mountpoint!r} does not exist")
         raise MountError(f"{mountpoint!r} is not a FUSE mount")
@@ -120,12 +121,12 @@ class Holder:
     what: str  # "has /mnt/f open", "has its working directory in /mnt"...
 
 
-def _fd_mount_id(fd: int) -> int | None:
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        for line in f:
-            if line.startswith("mnt_id:"):
-                return int(line.split()[1])
-    return None
+def _mount_id(fdinfo: str) -> int | None:
+    """The ``mnt_id`` of an fdinfo file (None if it is gone or says none)."""
+    try:
+        return int(processes.read_fields(fdinfo)["mnt_id"])
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _link_mount_id(path: str) -> int | None:
@@ -135,20 +136,9 @@ def _link_mount_id(path: str) -> int | None:
     except OSError:
         return None
     try:
-        return _fd_mount_id(fd)
+        return _mount_id(f"/proc/self/fdinfo/{fd}")
     finally:
         os.close(fd)
-
-
-def _listed_fd_mount_id(pid: str, fd: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-            for line in f:
-                if line.startswith("mnt_id:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def holders(entry: MountEntry, skip: set[int] | frozenset[int] = frozenset()) -> list[Holder]:
@@ -172,7 +162,7 @@ def holders(entry: MountEntry, skip: set[int] | frozenset[int] = frozenset()) ->
         except OSError:
             fds = []
         for fd in fds:
-            if _listed_fd_mount_id(pid, fd) == entry.mount_id:
+            if _mount_id(f"/proc/{pid}/fdinfo/{fd}") == entry.mount_id:
                 what.append(f"{_readlink(f'{base}/fd/{fd}')} open")
         try:
             with open(f"{base}/maps") as f:

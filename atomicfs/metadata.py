@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import pyfuse3
 import xattr
 
-from . import syscalls
+from . import processes, syscalls
 
 IS_ROOT = os.geteuid() == 0
 
@@ -74,13 +74,10 @@ CAP_SYS_ADMIN = 21
 def caller_capable(ctx: pyfuse3.RequestContext, cap: int) -> bool:
     """Does the calling process hold capability ``cap`` (its CapEff)?  By uid if it is gone."""
     try:
-        with open(f"/proc/{ctx.pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"CapEff:"):
-                    return bool(int(line.split()[1], 16) >> cap & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return ctx.uid == 0
+        return bool(int(processes.read_fields(f"/proc/{ctx.pid}/status")["CapEff"], 16)
+                    >> cap & 1)
+    except (OSError, ValueError, KeyError):
+        return ctx.uid == 0
 
 
 def caller_in_group(ctx: pyfuse3.RequestContext, gid: int) -> bool:

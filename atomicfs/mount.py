@@ -103,14 +103,14 @@ def top_fstype(path: str) -> str | None:
     return None if entry is None else entry.fstype
 
 
-def _is_fuse(fstype: str | None) -> bool:
+def is_fuse(fstype: str | None) -> bool:
     return fstype is not None and (fstype == "fuse" or fstype.startswith("fuse."))
 
 
 def _check_not_dead(mountpoint: str, shown: str) -> None:
     """A FUSE mount whose daemon is gone (killed, crashed) answers ENOTCONN: say so first
     (with SOURCE == MOUNTPOINT, SOURCE is unreachable until it is detached)."""
-    if not _is_fuse(top_fstype(mountpoint)):
+    if not is_fuse(top_fstype(mountpoint)):
         return
     try:
         os.statvfs(mountpoint)  # always asks the daemon (stat may be answered from cache)
@@ -160,7 +160,7 @@ def check_request(req: MountRequest) -> int:
     if not os.path.isdir(mountpoint):
         raise MountError(f"MOUNTPOINT {req.mountpoint!r} is not a directory")
     fstype = top_fstype(mountpoint)
-    if _is_fuse(fstype):
+    if is_fuse(fstype):
         raise MountError(f"MOUNTPOINT {req.mountpoint!r} is already mounted ({fstype})")
     if mountpoint != source and mountpoint.startswith(source.rstrip("/") + "/"):
         raise MountError(f"MOUNTPOINT {req.mountpoint!r} is inside SOURCE {req.source!r}")
@@ -350,7 +350,7 @@ def run(req: MountRequest) -> int:
     try:
         trio.run(_serve, ops, ready_fd)
     finally:
-        still_mounted = _is_fuse(top_fstype(mountpoint))  # any subtype= the user chose
+        still_mounted = is_fuse(top_fstype(mountpoint))  # any subtype= the user chose
         pyfuse3.close(unmount=still_mounted)
         ops.shutdown()
         log.info("%s", logs.summary(mountpoint, ops.committer.stats, ops.info.uptime()))

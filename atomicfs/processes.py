@@ -44,32 +44,30 @@ def parse_stat(text: str) -> tuple[int, int]:
     return flags, exit_code
 
 
-def killed(pid: int) -> int:
-    """The signal killing ``pid``, if it is exiting because of one; else 0."""
+def _exit_state(pid: int) -> tuple[bool, int]:
+    """(is ``pid`` exiting, its exit code so far); (False, 0) if /proc does not say."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             flags, exit_code = parse_stat(f.read())
     except (OSError, ValueError, IndexError):
-        return 0
-    if not flags & PF_EXITING:
-        return 0
-    return exit_code & 0x7F
+        return False, 0
+    return bool(flags & PF_EXITING), exit_code
+
+
+def killed(pid: int) -> int:
+    """The signal killing ``pid``, if it is exiting because of one; else 0."""
+    exiting, exit_code = _exit_state(pid)
+    return exit_code & 0x7F if exiting else 0
 
 
 def _exiting(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            flags, _ = parse_stat(f.read())
-    except (OSError, ValueError, IndexError):
-        return False
-    return bool(flags & PF_EXITING)
+    return _exit_state(pid)[0]
 
 
 def _wrote(pid: int) -> bool:
     """Has ``pid`` written any byte (any file, pipe or terminal)?  True if unknown."""
     try:
-        with open(f"/proc/{pid}/io") as f:
-            return int(parse_fdinfo(f.read()).get("wchar", "1")) > 0
+        return int(read_fields(f"/proc/{pid}/io").get("wchar", "1")) > 0
     except (OSError, ValueError):
         return True
 
@@ -124,13 +122,20 @@ def silent_children_closing(pid: int) -> bool:
 
 
 def parse_fdinfo(text: str) -> dict[str, str]:
-    """The ``key: value`` lines of a ``/proc/PID/fdinfo/N`` file."""
+    """The ``key: value`` lines of a ``/proc/PID/fdinfo/N`` file (and of the other
+    /proc files in that form: ``status``, ``io``)."""
     out = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep:
             out[key.strip()] = value.strip()
     return out
+
+
+def read_fields(path: str) -> dict[str, str]:
+    """The ``key: value`` fields of a /proc file; OSError if it cannot be read."""
+    with open(path, errors="replace") as f:
+        return parse_fdinfo(f.read())
 
 
 def holds(pid: int, mountpoint: str, ino: int, accmode: int) -> bool:
@@ -149,8 +154,7 @@ def holds(pid: int, mountpoint: str, ino: int, accmode: int) -> bool:
             target = os.readlink(f"{base}/{fd}")
             if not target.startswith(prefix) and target != mountpoint:
                 continue
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                info = parse_fdinfo(f.read())
+            info = read_fields(f"/proc/{pid}/fdinfo/{fd}")
         except OSError:  # closed meanwhile
             continue
         try:

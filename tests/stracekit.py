@@ -40,6 +40,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from atomicfs import processes
+
 TRACED = [
     # syncs
     "fsync", "fdatasync", "syncfs", "sync", "sync_file_range",
@@ -418,13 +420,10 @@ class PtraceRefused(Exception):
 
 def _tracer_of(pid: int, tid: str) -> int:
     try:
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            for line in f:
-                if line.startswith("TracerPid:"):
-                    return int(line.split()[1])
+        fields = processes.read_fields(f"/proc/{pid}/task/{tid}/status")
     except OSError:
         return -1
-    return 0
+    return int(fields.get("TracerPid", "0"))
 
 
 class Tracer:

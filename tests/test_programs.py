@@ -147,6 +147,15 @@ def add_acls(t: Path) -> None:
         else ["setfacl", "-d", "-m", "u:1234:rwx", t / "names"])
 
 
+def build_acl_tree(tmp_path: Path) -> Path:
+    """:func:`build_tree` in ``tmp_path/build``, with :func:`add_acls`; returns the tree."""
+    build = tmp_path / "build"
+    build.mkdir()
+    tree = build_tree(build)
+    add_acls(tree)
+    return tree
+
+
 # -- comparing trees ---------------------------------------------------------------------
 
 def tree_state(root: Path) -> tuple[dict[bytes, dict[str, object]], set[frozenset[bytes]]]:
@@ -261,13 +270,10 @@ TAR_X = ["tar", "--extract", "--sparse", "--xattrs", "--xattrs-include=*", "--ac
 
 def make_tarball(tmp_path: Path) -> Path:
     need("tar")
-    build = tmp_path / "build"
-    build.mkdir()
-    tree = build_tree(build)
-    add_acls(tree)
+    tree = build_acl_tree(tmp_path)
     tarball = tmp_path / "tree.tar"
     run(["tar", "--create", "--sparse", "--xattrs", "--xattrs-include=*", "--acls",
-         "--numeric-owner", f"--file={tarball}", "-C", build, "tree"])
+         "--numeric-owner", f"--file={tarball}", "-C", tree.parent, "tree"])
     return tarball
 
 
@@ -317,10 +323,7 @@ def test_cp_a(mount_factory: MountFactory, tmp_path: Path,
               options: tuple[str, ...]) -> None:
     need("cp", "diff")
     mount = mount_factory(options=options)
-    build = tmp_path / "build"
-    build.mkdir()
-    tree = build_tree(build)
-    add_acls(tree)
+    tree = build_acl_tree(tmp_path)
     plain = tmp_path / "plain"
     plain.mkdir()
     run(["cp", "-a", tree, plain])
@@ -354,10 +357,7 @@ def test_rsync_round_trip(mount_factory: MountFactory, tmp_path: Path,
                           options: tuple[str, ...]) -> None:
     need("rsync", "setfacl")
     mount = mount_factory(options=options)
-    build = tmp_path / "build"
-    build.mkdir()
-    tree = build_tree(build)
-    add_acls(tree)
+    tree = build_acl_tree(tmp_path)
     plain2 = tmp_path / "plain2"
     into = mount.path("tree")
     run(["rsync", "-aHAX", f"{tree}/", f"{into}/"])

@@ -539,23 +539,19 @@ class Committer:
         target = syscalls.reopen(session.inode.fd, os.O_RDWR)
         try:  # out of space before the first byte changes, where fallocate can tell
             await trio.to_thread.run_sync(journal.reserve, target, record)
+            await self._apply(session, lambda fd: journal.apply(fd, record, shadow, None),
+                              target)
         finally:
             os.close(target)
-        await self._apply(session, lambda fd: journal.apply(fd, record, shadow, None))
 
     async def _apply(self, session: Session, work: Callable[[int], None],
-                     target: int | None = None) -> None:
-        """Run ``work(target_fd)`` in a thread while isolated readers of the file wait
-        (on ``target``, which stays open, or on a descriptor of its own)."""
+                     target: int) -> None:
+        """Run ``work(target)`` in a thread while isolated readers of the file wait
+        (``target``: the file open for writing, the caller's to close)."""
         inode = session.inode
         done = self.applying[inode.ino] = trio.Event()
         try:
-            fd = syscalls.reopen(inode.fd, os.O_RDWR) if target is None else target
-            try:
-                await trio.to_thread.run_sync(work, fd)
-            finally:
-                if target is None:
-                    os.close(fd)
+            await trio.to_thread.run_sync(work, target)
         finally:
             del self.applying[inode.ino]
             done.set()

@@ -328,7 +328,7 @@ def run(req: MountRequest) -> int:
     logs.setup(req.options.debug, req.log_file)
     raise_fd_limit()
     os.umask(0)
-    ops = AtomicOperations(src_fd, req.options, mountpoint)
+    ops = AtomicOperations(src_fd, req.options)
     ops.info.source = os.path.realpath(req.source)
     ops.info.mountpoint = mountpoint
     fuse_opts = set(req.options.fuse)

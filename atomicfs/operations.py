@@ -86,10 +86,8 @@ class AtomicOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, root_fd: int, options: MountOptions | None = None,
-                 mountpoint: str | None = None) -> None:
+    def __init__(self, root_fd: int, options: MountOptions | None = None) -> None:
         super().__init__()
-        self.mountpoint = mountpoint
         options = options or MountOptions()
         self.trace = options.debug
         self.options_summary = {"durability": options.durability,
@@ -117,7 +115,7 @@ class AtomicOperations(pyfuse3.Operations):
                                    self.namespace.published, options.commit,
                                    options.durability, self.housekeeper)
         self.files = Files(self.table, self.namespace, self.committer, options.isolation,
-                           self.mountpoint)
+                           self.info.mountpoint or None)
 
     def _attrs(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         if inode.is_reg:

@@ -61,6 +61,7 @@ HEADER = struct.Struct("<8sQI")
 FIXED = struct.Struct("<QQqIII")  # ino, size, mtime_ns, flags, handle type, handle length
 FIXED_V1 = struct.Struct("<QQqII")  # ino, size, mtime_ns (-1: keep), handle type, length
 SET_MTIME = 1
+LAYOUTS = {MAGIC: FIXED, MAGIC_V1: FIXED_V1}  # the record formats replay reads
 EXTENT = struct.Struct("<QQB")
 COUNT = struct.Struct("<I")
 DATA, HOLE = 1, 2
@@ -163,17 +164,9 @@ def encode(record: Record, data: Iterable[bytes]) -> bytes:
     return HEADER.pack(MAGIC, len(body), zlib.crc32(body)) + body
 
 
-def _fixed(magic: bytes) -> struct.Struct:
-    if magic == MAGIC:
-        return FIXED
-    if magic == MAGIC_V1:
-        return FIXED_V1
-    raise ValueError("not a journal record")
-
-
 def parse_meta(meta: bytes, magic: bytes = MAGIC) -> tuple[Record, int]:
     """Parse a body's metadata part; returns the record and the metadata's length."""
-    fixed = _fixed(magic)
+    fixed = LAYOUTS[magic]
     mtime: int | None
     if magic == MAGIC:
         ino, size, mtime_ns, flags, htype, hlen = fixed.unpack_from(meta, 0)
@@ -208,7 +201,7 @@ def decode(blob: bytes) -> tuple[Record, bytes] | None:
         return None
     magic, body_len, crc = HEADER.unpack_from(blob, 0)
     body = blob[HEADER.size:]
-    if magic not in (MAGIC, MAGIC_V1) or body_len != len(body) or zlib.crc32(body) != crc:
+    if magic not in LAYOUTS or body_len != len(body) or zlib.crc32(body) != crc:
         return None
     try:
         record, start = parse_meta(body, magic)
@@ -392,7 +385,7 @@ def _replay_one(fd: int, root_fd: int, name: str) -> str:
     if len(head) < HEADER.size:
         return f"discarded torn journal record {name} (target untouched)"
     magic, body_len, crc = HEADER.unpack(head)
-    if magic not in (MAGIC, MAGIC_V1) or body_len != size - HEADER.size:
+    if magic not in LAYOUTS or body_len != size - HEADER.size:
         return f"discarded torn journal record {name} (target untouched)"
     check = 0
     for chunk in _read_range(fd, HEADER.size, body_len):
@@ -418,7 +411,7 @@ def _replay_one(fd: int, root_fd: int, name: str) -> str:
 
 def _read_meta(fd: int, body_len: int, magic: bytes) -> tuple[Record, int]:
     """Read and parse a record file's metadata (its size is only known in two steps)."""
-    fixed = _fixed(magic)
+    fixed = LAYOUTS[magic]
     hlen = fixed.unpack(os.pread(fd, fixed.size, HEADER.size))[-1]
     (count,) = COUNT.unpack(os.pread(fd, COUNT.size, HEADER.size + fixed.size + hlen))
     meta_len = fixed.size + hlen + COUNT.size + count * EXTENT.size

@@ -378,8 +378,9 @@ def test_reader_never_sees_a_mix_within_one_read(mount_factory, tmp_path, isolat
     reads = 0
     t.start()
     try:
-        # the mix is a race: usually seen within 2 s; under load it can take longer
-        deadline = time.monotonic() + 10.0
+        # the mix is a race: usually seen within 2 s; under load it took over 10 s
+        # (a strict xfail that passes fails the suite): the loop ends at the first mix
+        deadline = time.monotonic() + 30.0
         while time.monotonic() < deadline and not bad and not errors:
             if held >= 0:
                 data = os.pread(held, 2 * size, 0)

@@ -309,14 +309,15 @@ class Files:
         """Is this close after writes not the end of the program's writing?"""
         if self.mountpoint is None or not handle.pid:
             return False
-        signal = processes.killed(handle.pid)
+        opener = processes.state(handle.pid)
+        signal = opener.signal
         if signal:
             session.abandoned = signal
             log.warning("%s: the process writing it (pid %d) was killed by signal %d before "
                         "closing it; its unfinished writes will not be committed",
                         self.committer.describe(handle.inode), handle.pid, signal)
             return True
-        if (processes.silent_children_closing(handle.pid)
+        if (processes.silent_children_closing(handle.pid, opener.threads)
                 and processes.holds(handle.pid, self.mountpoint, handle.inode.ino,
                                     handle.flags & os.O_ACCMODE)):
             log.debug("close of %s not a commit point: a child of its opener (pid %d) that "

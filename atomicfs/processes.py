@@ -27,41 +27,66 @@ killed" and "no silent child": a close then commits.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 PF_EXITING = 0x00000004  # include/linux/sched.h: the task is in do_exit()
 
 
-def parse_stat(text: str) -> tuple[int, int]:
-    """``(flags, exit_code)`` from the text of ``/proc/PID/stat``.
+class ProcState(NamedTuple):
+    """What ``/proc/PID/stat`` says about a process."""
+    flags: int
+    exit_code: int  # 0 on kernels older than 3.5, which do not report it
+    threads: int
+
+    @property
+    def exiting(self) -> bool:
+        return bool(self.flags & PF_EXITING)
+
+    @property
+    def signal(self) -> int:
+        """The signal killing the process, if it is exiting because of one; else 0."""
+        return self.exit_code & 0x7F if self.exiting else 0
+
+
+UNKNOWN = ProcState(0, 0, 0)  # /proc did not say: "not exiting", threads unknown
+
+
+def parse_stat(text: str) -> ProcState:
+    """:class:`ProcState` from the text of ``/proc/PID/stat``.
 
     The command name (field 2) may hold spaces and parentheses: fields are
-    counted after its last ``)``.  flags is field 9, exit_code field 52 (0 on
-    kernels older than 3.5, which do not report it).
+    counted after its last ``)``.  flags is field 9, num_threads field 20,
+    exit_code field 52.
     """
     rest = text[text.rindex(")") + 2:].split()
-    flags = int(rest[9 - 3])
     exit_code = int(rest[52 - 3]) if len(rest) > 52 - 3 else 0
-    return flags, exit_code
+    return ProcState(int(rest[9 - 3]), exit_code, int(rest[20 - 3]))
 
 
-def _exit_state(pid: int) -> tuple[bool, int]:
-    """(is ``pid`` exiting, its exit code so far); (False, 0) if /proc does not say."""
+def _read(path: str) -> str:
+    """A /proc file's text, with three syscalls (no buffered file object: this runs
+    at every close after writes)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            flags, exit_code = parse_stat(f.read())
+        chunks = [os.read(fd, 4096)]
+        while len(chunks[-1]) == 4096:
+            chunks.append(os.read(fd, 4096))
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def state(pid: int) -> ProcState:
+    """What /proc says about ``pid`` (:data:`UNKNOWN` if it cannot be read)."""
+    try:
+        return parse_stat(_read(f"/proc/{pid}/stat"))
     except (OSError, ValueError, IndexError):
-        return False, 0
-    return bool(flags & PF_EXITING), exit_code
+        return UNKNOWN
 
 
 def killed(pid: int) -> int:
     """The signal killing ``pid``, if it is exiting because of one; else 0."""
-    exiting, exit_code = _exit_state(pid)
-    return exit_code & 0x7F if exiting else 0
-
-
-def _exiting(pid: int) -> bool:
-    return _exit_state(pid)[0]
+    return state(pid).signal
 
 
 def _wrote(pid: int) -> bool:
@@ -75,20 +100,23 @@ def _wrote(pid: int) -> bool:
 MAX_THREADS = 64  # a process with more threads is not asked (a close then commits)
 
 
-def children(pid: int) -> list[int]:
+def children(pid: int, threads: int = 0) -> list[int]:
     """The children of every thread of ``pid`` (empty if /proc does not say, or if
-    the process has more than MAX_THREADS threads: each close would read them all)."""
+    the process has more than MAX_THREADS threads: each close would read them all).
+    ``threads``: its thread count if known (1 spares listing its tasks)."""
     out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
+    if threads == 1:
+        tids = [str(pid)]
+    else:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return out
     if len(tids) > MAX_THREADS:
         return out
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(c) for c in f.read().split()]
+            out += [int(c) for c in _read(f"/proc/{pid}/task/{tid}/children").split()]
         except (OSError, ValueError):
             continue
     return out
@@ -104,20 +132,19 @@ CLOSING_SYSCALLS = {
 
 def _closing(pid: int) -> bool:
     """Is ``pid`` exiting, or blocked in a syscall that closes descriptors?"""
-    if _exiting(pid):
+    if state(pid).exiting:
         return True
     try:
-        with open(f"/proc/{pid}/syscall") as f:
-            number = f.read().split(maxsplit=1)[0]
+        number = _read(f"/proc/{pid}/syscall").split(maxsplit=1)[0]
     except (OSError, IndexError):
         return False
     return number.isdigit() and int(number) in CLOSING_SYSCALLS
 
 
-def silent_children_closing(pid: int) -> bool:
+def silent_children_closing(pid: int, threads: int = 0) -> bool:
     """Is some child of ``pid`` closing descriptors (exit, exec, close), and has
-    none of those children written a byte?"""
-    closing = [c for c in children(pid) if _closing(c)]
+    none of those children written a byte?  (``threads`` as for :func:`children`.)"""
+    closing = [c for c in children(pid, threads) if _closing(c)]
     return bool(closing) and not any(_wrote(c) for c in closing)
 
 
@@ -134,8 +161,7 @@ def parse_fdinfo(text: str) -> dict[str, str]:
 
 def read_fields(path: str) -> dict[str, str]:
     """The ``key: value`` fields of a /proc file; OSError if it cannot be read."""
-    with open(path, errors="replace") as f:
-        return parse_fdinfo(f.read())
+    return parse_fdinfo(_read(path))
 
 
 def holds(pid: int, mountpoint: str, ino: int, accmode: int) -> bool:

@@ -13,12 +13,21 @@ from atomicfs import processes
 def test_parse_stat_counts_fields_after_the_command_name() -> None:
     fields = ["S"] + [str(n) for n in range(4, 53)]  # fields 3..52
     fields[9 - 3] = str(processes.PF_EXITING | 0x40)
+    fields[20 - 3] = "3"
     fields[52 - 3] = "9"
     text = "1234 (a) b (c) " + " ".join(fields) + "\n"
-    assert processes.parse_stat(text) == (processes.PF_EXITING | 0x40, 9)
+    got = processes.parse_stat(text)
+    assert got == (processes.PF_EXITING | 0x40, 9, 3)
+    assert got.exiting and got.signal == 9
     # an old kernel without exit_code: 0
     assert processes.parse_stat("1 (x) " + " ".join(fields[:40])) == \
-        (processes.PF_EXITING | 0x40, 0)
+        (processes.PF_EXITING | 0x40, 0, 3)
+
+
+def test_state_of_this_process() -> None:
+    me = processes.state(os.getpid())
+    assert not me.exiting and me.signal == 0
+    assert me.threads == len(os.listdir(f"/proc/{os.getpid()}/task"))
 
 
 def test_parse_fdinfo() -> None:
@@ -67,3 +76,19 @@ def test_children_of_a_process_with_too_many_threads_are_not_read(monkeypatch) -
     finally:
         child.kill()
         child.wait()
+
+
+def test_children_of_a_single_threaded_process_read_from_its_one_task() -> None:
+    shell = subprocess.Popen(["sh", "-c", "sleep 30 & echo $!; wait"], stdout=subprocess.PIPE)
+    sleeper = 0
+    try:
+        assert shell.stdout is not None
+        sleeper = int(shell.stdout.readline())
+        assert processes.state(shell.pid).threads == 1
+        assert processes.children(shell.pid, threads=1) == [sleeper]
+        assert processes.children(shell.pid) == [sleeper]
+    finally:
+        shell.kill()
+        shell.wait()
+        if sleeper:
+            os.kill(sleeper, 9)

@@ -469,7 +469,7 @@ class Committer:
         del self.staged[item.inode.ino]
         if item.old_fd is not None:
             self.table.unalias(item.old_key, item.inode)
-            os.close(item.old_fd)
+            self.table.closer(item.old_fd)  # may free the replaced file: off the loop
         item.inode.holders -= 1
         self.table.maybe_drop(item.inode)
 

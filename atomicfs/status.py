@@ -92,7 +92,7 @@ def snapshot(ops: AtomicOperations) -> dict[str, Any]:
             "shadows_ready": len(ops.housekeeper.ready),
             "shadows_made": ops.housekeeper.made,
             "shadow_pool_misses": ops.housekeeper.misses,
-            "journal_records_unsettled": len(ops.housekeeper.to_settle),
+            "journal_records_unsettled": ops.housekeeper.unsettled,
         },
     }
 

@@ -89,6 +89,11 @@ OPTIONS
             see writes in progress, as on ext4 (tail -f on logs).
         commit=auto|rename|journal
             how commits are made; auto chooses per file.
+        entry_timeout=SECONDS, attr_timeout=SECONDS
+            how long the kernel trusts a cached name / a file's attributes
+            (default 10 each, 0 to 3600). Changes made through the mount are
+            never late; a change made directly in SOURCE shows through the
+            mount after at most this long.
         allow_other, default_permissions, ro, rw, nosuid, nodev, noexec,
         fsname=, subtype=, auto_unmount, ...
             standard FUSE options, passed on. As root, allow_other and

@@ -91,7 +91,11 @@ class AtomicOperations(pyfuse3.Operations):
         options = options or MountOptions()
         self.trace = options.debug
         self.options_summary = {"durability": options.durability,
-                                "isolation": options.isolation, "commit": options.commit}
+                                "isolation": options.isolation, "commit": options.commit,
+                                "entry_timeout": f"{options.entry_timeout:g}",
+                                "attr_timeout": f"{options.attr_timeout:g}"}
+        metadata.Timeouts.entry = options.entry_timeout
+        metadata.Timeouts.attr = options.attr_timeout
         self.options = options
         self.info = status.DaemonInfo()
         self.table = InodeTable(root_fd)

@@ -15,6 +15,8 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+MAX_TIMEOUT = 3600.0  # seconds; entry_timeout= and attr_timeout= accept 0..MAX_TIMEOUT
+OWN_TIMEOUTS = ("entry_timeout", "attr_timeout")
 OWN_CHOICES: dict[str, tuple[str, ...]] = {
     "durability": ("full", "batch"),
     "isolation": ("committed", "shared"),
@@ -48,6 +50,14 @@ class MountOptions:
     durability: str = "full"
     isolation: str = "committed"
     commit: str = "auto"
+    # How long the kernel may trust a name (entry) or a file's attributes without
+    # asking the daemon.  Every change made through the mount updates or
+    # invalidates the kernel's caches; these bound how late a change made directly
+    # in SOURCE shows through the mount.  A save into an existing file saves a
+    # round trip (LOOKUP, or GETATTR for the permission check) while both are
+    # cached (README "Performance").
+    entry_timeout: float = 10.0
+    attr_timeout: float = 10.0
     debug: bool = False
     fuse: set[str] = field(default_factory=set)
 
@@ -67,6 +77,17 @@ def fsname_of(source: str) -> str:
     return "".join(chr(b) if 32 <= b < 127 and b not in b",\\" else "_" for b in raw)
 
 
+def _seconds(key: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_TIMEOUT:  # also NaN
+        raise OptionError(f"bad value for option {key}: {value!r} "
+                          f"(expected seconds from 0 to {MAX_TIMEOUT:g})")
+    return seconds
+
+
 def parse_options(items: Iterable[str], *, source: str, is_root: bool) -> MountOptions:
     opts = MountOptions()
     fuse: set[str] = set()
@@ -78,6 +99,8 @@ def parse_options(items: Iterable[str], *, source: str, is_root: bool) -> MountO
                 allowed = "|".join(OWN_CHOICES[key])
                 raise OptionError(f"bad value for option {key}: {value!r} (expected {allowed})")
             setattr(opts, key, value)
+        elif key in OWN_TIMEOUTS:
+            setattr(opts, key, _seconds(key, value if eq else ""))
         elif key == "debug" and not eq:
             opts.debug = True
         elif item in NEGATIONS:

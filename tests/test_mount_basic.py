@@ -92,3 +92,26 @@ def test_background_mount_returns_when_live_and_umount_command(tmp_path) -> None
             subprocess.run(["fusermount3", "-uz", str(mnt)])
     assert res2.returncode == 0, res2.stderr
     assert mounted_fstype(mnt) is None
+
+
+@pytest.mark.parametrize("entry_timeout", [0, 30])
+def test_entry_timeout_bounds_how_late_a_change_made_in_source_shows(
+        mount_factory: MountFactory, tmp_path, entry_timeout: int) -> None:
+    """A name replaced directly in SOURCE (not through the mount) shows through the
+    mount once the kernel stops trusting its cached entry: at once with
+    entry_timeout=0, not within the 30 s of entry_timeout=30 (README, Options)."""
+    src = tmp_path / "data"
+    src.mkdir()
+    (src / "f").write_bytes(b"first\n")
+    m = mount_factory(source=src, options=[f"entry_timeout={entry_timeout}",
+                                           "attr_timeout=0"])
+    assert m.path("f").read_bytes() == b"first\n"  # the kernel caches the name
+    (src / "f.new").write_bytes(b"replaced in SOURCE\n")
+    os.rename(src / "f.new", src / "f")
+    seen = m.path("f").read_bytes()
+    if entry_timeout == 0:
+        assert seen == b"replaced in SOURCE\n"
+    else:
+        assert seen == b"first\n", "the cached name still leads to the file it named"
+    m.path("g").write_bytes(b"through the mount\n")  # changes through it are never late
+    assert m.path("g").read_bytes() == b"through the mount\n"

@@ -218,7 +218,8 @@ def test_fstab_line_mounts_with_mount_T(dirs: Path, cleanup: Cleanup) -> None:
     assert (mnt / "data.txt").read_text() == "content\n"
     (mnt / "new.txt").write_text("via fstab\n")
     doc = status_of(mnt)
-    assert doc["options"] == {"durability": "batch", "isolation": "shared", "commit": "auto"}
+    assert doc["options"] == {"durability": "batch", "isolation": "shared", "commit": "auto",
+                              "entry_timeout": "10", "attr_timeout": "10"}
     assert doc["pid"] != os.getpid()
     # umount(8) works on it too; the daemon finishes and removes SOURCE/.atomicfs
     res = subprocess.run(["umount", str(mnt)], capture_output=True, text=True, timeout=60)
@@ -466,7 +467,7 @@ def test_status_shows_open_sessions_and_counters(mount: Mount,
     hk = doc["housekeeping"]
     # both first writes asked the (empty at mount) shadow pool, which then filled
     assert hk["shadow_pool_misses"] >= 1 and hk["shadows_made"] >= 1, hk
-    assert 0 < hk["shadows_ready"] <= 8 and hk["journal_records_unsettled"] == 0, hk
+    assert 0 <= hk["shadows_ready"] <= 8 and hk["journal_records_unsettled"] == 0, hk
     res = atomicfs("status", mnt)  # and as its own process
     assert res.returncode == 0 and res.stderr == "", res.stderr
     text = res.stdout

@@ -179,6 +179,13 @@ def test_fstab_line_as_mount_passes_it() -> None:
     (["no_"], "no_"),
     (["Ro"], "Ro"),                         # case matters, as in mount(8)
     (["x"], "'x'"),
+    (["entry_timeout"], "entry_timeout"),
+    (["entry_timeout="], "entry_timeout"),
+    (["entry_timeout=soon"], "entry_timeout"),
+    (["entry_timeout=-1"], "entry_timeout"),
+    (["attr_timeout=nan"], "attr_timeout"),
+    (["attr_timeout=inf"], "attr_timeout"),
+    (["attr_timeout=3601"], "attr_timeout"),
 ])
 def test_errors_raise_option_error_naming_the_option(items: list[str], named: str) -> None:
     with pytest.raises(OptionError) as info:
@@ -208,3 +215,12 @@ def test_error_after_valid_options_still_raises() -> None:
 
 def test_option_error_is_a_value_error() -> None:
     assert issubclass(OptionError, ValueError)
+
+
+def test_cache_timeouts_default_and_take_seconds() -> None:
+    opts = parse()
+    assert (opts.entry_timeout, opts.attr_timeout) == (10.0, 10.0)
+    opts = parse("entry_timeout=0", "attr_timeout=2.5")
+    assert (opts.entry_timeout, opts.attr_timeout) == (0.0, 2.5)
+    assert parse("attr_timeout=3600").attr_timeout == 3600.0
+    assert not any("timeout" in o for o in opts.fuse), "atomicfs's own: not passed to libfuse"

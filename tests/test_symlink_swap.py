@@ -92,7 +92,7 @@ def test_directory_swapped_for_an_escaping_symlink(mount_factory: MountFactory, 
     mnt = tmp_path / "b" / "mnt"
     mnt.mkdir()
     assert not (tmp_path / "b" / "outside").exists()
-    m = mount_factory(source=src, mountpoint=mnt)
+    m = mount_factory(source=src, mountpoint=mnt, options=["entry_timeout=1", "attr_timeout=1"])
     through = mnt.joinpath(*parts)
     # the kernel and the daemon learn the directories, and a handle stays open on x
     assert (through / "x").read_bytes() == INSIDE

@@ -254,7 +254,7 @@ def unmount(mountpoint: str, lazy: bool = False, if_dead: bool = False,
     """
     if if_dead:
         entry = top_mount(os.path.realpath(mountpoint))
-        if entry is None or not entry.fstype.startswith("fuse") or not is_dead(entry):
+        if entry is None or not is_fuse(entry.fstype) or not is_dead(entry):
             return None
         res = _fusermount(entry.point, lazy=True)
         if res.returncode != 0:

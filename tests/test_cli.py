@@ -585,3 +585,23 @@ def test_recover_refused_while_the_source_is_mounted_elsewhere(mount: Mount,
                    watch=[mount.source])
     mount.path("f").write_bytes(b"still committed\n")
     assert mount.src("f").read_bytes() == b"still committed\n"
+
+
+@pytest.mark.parametrize(("fstype", "detached"), [
+    ("fuse.atomicfs", True), ("fuse.custom", True), ("fuse", True),
+    ("fuseblk", False), ("fusectl", False), ("ext4", False)])
+def test_umount_if_dead_detaches_only_dead_fuse_mounts(monkeypatch, fstype: str,
+                                                       detached: bool) -> None:
+    """--if-dead (systemd's ExecStartPre) detaches a dead FUSE mount ("fuse",
+    "fuse.SUBTYPE"), never a block-device FUSE mount (fuseblk: ntfs-3g...) or
+    another filesystem that happens to sit there."""
+    from atomicfs import control
+    from atomicfs.mount import MountEntry
+    entry = MountEntry(1, 0, "/srv/x", fstype, "src", "rw")
+    calls: list[str] = []
+    monkeypatch.setattr(control, "top_mount", lambda path: entry)
+    monkeypatch.setattr(control, "is_dead", lambda e: True)
+    monkeypatch.setattr(control, "_fusermount", lambda point, lazy: (
+        calls.append(point), subprocess.CompletedProcess([], 0, "", ""))[1])
+    out = control.unmount("/srv/x", if_dead=True)
+    assert calls == (["/srv/x"] if detached else []), (fstype, out)

@@ -367,7 +367,7 @@ class Committer:
             self._stage(inode, fd, new_file)
         else:
             parent = self._publish(inode, fd, new_file, inode.key)
-            self._become(inode, fd, new_file)
+            self._become(inode, fd, new_file, keep_fd=False)
             await trio.to_thread.run_sync(syscalls.fsync_dir, parent.fd)
             faults.point("commit.after_dir_fsync")
         session.emap.reset(size)
@@ -393,12 +393,23 @@ class Committer:
         faults.point("commit.after_rename")
         return parent
 
-    def _become(self, inode: Inode, fd: int, new_file: bool) -> None:
-        """Move the FUSE inode onto the file behind ``fd`` (st_ino stays)."""
+    def _become(self, inode: Inode, fd: int, new_file: bool, keep_fd: bool) -> None:
+        """Move the FUSE inode onto the file behind ``fd`` (st_ino stays).
+
+        ``keep_fd``: ``fd`` stays the inode's data fd (batch: the group persist
+        syncs and publishes through it).  Otherwise ``fd``, open for writing, is
+        closed and the committed version is read through a read-only fd opened on
+        demand: an idle daemon holds nothing open for writing on SOURCE's
+        filesystem, so a read-only remount of it is not refused as busy.
+        """
+        data_fd = fd if keep_fd else None
         if new_file:
-            self.table.set_data_fd(inode, fd)  # same inode: the O_PATH fd still fits
+            self.table.set_data_fd(inode, data_fd)  # same inode: the O_PATH fd still fits
         else:
-            self.table.rebind(inode, syscalls.reopen(fd, os.O_PATH), os.stat(fd), data_fd=fd)
+            self.table.rebind(inode, syscalls.reopen(fd, os.O_PATH), os.stat(fd),
+                              data_fd=data_fd)
+        if not keep_fd:
+            self.table.closer(fd)
 
     # -- batch durability: staging and group persist ------------------------------------
     def _stage(self, inode: Inode, fd: int, new_file: bool) -> None:
@@ -415,7 +426,7 @@ class Committer:
                 self.wakeup.set()
                 return
         item.version += 1
-        self._become(inode, fd, new_file)
+        self._become(inode, fd, new_file, keep_fd=True)
         self.wakeup.set()
 
     def source_links(self, inode: Inode) -> int:

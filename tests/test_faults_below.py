@@ -136,6 +136,33 @@ def test_source_remounted_read_only_under_a_live_mount(tmpfs_source: Path,
     assert not (src / ".atomicfs").exists()
 
 
+def test_a_daemon_idle_after_commits_lets_the_source_remount_read_only(
+        tmpfs_source: Path, mount_factory: MountFactory) -> None:
+    """After commits (durability=full), the daemon holds nothing open for writing
+    on SOURCE's filesystem once idle: the committed files' former shadows are
+    closed at the commit and the ready shadows after housekeeping.IDLE_DRAIN, so
+    `mount -o remount,ro` of the source is not refused as busy."""
+    src = tmpfs_source
+    (src / "old").write_bytes(b"committed\n")
+    m = mount_factory(source=src)
+    m.path("old").write_bytes(b"replaced\n")  # a rename commit
+    for i in range(3):  # new files (the first asks the pool, which then fills)
+        m.path(f"new{i}").write_bytes(b"new\n")
+    assert m.path("old").read_bytes() == b"replaced\n"  # read back: a read-only fd
+    assert status(m.mountpoint)["housekeeping"]["shadows_made"] >= 1
+    try:
+        assert wait_for(lambda: scratchfs.sh("mount", "-o", "remount,ro",
+                                             str(src)).returncode == 0,
+                        timeout=15, interval=0.5), \
+            "the source stayed busy for a read-only remount"
+        assert status(m.mountpoint)["housekeeping"]["shadows_ready"] == 0
+        assert m.path("new2").read_bytes() == b"new\n"
+    finally:
+        scratchfs.sh("mount", "-o", "remount,rw", str(src))
+    m.path("new0").write_bytes(b"saved again\n")  # the pool refills on demand
+    assert (src / "new0").read_bytes() == b"saved again\n"
+
+
 def test_dropped_session_does_not_leave_its_size_in_the_kernel(
         tmpfs_source: Path, mount_factory: MountFactory) -> None:
     """A session dropped at its last release (its commit failed: EROFS) takes its

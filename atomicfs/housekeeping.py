@@ -44,8 +44,9 @@ class Housekeeper:
 
     Handing work over costs the event loop a lock and, when the thread sleeps, one
     futex wake; the thread never reports back to trio (ready shadows go into a
-    deque the loop pops from).  A ``trio.to_thread`` job per save cost ~0.2 ms
-    of wake-ups on this machine's 2 vCPUs (README, "Performance").
+    deque the loop pops from).  A ``trio.to_thread`` job per save cost the loop a
+    wake-up through trio's socketpair, an iteration and two ``prctl`` calls (the
+    saves' wall time did not measurably change: README, "Performance").
     """
 
     def __init__(self, daemon_dir: int, pool_size: int = POOL_SIZE,

@@ -64,13 +64,13 @@ def parse_stat(text: str) -> ProcState:
 
 
 def _read(path: str) -> str:
-    """A /proc file's text, with three syscalls (no buffered file object: this runs
-    at every close after writes)."""
+    """A /proc file's text: open, reads to the end, close (no buffered file object
+    and its fstat/ioctl/lseek calls: this runs at every close after writes)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = [os.read(fd, 4096)]
-        while len(chunks[-1]) == 4096:
-            chunks.append(os.read(fd, 4096))
+        chunks = []
+        while chunk := os.read(fd, 65536):  # a short read is not the end in /proc
+            chunks.append(chunk)
     finally:
         os.close(fd)
     return b"".join(chunks).decode(errors="replace")

@@ -61,6 +61,9 @@ JOURNAL_MIN_COPY = 8 << 20
 JOURNAL_RATIO = 4
 
 
+# Test knob: every read of a committed file goes through a worker thread, as a
+# cold one does (tests exercise the thread path without dropping the page cache).
+THREADED_READS = os.environ.get("ATOMICFS_THREADED_READS") == "1"
 BATCH_DELAY = 0.05  # seconds from staging to the group persist (durability=batch)
 
 
@@ -141,6 +144,9 @@ class Committer:
         self.reflink_ok = probe_reflink(daemon_dir)
         self._records = 0
         self.applying: dict[int, trio.Event] = {}  # inode -> set when its in-place apply ends
+        self.reading: dict[int, int] = {}  # inode -> reads of its committed file in threads
+        self.reads = {"from_cache": 0, "in_thread": 0}  # reads of committed files, by path
+        self._read_done: dict[int, trio.Event] = {}  # set when an inode's reading drops to 0
         self.batch = durability == "batch"
         self.staged: dict[int, Staged] = {}
         self.wakeup = trio.Event()
@@ -555,6 +561,35 @@ class Committer:
         finally:
             os.close(target)
 
+    async def read_committed(self, inode: Inode, size: int, offset: int) -> bytes:
+        """Read the committed file: from the page cache at once, else in a worker
+        thread (a cold read does not stall the event loop, and the kernel's
+        read-ahead requests reach the disk side by side).  An in-place apply waits
+        for the threaded reads of its file (:meth:`_apply`), so none sees a mix."""
+        fd = self.table.data(inode)
+        data = None if THREADED_READS else syscalls.pread_cached(fd, size, offset)
+        if data is not None:
+            self.reads["from_cache"] += 1
+            return data
+        self.reads["in_thread"] += 1
+        ino = inode.ino
+        own = os.dup(fd)  # a commit may close the inode's fd while the thread reads
+        self.reading[ino] = self.reading.get(ino, 0) + 1
+        try:
+            def pread() -> bytes:
+                faults.point("read.in_thread")
+                return os.pread(own, size, offset)
+
+            return await trio.to_thread.run_sync(pread)
+        finally:
+            os.close(own)
+            self.reading[ino] -= 1
+            if not self.reading[ino]:
+                del self.reading[ino]
+                done = self._read_done.pop(ino, None)
+                if done is not None:
+                    done.set()
+
     async def _apply(self, session: Session, work: Callable[[int], None],
                      target: int) -> None:
         """Run ``work(target)`` in a thread while isolated readers of the file wait
@@ -562,6 +597,8 @@ class Committer:
         inode = session.inode
         done = self.applying[inode.ino] = trio.Event()
         try:
+            while inode.ino in self.reading:  # reads begun before: let them finish
+                await self._read_done.setdefault(inode.ino, trio.Event()).wait()
             await trio.to_thread.run_sync(work, target)
         finally:
             del self.applying[inode.ino]

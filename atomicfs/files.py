@@ -237,7 +237,7 @@ class Files:
                 await applying.wait()
             if session is not None and session.pending:
                 return b""  # a new file has no committed version yet
-            return os.pread(self.table.data(handle.inode), size, off)
+            return await self.committer.read_committed(handle.inode, size, off)
         committed_fd = None if session.pending else self.table.data(handle.inode)
         return session.read(committed_fd, off, size)
 

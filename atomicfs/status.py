@@ -88,6 +88,7 @@ def snapshot(ops: AtomicOperations) -> dict[str, Any]:
         "commit_latency": percentiles(list(stats.latencies)),
         "reflink": ops.committer.reflink_ok,
         "journal": ops.committer.journal_ok,
+        "reads": dict(ops.committer.reads),
         "housekeeping": {
             "shadows_ready": len(ops.housekeeper.ready),
             "shadows_made": ops.housekeeper.made,

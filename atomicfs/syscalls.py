@@ -160,6 +160,18 @@ def clone_range(dst_fd: int, src_fd: int, offset: int, length: int) -> None:
     fcntl.ioctl(dst_fd, FICLONERANGE, arg)
 
 
+def pread_cached(fd: int, size: int, offset: int) -> bytes | None:
+    """``size`` bytes at ``offset`` if the page cache holds them all (RWF_NOWAIT:
+    never waits for the disk), else None (not cached, partly cached, past the
+    end, or RWF_NOWAIT unsupported); the caller then reads in a worker thread."""
+    buf = bytearray(size)
+    try:
+        n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: no RWF_NOWAIT here
+        return None
+    return bytes(buf) if n == size else None
+
+
 def data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     """The ``[a, b)`` ranges inside ``[start, end)`` that hold data (SEEK_DATA/SEEK_HOLE)."""
     ranges: list[tuple[int, int]] = []

@@ -161,15 +161,20 @@ def clone_range(dst_fd: int, src_fd: int, offset: int, length: int) -> None:
 
 
 def pread_cached(fd: int, size: int, offset: int) -> bytes | None:
-    """``size`` bytes at ``offset`` if the page cache holds them all (RWF_NOWAIT:
-    never waits for the disk), else None (not cached, partly cached, past the
-    end, or RWF_NOWAIT unsupported); the caller then reads in a worker thread."""
+    """What ``pread(fd, size, offset)`` returns, if the page cache holds all of it
+    (RWF_NOWAIT: never waits for the disk); else None (not cached, partly cached,
+    or RWF_NOWAIT unsupported), and the caller reads in a worker thread.  A short
+    read is complete only at the end of the file (one fstat tells)."""
     buf = bytearray(size)
     try:
         n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
     except OSError:  # EAGAIN: not cached; EOPNOTSUPP: no RWF_NOWAIT here
         return None
-    return bytes(buf) if n == size else None
+    if n == size:
+        return bytes(buf)
+    if offset + n >= os.fstat(fd).st_size:  # the file ends there: nothing was missed
+        return bytes(buf[:n])
+    return None
 
 
 def data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:

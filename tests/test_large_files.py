@@ -333,3 +333,16 @@ def test_isolated_readers_never_see_a_half_applied_journal_commit(
         assert doc["reads"]["in_thread"] >= reads and doc["reads"]["from_cache"] == 0
     else:
         assert doc["reads"]["from_cache"] >= 1
+
+
+def test_a_cached_file_shorter_than_the_read_is_answered_without_a_thread(
+        mount_factory: MountFactory, tmp_path: Path) -> None:
+    """A READ past the end of a cached file is complete, not "partly cached": it is
+    answered from the page cache, not sent to a worker thread."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "s").write_bytes(b"small file\n")  # in the page cache: just written
+    m = mount_factory(source=src)
+    assert m.path("s").read_bytes() == b"small file\n"
+    reads = json.loads(os.getxattr(m.mountpoint, "user.atomicfs.status"))["reads"]
+    assert reads["from_cache"] >= 1 and reads["in_thread"] == 0, reads

@@ -100,12 +100,8 @@ def failure_text(exc: OSError) -> str:
     return f"{errno_name(exc)} ({os.strerror(exc.errno or errno.EIO)})"
 
 
-# What became of a failed commit's data, by the commit point that made it (log line).
-_OUTCOME = {
-    "last close": "the committed version is unchanged; the uncommitted data is dropped",
-    "unmount": "the committed version is unchanged; the uncommitted data is dropped",
-}
-_OUTCOME_DEFAULT = "the committed version is unchanged; the error was returned to the caller"
+# Commit points with nobody left to receive a failure: the data is dropped (log line).
+_DROPPED_AT = ("last close", "unmount")
 
 
 def _fsync_dirs(dir_path_fds: list[int]) -> None:
@@ -217,8 +213,10 @@ class Committer:
                     await self._rename(session, committed, data_fd(inode), kind == "reflink")
         except OSError as exc:
             self.stats.failed(exc)
-            log.warning("commit of %s at %s failed: %s; %s", self.describe(inode), at,
-                        failure_text(exc), _OUTCOME.get(at, _OUTCOME_DEFAULT))
+            log.warning("commit of %s at %s failed: %s; the committed version is unchanged; "
+                        "%s", self.describe(inode), at, failure_text(exc),
+                        "the uncommitted data is dropped" if at in _DROPPED_AT
+                        else "the error was returned to the caller")
             raise
         finally:
             self.in_flight -= 1
@@ -564,8 +562,12 @@ class Committer:
     async def read_committed(self, inode: Inode, size: int, offset: int) -> bytes:
         """Read the committed file: from the page cache at once, else in a worker
         thread (a cold read does not stall the event loop, and the kernel's
-        read-ahead requests reach the disk side by side).  An in-place apply waits
-        for the threaded reads of its file (:meth:`_apply`), so none sees a mix."""
+        read-ahead requests reach the disk side by side).  A read waits for an
+        in-place apply of its file, and the apply for the threaded reads begun
+        before it (:meth:`_apply`), so none sees a mix."""
+        applying = self.applying.get(inode.ino)
+        if applying is not None:  # an in-place commit is half-applied: wait for it
+            await applying.wait()
         fd = self.table.data(inode)
         data = None if THREADED_READS else syscalls.pread_cached(fd, size, offset)
         if data is not None:

@@ -232,9 +232,6 @@ class Files:
     async def read(self, handle: FileHandle, off: int, size: int) -> bytes:
         session = self.sessions.get(handle.inode.ino)
         if session is None or handle.isolated:
-            applying = self.committer.applying.get(handle.inode.ino)
-            if applying is not None:  # an in-place commit is half-applied: wait for it
-                await applying.wait()
             if session is not None and session.pending:
                 return b""  # a new file has no committed version yet
             return await self.committer.read_committed(handle.inode, size, off)

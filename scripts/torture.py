@@ -712,6 +712,23 @@ class Torture:
         self.linked: set[str] = set()  # Q files whose second name was made
         self.foreign: set[str] = set()  # top-level names check_tree leaves to others
 
+    def check_out(self, log: Path, who: str) -> None:
+        """A writer's or worker's stdout/stderr (``.out`` beside its log) must be empty."""
+        out = log.with_suffix(".out")
+        text = out.read_text() if out.exists() else ""
+        if text.strip():
+            self.violations.append(f"{out.name}: {who} printed:\n{text[-2000:]}")
+
+    def verdict(self, ok: str) -> int:
+        """The last lines of a run: every violation (50 at most), or ``ok``; the exit code."""
+        if self.violations:
+            self.say(f"FAILED: {len(self.violations)} violation(s); workdir kept: {self.work}")
+            for v in self.violations[:50]:
+                self.say("  " + v.replace("\n", "\n    "))
+            return 1
+        self.say(ok)
+        return 0
+
     def say(self, msg: str) -> None:
         print(msg, flush=True)
 
@@ -752,13 +769,7 @@ class Torture:
         if s.missed_faults:
             self.say("note: fault points not reached (killed instead): "
                      + ", ".join(s.missed_faults))
-        if self.violations:
-            self.say(f"FAILED: {len(self.violations)} violation(s); workdir kept: {self.work}")
-            for v in self.violations[:50]:
-                self.say("  " + v.replace("\n", "\n    "))
-            return 1
-        self.say("OK: no torn file, no lost commit, no debris")
-        return 0
+        return self.verdict("OK: no torn file, no lost commit, no debris")
 
     # -- one round --------------------------------------------------------------------
     def round(self, r: int) -> None:
@@ -931,9 +942,7 @@ class Torture:
                     if ev["ts"] < death - 0.05:
                         self.violations.append(f"{path.name}: {fid} v{v}: error while the "
                                                f"daemon was alive: {ev['msg']}")
-            out = path.with_suffix(".out")
-            if out.exists() and out.read_text().strip():
-                self.violations.append(f"{out.name}: writer printed:\n{out.read_text()[-2000:]}")
+            self.check_out(path, "writer")
         self.stats.ops_started += counts["S"]
         self.stats.ops_done += counts["C"]
         self.stats.fsyncs += counts["F"]
@@ -1111,6 +1120,7 @@ class Worker:
         self.mnt = Path(cfg["mnt"])
         self.log_fd = os.open(cfg["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self.end = time.monotonic() + cfg["seconds"]
+        self.races = 0  # spin directories looked for while the mover had them aside
 
     def event(self, kind: str, **kw: Any) -> None:
         rec = {"e": kind, "ts": time.monotonic(), **kw}
@@ -1128,8 +1138,6 @@ class Worker:
                 time.sleep(0.001)
             self.races += 1
         raise OSError(errno.ENOENT, f"spin directory {d} not found at any of its places")
-
-    races = 0
 
     def main(self) -> int:
         try:
@@ -1211,6 +1219,7 @@ class Reader(Worker):
         super().__init__(cfg)
         self.seen: dict[str, int] = {}
         self.names = set(spin_names())
+        self.replaced = sorted(n for n in self.names if n.startswith("WR"))
 
     def step(self) -> None:
         d = self.rng.choice(self.cfg["dirs"])
@@ -1223,7 +1232,7 @@ class Reader(Worker):
                                f"want {sorted(self.names)}")
                 self.event("L")
                 return
-            name = self.rng.choice([n for n in self.names if n.startswith("WR")])
+            name = self.rng.choice(self.replaced)
             fid = spin_fid(d, name)
             fd = os.open(name, os.O_RDONLY, dir_fd=dfd)
             try:
@@ -1344,13 +1353,7 @@ class Stress(Torture):
                  f"writer_ops={s.ops_done} writer_reads_verified={s.live_reads} "
                  f"path_races={counts['races']} hangs={int(hang is not None)} "
                  f"violations={len(self.violations)}")
-        if self.violations:
-            self.say(f"FAILED: {len(self.violations)} violation(s); workdir kept: {self.work}")
-            for v in self.violations[:50]:
-                self.say("  " + v.replace("\n", "\n    "))
-            return 1
-        self.say("OK: no wrong read, no hang, the tree is exactly what was committed")
-        return 0
+        return self.verdict("OK: no wrong read, no hang, the tree is exactly what was committed")
 
     def watch(self, procs: list[tuple[str, Path, subprocess.Popen[bytes]]], daemon: Daemon,
               deadline: float) -> str | None:
@@ -1398,9 +1401,7 @@ class Stress(Torture):
                     counts["races"] += ev.get("races", 0)
             if not done:
                 bad(f"{log.name}: the worker did not finish")
-            out = log.with_suffix(".out")
-            if out.exists() and out.read_text().strip():
-                bad(f"{out.name}: worker printed:\n{out.read_text()[-2000:]}")
+            self.check_out(log, "worker")
         # the tree: each directory at exactly one place, each file its last version
         for d in dirs:
             places = [p.format(d=d) for p in SPIN_PLACES if (self.src / p.format(d=d)).is_dir()]

@@ -40,6 +40,23 @@ needs_fuse = pytest.mark.skipif(not HAVE_FUSE, reason="needs /dev/fuse and fuser
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
 
 
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for running this checkout's atomicfs (``python -m atomicfs``)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def run_cli(args: Sequence[str], cwd: Path | None = None, prefix: Sequence[str] = (),
+            timeout: float = 30, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    """``atomicfs ARGS`` from this checkout, its output captured as text."""
+    return subprocess.run([*prefix, PYTHON, "-m", "atomicfs", *args], cwd=cwd,
+                          env=env or cli_env(), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
 def mounted_fstype(path: Path | str) -> str | None:
     """fstype of the topmost mount exactly at ``path`` (reads mountinfo, never stats it)."""
     return top_fstype(os.path.realpath(path))
@@ -67,9 +84,7 @@ class Mount:
                str(self.mountpoint)]
         if self.options:
             cmd += ["-o", ",".join(self.options)]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        env.update(self.env or {})
+        env = cli_env(**(self.env or {}))
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                      stdin=subprocess.DEVNULL)
@@ -217,14 +232,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         for point in left:
             subprocess.run(["fusermount3", "-uz", point], capture_output=True)
         session.exitstatus = 1
-    other = scratchfs.leftovers(base)
+    other = scratchfs.detach_leftovers(base)  # detached, so the machine stays usable
     if other:
         sys.stderr.write("\nERROR: mounts or loop devices left behind by the test suite:\n  "
                          + "\n  ".join(other) + "\n")
-        for entry in other:  # detach them, so the machine stays usable
-            what = entry.split()
-            if what[0] == "mount":
-                subprocess.run(["umount", "-l", what[1]], capture_output=True)
-            else:
-                subprocess.run(["losetup", "-d", what[2]], capture_output=True)
         session.exitstatus = 1

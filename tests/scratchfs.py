@@ -3,9 +3,9 @@
 Every helper is a context manager that mounts on a directory the test owns and,
 whatever happens, unmounts it (lazily if it is busy) and detaches the loop
 device.  What cannot be made here (not root, no loop device, a tool or a kernel
-feature missing) skips the test with the reason.  ``leftovers(base)`` lists
-mounts and loop devices that a run left below ``base`` (conftest checks it at
-the end of the session).
+feature missing) skips the test with the reason.  ``detach_leftovers(base)``
+detaches and lists mounts and loop devices that a run left below ``base``
+(conftest calls it at the end of the session).
 """
 
 from __future__ import annotations
@@ -58,33 +58,40 @@ def unmount(point: Path) -> None:
         raise RuntimeError(f"could not unmount {point}")
 
 
+def _loops() -> Iterator[tuple[str, str]]:
+    """``(/dev/loopN, backing file)`` of every loop device in use (from /sys, no tool)."""
+    try:
+        devs = os.listdir("/sys/block")
+    except FileNotFoundError:
+        return
+    for dev in devs:
+        try:
+            name = Path("/sys/block", dev, "loop", "backing_file").read_text().strip()
+        except OSError:
+            continue
+        yield f"/dev/{dev}", name
+
+
 def loop_devices_of(image: Path) -> list[str]:
-    """Loop devices backed by ``image`` (from /sys, no tool needed)."""
-    found = []
+    """Loop devices backed by ``image``."""
     real = os.path.realpath(image)
-    with contextlib.suppress(FileNotFoundError):
-        for dev in os.listdir("/sys/block"):
-            backing = Path("/sys/block", dev, "loop", "backing_file")
-            with contextlib.suppress(OSError):
-                name = backing.read_text().strip()
-                if name.removesuffix(" (deleted)") == real:
-                    found.append(f"/dev/{dev}")
-    return found
+    return [dev for dev, name in _loops() if name.removesuffix(" (deleted)") == real]
 
 
-def leftovers(base: Path | str) -> list[str]:
-    """Mounts at or below ``base`` and loop devices backed by files below it."""
+def detach_leftovers(base: Path | str) -> list[str]:
+    """Detach the mounts at or below ``base`` (``umount -l``) and the loop devices
+    backed by files below it (``losetup -d``); returns what was found, a line each."""
     base = os.path.realpath(base)
-    below = [f"mount {p} ({t})" for p, t in mount_table()
-             if p == base or p.startswith(base + os.sep)]
-    loops = []
-    with contextlib.suppress(FileNotFoundError):
-        for dev in os.listdir("/sys/block"):
-            with contextlib.suppress(OSError):
-                name = Path("/sys/block", dev, "loop", "backing_file").read_text().strip()
-                if name.startswith(base + os.sep):
-                    loops.append(f"loop device /dev/{dev} on {name}")
-    return below + loops
+    found = []
+    for point, fstype in mount_table():
+        if point == base or point.startswith(base + os.sep):
+            found.append(f"mount {point} ({fstype})")
+            sh("umount", "-l", point)
+    for dev, name in _loops():
+        if name.startswith(base + os.sep):
+            found.append(f"loop device {dev} on {name}")
+            sh("losetup", "-d", dev)
+    return found
 
 
 @contextlib.contextmanager

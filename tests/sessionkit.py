@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import stat
 import subprocess
@@ -15,6 +16,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from atomicfs.status import STATUS_XATTR
 
 TIMEOUT = 20  # seconds, for every subprocess a test starts
 
@@ -108,6 +112,13 @@ def data_map(path: Path | str) -> list[tuple[int, int]]:
         return out
     finally:
         os.close(fd)
+
+
+def status_of(mnt: Path | str) -> dict[str, Any]:
+    """The live status of the atomicfs mount at ``mnt`` (the JSON of its root's xattr)."""
+    doc = json.loads(os.getxattr(mnt, STATUS_XATTR))
+    assert isinstance(doc, dict)
+    return doc
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 2.0, interval: float = 0.01) -> bool:

@@ -19,10 +19,19 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, ROOT, Mount, mounted_fstype, needs_fuse, needs_root
+from conftest import (
+    PYTHON,
+    ROOT,
+    Mount,
+    cli_env,
+    mounted_fstype,
+    needs_fuse,
+    needs_root,
+    run_cli,
+)
 from sessionkit import snapshot
 
-from atomicfs import __version__
+from atomicfs import __version__, manual
 
 NOBODY = 65534
 
@@ -39,20 +48,6 @@ os.setgid({NOBODY})
 os.setuid({NOBODY})
 sys.exit(atomicfs.cli.main(sys.argv[1:]))
 """
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-def run_cli(args: Sequence[str], cwd: Path, prefix: Sequence[str] = (),
-            timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*prefix, PYTHON, "-m", "atomicfs", *args], cwd=cwd, env=cli_env(),
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
 
 
 # -- "nothing changed" -------------------------------------------------------------------
@@ -372,7 +367,7 @@ def test_help(tmp_path: Path, args: list[str], words: list[str]) -> None:
     assert res.stderr == ""
     for word in words:
         assert word in res.stdout
-    for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXIT STATUS", "EXAMPLES"):
+    for section in manual.SECTIONS:
         assert f"\n{section}\n" in "\n" + res.stdout
 
 

@@ -22,7 +22,6 @@ order in the daemon cannot pass unnoticed.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import threading
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import pytest
 from conftest import IS_ROOT, Mount, MountFactory
-from sessionkit import wait_for
+from sessionkit import status_of, wait_for
 from stracekit import (
     PtraceRefused,
     Tracer,
@@ -58,10 +57,6 @@ def attach(m: Mount, out: Path) -> Tracer:
         pytest.skip(f"needs strace: {exc}")
     except PtraceRefused as exc:
         pytest.skip(f"ptrace is not permitted here, strace cannot attach: {exc}")
-
-
-def status(m: Mount) -> dict:  # type: ignore[type-arg]
-    return json.loads(os.getxattr(m.mountpoint, "user.atomicfs.status"))
 
 
 def seeded_source(root: Path, names: list[str], size: int = 6000) -> Path:
@@ -197,12 +192,11 @@ def test_journalled_commits_sync_record_then_file_before_the_call_returns(
     for i, how in enumerate(hows):  # sequential: the checker pairs a record with its apply
         burst.rewrite(NAMES[i % 3], how, patch=True)
     daemon_dir = str(m.src(".atomicfs"))
-    deadline = time.monotonic() + 10  # the last commits settle after their call returned
-    while any(n.startswith("journal-") for n in os.listdir(daemon_dir)):
-        assert time.monotonic() < deadline, "journal records not settled in 10 s"
-        time.sleep(0.01)
+    # the last commits settle after their call returned
+    assert wait_for(lambda: not any(n.startswith("journal-") for n in os.listdir(daemon_dir)),
+                    timeout=10), "journal records not settled in 10 s"
     calls = tracer.stop()
-    assert status(m)["commits"]["journal"] == len(hows)
+    assert status_of(m.mountpoint)["commits"]["journal"] == len(hows)
     checked, problems = 0, []
     for name in NAMES[:3]:  # one file at a time: its records and the calls of its ops
         target = str(m.src(name))

@@ -16,7 +16,6 @@ succeed again; and nothing of the daemon's is left after the unmount.
 from __future__ import annotations
 
 import errno
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,15 +23,28 @@ from pathlib import Path
 import pytest
 import scratchfs
 from conftest import MountFactory
-from sessionkit import assert_no_debris, wait_for
+from sessionkit import assert_no_debris, status_of, wait_for
 
 KiB = 1024
 MiB = 1024 * KiB
-RELEASE_WARNING = r"WARNING .*commit of inode \d+ at its last close failed"
 
 
-def status(mnt: Path) -> dict:  # type: ignore[type-arg]
-    return json.loads(os.getxattr(mnt, "user.atomicfs.status"))
+def fill(path: Path, flags: int, byte: bytes) -> tuple[int, int | None, int | None]:
+    """Write 8 MiB of ``byte`` in 256 KiB writes, stopping at the first error, then
+    close: ``(bytes written, errno of write() or None, errno of close() or None)``."""
+    fd = os.open(path, flags, 0o644)
+    written, at_write, at_close = 0, None, None
+    try:
+        while written < 8 * MiB:
+            written += os.write(fd, byte * (256 * KiB))
+    except OSError as exc:
+        at_write = exc.errno
+    finally:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            at_close = exc.errno
+    return written, at_write, at_close
 
 
 def errno_of(fn: Callable[[], object]) -> int | None:
@@ -81,7 +93,6 @@ def test_source_remounted_read_only_under_a_live_mount(tmpfs_source: Path,
     (src / "d" / "g").write_bytes(b"committed g\n")
     before = {p: (src / p).read_bytes() for p in ("f", "d/g")}
     m = mount_factory(source=src)
-    m.expect_log(RELEASE_WARNING)
     held = os.open(m.path("f"), os.O_RDWR)  # a writer that has not written yet
     try:
         res = scratchfs.sh("mount", "-o", "remount,ro", str(src))
@@ -122,7 +133,7 @@ def test_source_remounted_read_only_under_a_live_mount(tmpfs_source: Path,
     assert {p: (src / p).read_bytes() for p in before} == before
     assert {p: mp(p).read_bytes() for p in before} == before
     assert sorted(os.listdir(m.mountpoint)) == ["d", "f"]
-    assert status(m.mountpoint)["failures"].get("EROFS", 0) >= 1
+    assert status_of(m.mountpoint)["failures"].get("EROFS", 0) >= 1
     # read-write again: commits work
     res = scratchfs.sh("mount", "-o", "remount,rw", str(src))
     assert res.returncode == 0, res.stderr
@@ -149,13 +160,13 @@ def test_a_daemon_idle_after_commits_lets_the_source_remount_read_only(
     for i in range(3):  # new files (the first asks the pool, which then fills)
         m.path(f"new{i}").write_bytes(b"new\n")
     assert m.path("old").read_bytes() == b"replaced\n"  # read back: a read-only fd
-    assert status(m.mountpoint)["housekeeping"]["shadows_made"] >= 1
+    assert status_of(m.mountpoint)["housekeeping"]["shadows_made"] >= 1
     try:
         assert wait_for(lambda: scratchfs.sh("mount", "-o", "remount,ro",
                                              str(src)).returncode == 0,
                         timeout=15, interval=0.5), \
             "the source stayed busy for a read-only remount"
-        assert status(m.mountpoint)["housekeeping"]["shadows_ready"] == 0
+        assert status_of(m.mountpoint)["housekeeping"]["shadows_ready"] == 0
         assert m.path("new2").read_bytes() == b"new\n"
     finally:
         scratchfs.sh("mount", "-o", "remount,rw", str(src))
@@ -170,7 +181,6 @@ def test_dropped_session_does_not_leave_its_size_in_the_kernel(
     src = tmpfs_source
     (src / "f").write_bytes(b"committed f\n")
     m = mount_factory(source=src)
-    m.expect_log(RELEASE_WARNING)
     held = os.open(m.path("f"), os.O_RDWR)
     try:
         assert scratchfs.sh("mount", "-o", "remount,ro", str(src)).returncode == 0
@@ -205,9 +215,8 @@ def test_quota_exceeded_under_a_live_mount(quota_source: scratchfs.QuotaFs,
     os.link(src / "h", src / "h.lnk")  # hard-linked: its commits are journalled in place
     q.set_limit(4 * MiB)  # ~2 MiB in use: 2 MiB left
     m = mount_factory(source=src, prefix=q.daemon_prefix)
-    m.expect_log(RELEASE_WARNING)
     mp = m.path
-    journal = status(m.mountpoint)["journal"]
+    journal = status_of(m.mountpoint)["journal"]
 
     # a commit that needs more space than is left, at close(): a journalled one
     # (the shadow takes 1.25 MiB, the journal record as much again)
@@ -220,18 +229,8 @@ def test_quota_exceeded_under_a_live_mount(quota_source: scratchfs.QuotaFs,
             "a failed journalled commit left its record behind (it holds quota until remount)"
 
     # a new file larger than what is left: the error reaches the writer, no file appears
-    fd = os.open(mp("big"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    written, failure = 0, None
-    try:
-        while written < 8 * MiB:
-            written += os.write(fd, b"B" * (256 * KiB))
-    except OSError as exc:
-        failure = exc.errno
-    finally:
-        try:
-            os.close(fd)
-        except OSError as exc:
-            failure = failure or exc.errno
+    written, at_write, at_close = fill(mp("big"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, b"B")
+    failure = at_write or at_close
     assert failure == errno.EDQUOT, f"writing 8 MiB under a 2 MiB quota: {failure}"
     big = src / "big"
     assert not big.exists() or big.read_bytes() == b"B" * written, \
@@ -245,7 +244,7 @@ def test_quota_exceeded_under_a_live_mount(quota_source: scratchfs.QuotaFs,
     # the daemon keeps serving
     assert mp("f").read_bytes() == committed
     assert sorted(os.listdir(m.mountpoint)) == ["f", "h", "h.lnk"]
-    assert status(m.mountpoint)["failures"].get("EDQUOT", 0) >= 1
+    assert status_of(m.mountpoint)["failures"].get("EDQUOT", 0) >= 1
 
     # the limit lifted: the same commits succeed
     q.set_limit(None)
@@ -278,8 +277,7 @@ def test_enospc_while_a_journalled_commit_is_applied(tmpfs_source: Path,
     os.link(src / "f", src / "f.lnk")  # hard-linked: journalled in place
     old = (src / "f").read_bytes()
     m = mount_factory(source=src)
-    m.expect_log(RELEASE_WARNING)
-    if not status(m.mountpoint)["journal"]:
+    if not status_of(m.mountpoint)["journal"]:
         pytest.skip("no journalled commits on this tmpfs (open_by_handle_at)")
     # room for the shadow (4 MiB) and the record (4 MiB), not for filling the hole too
     st = os.statvfs(src)
@@ -307,20 +305,9 @@ def test_failed_write_then_close_keeps_the_committed_version(mount_factory: Moun
     with scratchfs.tmpfs(tmp_path / "small", "4m") as src:
         (src / "f").write_bytes(b"old version\n")
         m = mount_factory(source=src)
-        m.expect_log(RELEASE_WARNING)
         try:
-            fd = os.open(m.path("f"), os.O_WRONLY | os.O_TRUNC)
-            written, failure, at_close = 0, None, None
-            try:
-                while written < 8 * MiB:  # a writer that checks every write
-                    written += os.write(fd, b"N" * (256 * KiB))
-            except OSError as exc:
-                failure = exc.errno
-            finally:
-                try:
-                    os.close(fd)  # and closes after the error, as cp and shells do
-                except OSError as exc:
-                    at_close = exc.errno
+            # a writer that checks every write, and closes after the error as cp does
+            written, failure, at_close = fill(m.path("f"), os.O_WRONLY | os.O_TRUNC, b"N")
             assert failure == errno.ENOSPC, failure
             assert at_close == errno.ENOSPC, f"close() after the failed write gave {at_close}"
             assert (src / "f").read_bytes() == b"old version\n", \

@@ -6,7 +6,6 @@ from its live status (``user.atomicfs.status`` on the mount's root).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -18,12 +17,9 @@ from pathlib import Path
 
 import pytest
 from conftest import IS_ROOT, Mount, MountFactory
+from sessionkit import status_of, wait_for
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-def status(m: Mount) -> dict:
-    return json.loads(os.getxattr(m.mountpoint, "user.atomicfs.status"))
 
 
 def make_big(path: Path, size: int, seed: int = 0) -> bytes:
@@ -52,10 +48,8 @@ def applied(base: bytes, changes: list[tuple[int, bytes]]) -> bytes:
 
 def settled(source: Path, timeout: float = 10.0) -> list[str]:
     """debris() once journalled commits had time to settle (after their call returned)."""
-    deadline = time.monotonic() + timeout
-    while (left := debris(source)) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return left
+    wait_for(lambda: not debris(source), timeout)
+    return debris(source)
 
 
 def debris(source: Path) -> list[str]:
@@ -82,7 +76,7 @@ def test_large_file_small_change_uses_the_journal(mount_factory: MountFactory,
     m = mount_factory(source=src)
     mnt_ino = os.stat(m.path("big")).st_ino
     patch_through_mount(m.path("big"), CHANGES)
-    st = status(m)
+    st = status_of(m.mountpoint)
     assert st["commits"]["journal"] == 1, st["commits"]
     assert st["commits"]["rename"] == 0, st["commits"]
     assert os.stat(src / "big").st_ino == ino_before  # in place: same backing inode
@@ -95,12 +89,12 @@ def test_small_file_uses_rename_and_commit_option_forces(mount_factory: MountFac
     m = mount_factory()
     make_big(m.src("small"), MiB)
     patch_through_mount(m.path("small"), CHANGES[:4])
-    assert status(m)["commits"]["rename"] == 1
+    assert status_of(m.mountpoint)["commits"]["rename"] == 1
     if IS_ROOT:
         m2 = mount_factory(options=["commit=journal"])
         make_big(m2.src("small"), MiB)
         patch_through_mount(m2.path("small"), CHANGES[:4])
-        assert status(m2)["commits"]["journal"] == 1
+        assert status_of(m2.mountpoint)["commits"]["journal"] == 1
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="the journal needs open_by_handle_at (root)")
@@ -113,7 +107,7 @@ def test_hard_link_commit_keeps_the_link(mount: Mount) -> None:
     sa, sb = os.stat(mount.src("a")), os.stat(mount.src("b"))
     assert sa.st_ino == sb.st_ino and sa.st_nlink == 2
     assert os.stat(mount.path("a")).st_ino == os.stat(mount.path("b")).st_ino
-    assert status(mount)["commits"]["journal"] == 1
+    assert status_of(mount.mountpoint)["commits"]["journal"] == 1
 
 
 JOURNAL_POINTS = {
@@ -192,10 +186,10 @@ def test_reflink_commit_on_xfs(mount_factory: MountFactory, xfs_reflink: Path) -
     src.mkdir()
     old = make_big(src / "big", 64 * MiB)
     m = mount_factory(source=src)
-    st = status(m)
+    st = status_of(m.mountpoint)
     assert st["reflink"] is True
     patch_through_mount(m.path("big"), CHANGES)
-    counts = status(m)["commits"]
+    counts = status_of(m.mountpoint)["commits"]
     assert counts["reflink"] == 1 and counts["rename"] == 0, counts
     assert (src / "big").read_bytes() == applied(old, CHANGES)
     m.unmount()
@@ -232,7 +226,7 @@ def test_scattered_writes_keep_the_extent_map_bounded(mount_factory: MountFactor
             model[off:off + len(chunk)] = chunk
             hole_writes += off + len(chunk) > 16 * MiB
             if i % 50 == 0:
-                sessions = status(m)["sessions"]
+                sessions = status_of(m.mountpoint)["sessions"]
                 most = max([most] + [s["extents"] for s in sessions])
                 spilled = max([spilled] + [s["spilled_bytes"] for s in sessions])
                 probe = rng.randrange(0, 32 * MiB - 65536)
@@ -246,7 +240,7 @@ def test_scattered_writes_keep_the_extent_map_bounded(mount_factory: MountFactor
     allocated = os.stat(src / "big").st_blocks * 512
     assert allocated <= 16 * MiB + hole_writes * 8192 + MiB, \
         f"{allocated} bytes allocated: the hole was filled ({hole_writes} writes into it)"
-    counts = status(m)["commits"]
+    counts = status_of(m.mountpoint)["commits"]
     assert counts[commit] == 1, counts
     assert settled(src) == []
 
@@ -261,7 +255,7 @@ def test_journalled_commit_keeps_an_explicit_mtime_before_1970(mount: Mount) -> 
         os.utime(fd, ns=(0, -10 * 365 * 86_400 * 10**9))  # 1960, set during the session
     finally:
         os.close(fd)
-    assert status(mount)["commits"]["journal"] == 1
+    assert status_of(mount.mountpoint)["commits"]["journal"] == 1
     assert mount.src("b").read_bytes() == b"NEW content\n"
     assert os.stat(mount.src("a")).st_mtime_ns == -10 * 365 * 86_400 * 10**9
 
@@ -327,7 +321,7 @@ def test_isolated_readers_never_see_a_half_applied_journal_commit(
     assert not errors, errors
     assert not mixes, mixes[:5]
     assert commits[0] >= 5 and reads >= 20, (commits[0], reads)
-    doc = json.loads(os.getxattr(m.mountpoint, "user.atomicfs.status"))
+    doc = status_of(m.mountpoint)
     assert doc["commits"].get("journal", 0) >= 5, doc["commits"]
     if threaded:
         assert doc["reads"]["in_thread"] >= reads and doc["reads"]["from_cache"] == 0
@@ -344,5 +338,5 @@ def test_a_cached_file_shorter_than_the_read_is_answered_without_a_thread(
     (src / "s").write_bytes(b"small file\n")  # in the page cache: just written
     m = mount_factory(source=src)
     assert m.path("s").read_bytes() == b"small file\n"
-    reads = json.loads(os.getxattr(m.mountpoint, "user.atomicfs.status"))["reads"]
+    reads = status_of(m.mountpoint)["reads"]
     assert reads["from_cache"] >= 1 and reads["in_thread"] == 0, reads

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -34,13 +34,15 @@ from conftest import (
     ROOT,
     Mount,
     MountFactory,
+    cli_env,
     mounted_fstype,
     needs_fuse,
+    run_cli,
 )
+from sessionkit import status_of, wait_for
 
 from atomicfs import cli, launcher, manual
 from atomicfs.mount import top_mount
-from atomicfs.status import STATUS_XATTR
 
 SYSTEM_LAUNCHER = Path("/usr/local/bin/atomicfs")
 SERVICE = ROOT / "systemd" / "atomicfs@.service"
@@ -48,33 +50,9 @@ MOUNT_UNIT = ROOT / "systemd" / "srv-data.mount"
 VENV = Path(sys.prefix)  # the virtualenv running the tests: what launchers must run
 
 
-def env_for_cli(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
 def atomicfs(*args: str, cwd: Path | None = None, timeout: float = 60,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, "-m", "atomicfs", *args], cwd=cwd, env=env or env_for_cli(),
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def status_of(mnt: Path) -> dict[str, object]:
-    doc = json.loads(os.getxattr(mnt, STATUS_XATTR))
-    assert isinstance(doc, dict)
-    return doc
+    return run_cli(args, cwd, timeout=timeout, env=env)
 
 
 class Cleanup:
@@ -207,7 +185,7 @@ def test_fstab_line_mounts_with_mount_T(dirs: Path, cleanup: Cleanup) -> None:
                      "nofail,_netdev,x-systemd.requires-mounts-for=/,durability=batch,"
                      "isolation=shared 0 0\n")
     cleanup.mounts.append(mnt)
-    env = env_for_cli(ATOMICFS_VENV=str(VENV))
+    env = cli_env(ATOMICFS_VENV=str(VENV))
     res = subprocess.run(["mount", "-T", str(fstab), str(mnt)], env=env, capture_output=True,
                          text=True, timeout=60)
     assert res.returncode == 0, res.stderr
@@ -238,7 +216,7 @@ def test_fstab_line_with_a_bad_option_is_one_line_and_changes_nothing(dirs: Path
     cleanup.mounts.append(mnt)
     before = sorted(os.listdir(src)), (src / "data.txt").stat().st_mtime_ns
     res = subprocess.run(["mount", "-T", str(fstab), str(mnt)],
-                         env=env_for_cli(ATOMICFS_VENV=str(VENV)), capture_output=True,
+                         env=cli_env(ATOMICFS_VENV=str(VENV)), capture_output=True,
                          text=True, timeout=60)
     assert res.returncode != 0
     assert res.stderr.count("\n") == 1, res.stderr
@@ -261,7 +239,7 @@ def test_mount_t_with_bad_paths_and_options(dirs: Path, cleanup: Cleanup, source
     cleanup.mounts.append(dirs / "mnt")
     before = sorted(os.listdir(dirs)), sorted(os.listdir(dirs / "src"))
     res = subprocess.run(["mount", "-t", "fuse.atomicfs", "-o", options, str(dirs / source),
-                          str(dirs / mountpoint)], env=env_for_cli(ATOMICFS_VENV=str(VENV)),
+                          str(dirs / mountpoint)], env=cli_env(ATOMICFS_VENV=str(VENV)),
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("atomicfs: error: "), res.stderr
@@ -362,13 +340,13 @@ def test_service_notify_handshake_stop_and_restart(tmp_path: Path, cleanup: Clea
     log_path = tmp_path / "journal.log"
 
     def start(address: str) -> tuple[subprocess.Popen[bytes], NotifySocket]:
-        pre = subprocess.run(_service_command("ExecStartPre", data), env=env_for_cli(),
+        pre = subprocess.run(_service_command("ExecStartPre", data), env=cli_env(),
                              capture_output=True, text=True, timeout=60)
         assert pre.returncode == 0, pre.stderr
         notify = NotifySocket(address)
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(_service_command("ExecStart", data),
-                                    env=env_for_cli(NOTIFY_SOCKET=address), stdout=log,
+                                    env=cli_env(NOTIFY_SOCKET=address), stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         cleanup.procs.append(proc)
         fields, sender = notify.receive()
@@ -458,7 +436,7 @@ def test_status_shows_open_sessions_and_counters(mount: Mount,
     finally:
         for fd in (new, old, old2):
             os.close(fd)
-    assert wait_for(lambda: status_of(mount.mountpoint)["sessions"] == [])
+    assert wait_for(lambda: status_of(mount.mountpoint)["sessions"] == [], timeout=10)
     doc = status_of(mount.mountpoint)
     assert doc["commits"]["new"] == 1 and doc["commits"]["rename"] == 1
     assert doc["bytes_committed"] == 150_100
@@ -491,7 +469,8 @@ def test_failed_commits_are_counted_and_logged_once_each(mount_factory: MountFac
     assert info.value.errno == errno.ENOSPC
     assert m.src("g").read_bytes() == b"committed"
     # the close's commit, then the last release's
-    assert wait_for(lambda: status_of(m.mountpoint)["failures"] == {"ENOSPC": 2}), \
+    assert wait_for(lambda: status_of(m.mountpoint)["failures"] == {"ENOSPC": 2},
+                    timeout=10), \
         status_of(m.mountpoint)
     lines = [line for line in m.log().splitlines() if " WARNING " in line]
     assert len(lines) == 2, lines
@@ -562,7 +541,8 @@ def test_sigterm_during_a_commit_finishes_it_then_unmounts(mount_factory: MountF
 
     thread = threading.Thread(target=writer)
     thread.start()
-    assert wait_for(lambda: status_of(m.mountpoint)["commits_in_flight"] == 1), \
+    assert wait_for(lambda: status_of(m.mountpoint)["commits_in_flight"] == 1,
+                    timeout=10), \
         "the slow commit never started"
     assert m.proc is not None
     started = time.monotonic()
@@ -588,10 +568,11 @@ def test_sigterm_unmounts_a_mount_with_its_own_subtype(dirs: Path, cleanup: Clea
     src, mnt = dirs / "src", dirs / "mnt"
     cleanup.mounts.append(mnt)
     proc = subprocess.Popen([PYTHON, "-m", "atomicfs", "mount", "-f", str(src), str(mnt), "-o",
-                             "subtype=mine"], env=env_for_cli(), stdin=subprocess.DEVNULL,
+                             "subtype=mine"], env=cli_env(), stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cleanup.procs.append(proc)
-    assert wait_for(lambda: mounted_fstype(mnt) == "fuse.mine" or proc.poll() is not None)
+    assert wait_for(lambda: mounted_fstype(mnt) == "fuse.mine" or proc.poll() is not None,
+                    timeout=10)
     assert (mnt / "data.txt").read_text() == "content\n"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
@@ -603,7 +584,7 @@ def test_background_daemon_sigusr1_stack_dump_and_umount_waits(dirs: Path,
                                                               cleanup: Cleanup) -> None:
     src, mnt, log_path = dirs / "src", dirs / "mnt", dirs / "daemon.log"
     cleanup.mounts.append(mnt)
-    env = env_for_cli(ATOMICFS_FAULTS="sleep:commit.before_fsync:1.5")
+    env = cli_env(ATOMICFS_FAULTS="sleep:commit.before_fsync:1.5")
     # -o subtype= renames the mount's type: status and umount find the daemon all the same
     res = atomicfs("mount", "src", "mnt", "--log", str(log_path), "-o", "subtype=renamed",
                    env=env, cwd=dirs)
@@ -613,14 +594,15 @@ def test_background_daemon_sigusr1_stack_dump_and_umount_waits(dirs: Path,
     assert entry.fstype == "fuse.renamed"
     pid = int(status_of(mnt)["pid"])
     os.kill(pid, signal.SIGUSR1)
-    assert wait_for(lambda: "most recent call first" in log_path.read_text()), \
+    assert wait_for(lambda: "most recent call first" in log_path.read_text(), timeout=10), \
         log_path.read_text()
     assert (mnt / "data.txt").read_text() == "content\n"  # still serving
     # a session whose only commit comes at its last release (: > f): close() returns at
     # once, the commit (1.5 s) runs after it; umount must wait for it and the daemon's exit
     with open(mnt / "data.txt", "w"):
         pass
-    assert wait_for(lambda: status_of(mnt)["commits_in_flight"] == 1), "no commit at release"
+    assert wait_for(lambda: status_of(mnt)["commits_in_flight"] == 1, timeout=10), \
+        "no commit at release"
     res = atomicfs("umount", str(mnt))
     assert res.returncode == 0, res.stderr
     assert not alive(pid), "umount returned before the daemon exited"
@@ -749,7 +731,7 @@ def user() -> Iterator[tuple[int, int]]:
 
 
 def run_as_user(uid_gid: tuple[int, int], args: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, "-c", AS_USER, *map(str, uid_gid), *args], env=env_for_cli(),
+    return subprocess.run([PYTHON, "-c", AS_USER, *map(str, uid_gid), *args], env=cli_env(),
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
@@ -776,7 +758,7 @@ def test_a_user_mounts_their_own_directory(user: tuple[int, int], cleanup: Clean
         log_path = base / "daemon.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([PYTHON, "-c", AS_USER, str(uid), str(gid), "mount", "-f",
-                                     str(src), str(mnt)], env=env_for_cli(), stdout=log,
+                                     str(src), str(mnt)], env=cli_env(), stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         cleanup.procs.append(proc)
         if not wait_for(lambda: mounted_fstype(mnt) == "fuse.atomicfs" or proc.poll() is not None,

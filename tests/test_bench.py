@@ -56,7 +56,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     data = json.loads((out_dir / "results.json").read_text())
     targets = data["targets"]
     assert targets[0] == "raw"
-    assert {"atomicfs-full", "atomicfs-batch"} <= set(targets)
+    assert {"pyfuse3", "atomicfs-full", "atomicfs-batch"} <= set(targets)
     assert data["failures"] == []
     workloads = {m["workload"] for m in data["metrics"]}
     assert workloads == {"seq-write", "seq-read", "rand-write", "saves",

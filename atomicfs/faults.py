@@ -18,6 +18,8 @@ import errno
 import os
 import time
 
+from . import timing
+
 _ACTIONS: dict[str, tuple[str, str]] = {}
 _USAGE = "want raise:POINT, exit:POINT, fail:POINT:ERRNO or sleep:POINT:SECONDS"
 
@@ -38,6 +40,7 @@ def load(spec: str | None = None) -> None:
 
 
 def point(name: str) -> None:
+    timing.mark(name)  # the steps of a commit, for scripts/bench --explain
     if not _ACTIONS:
         return
     action, arg = _ACTIONS.get(name, ("", ""))

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import logs, recovery
+from . import logs, recovery, timing
 from .operations import AtomicOperations
 from .options import MountOptions
 
@@ -346,6 +346,7 @@ def run(req: MountRequest) -> int:
         raise MountError(f"cannot prepare SOURCE {req.source!r}: {what}") from None
     ready_fd = None if req.foreground else _daemonize(req.log_file)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    timing.install()  # scripts/bench --explain: ATOMICFS_TIMING=FILE
     log.info("mounted %s on %s (%s)", ops.info.source, mountpoint, ",".join(sorted(fuse_opts)))
     try:
         trio.run(_serve, ops, ready_fd)
@@ -353,6 +354,7 @@ def run(req: MountRequest) -> int:
         still_mounted = is_fuse(top_fstype(mountpoint))  # any subtype= the user chose
         pyfuse3.close(unmount=still_mounted)
         ops.shutdown()
+        timing.dump()
         log.info("%s", logs.summary(mountpoint, ops.committer.stats, ops.info.uptime()))
     return 0
 

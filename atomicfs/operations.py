@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from . import faults, metadata, recovery, status, syscalls
+from . import faults, metadata, recovery, status, syscalls, timing
 from .commit import Committer, name_finder
 from .files import Files
 from .housekeeping import Housekeeper
@@ -57,6 +57,7 @@ def _handler(fn: F) -> F:
         if self.trace:
             log.debug("-> %s(%s)", name, _trace_args(args))
             started = time.monotonic()
+        timed = timing.begin(name)
         try:
             faults.point(name)
             result = await fn(self, *args)
@@ -74,6 +75,8 @@ def _handler(fn: F) -> F:
         except Exception:
             log.exception("unexpected error in %s%r; answered EIO", name, args)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            timing.end(timed)
         if self.trace:
             log.debug("<- %s ok (%.3f ms)", name, (time.monotonic() - started) * 1000)
         return result

@@ -114,3 +114,28 @@ def test_bench_rejects_unknown_workload(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert "unknown workload(s): nope" in res.stderr
+
+
+@pytest.mark.skipif(not HAVE_FUSE, reason="needs /dev/fuse and fusermount3")
+def test_bench_explain_splits_each_operation_into_phases(tmp_path: Path) -> None:
+    """--explain: the daemon's timing marks and the program's calls on one time line."""
+    out_dir = tmp_path / "results"
+    res = _run_bench(["--explain", "5", "--targets", "atomicfs-full", "--out", str(out_dir),
+                      "--workdir", str(tmp_path / "work")], tmp_path)
+    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout}\n{res.stderr[-4000:]}"
+    text = (out_dir / "explain.md").read_text()
+    sections = text.split("\n### ")[1:]
+    assert [s.split("\n", 1)[0] for s in sections] == ["save", "atomic-save", "untar-entry"]
+    save = sections[0]
+    # a durable save: the commit's steps inside close(), each a phase of its own
+    for phase in ("open(): open() called → OPEN handler starts",
+                  "close(): commit.before_fsync → commit.after_fsync",
+                  "close(): handoff:fsync_dir → thread:fsync_dir",
+                  "close(): FLUSH handler returns → close() returns"):
+        assert f"| {phase} |" in save, phase
+    assert "| fsync dir(): FSYNCDIR handler starts → handoff:fsync |" in sections[1]
+    for section in sections:
+        rows = [ln for ln in section.splitlines() if ln.startswith("| ") and "µs" not in ln
+                and not ln.startswith("|---")]
+        assert len(rows) >= 8, section
+        assert all(ln.endswith("/5 |") for ln in rows), section

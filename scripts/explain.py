@@ -1,0 +1,207 @@
+"""``scripts/bench --explain``: where the time of one save goes, phase by phase.
+
+The daemon runs with ``ATOMICFS_TIMING=FILE`` (:mod:`atomicfs.timing`): it
+marks the start and end of every request handler, every step of a commit and
+every hand-off to a worker thread, on CLOCK_MONOTONIC.  This program drives the
+mount itself and marks the start and end of each of its own system calls on the
+same clock.  Putting both on one time line splits every system call into
+phases: the wait until the handler runs (the kernel, /dev/fuse, pyfuse3, trio),
+each handler and the steps inside it, and the reply back to the program.
+
+Three workloads, each a stream of the same operation on distinct files:
+- ``save``: open(O_TRUNC), write 4 KiB, close (a program saving in place);
+- ``atomic-save``: a program's own atomic save: create a temporary file,
+  write, fsync, close, rename over the name, fsync the directory;
+- ``untar-entry``: one file as GNU tar extracts it: create (O_EXCL), write,
+  futimens, fchown, fchmod, close.
+
+After each operation the program waits a few milliseconds, outside the
+measured time, so the asynchronous RELEASE of one operation does not land in
+the next one's time line.  The phases of one operation add up to its measured
+time by construction; the table shows the median of each phase over the
+stream, and how far the sum of those medians is from the median operation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PAYLOAD = os.urandom(4096)
+SETTLE = 0.005  # seconds between operations, outside the measured time
+
+Call = tuple[str, int, int]  # (system call, start ns, end ns)
+
+
+@dataclass
+class Stream:
+    workload: str
+    calls: list[list[Call]] = field(default_factory=list)  # one list per operation
+
+    def timed(self, op: list[Call], name: str, fn: Callable[[], object]) -> object:
+        start = time.monotonic_ns()
+        try:
+            return fn()
+        finally:
+            op.append((name, start, time.monotonic_ns()))
+
+
+def _save(stream: Stream, root: Path, i: int) -> None:
+    op: list[Call] = []
+    path = root / f"s{i}"
+    fd = stream.timed(op, "open", lambda: os.open(path, os.O_WRONLY | os.O_TRUNC))
+    assert isinstance(fd, int)
+    stream.timed(op, "write", lambda: os.write(fd, PAYLOAD))
+    stream.timed(op, "close", lambda: os.close(fd))
+    stream.calls.append(op)
+
+
+def _atomic_save(stream: Stream, root: Path, i: int) -> None:
+    op: list[Call] = []
+    path, tmp = root / f"a{i}", root / f".a{i}.tmp"
+    fd = stream.timed(op, "open", lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                                  0o644))
+    assert isinstance(fd, int)
+    stream.timed(op, "write", lambda: os.write(fd, PAYLOAD))
+    stream.timed(op, "fsync", lambda: os.fsync(fd))
+    stream.timed(op, "close", lambda: os.close(fd))
+    stream.timed(op, "rename", lambda: os.rename(tmp, path))
+    dfd = stream.timed(op, "open dir", lambda: os.open(root, os.O_RDONLY | os.O_DIRECTORY))
+    assert isinstance(dfd, int)
+    stream.timed(op, "fsync dir", lambda: os.fsync(dfd))
+    stream.timed(op, "close dir", lambda: os.close(dfd))
+    stream.calls.append(op)
+
+
+def _untar_entry(stream: Stream, root: Path, i: int) -> None:
+    op: list[Call] = []
+    path = root / f"t{i}"
+    fd = stream.timed(op, "open", lambda: os.open(
+        path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NONBLOCK, 0o600))
+    assert isinstance(fd, int)
+    stream.timed(op, "write", lambda: os.write(fd, PAYLOAD))
+    stream.timed(op, "futimens", lambda: os.utime(fd, ns=(time.time_ns(), 1_700_000_000 * 10**9)))
+    stream.timed(op, "fchown", lambda: os.fchown(fd, os.getuid(), os.getgid()))
+    stream.timed(op, "fchmod", lambda: os.fchmod(fd, 0o644))
+    stream.timed(op, "close", lambda: os.close(fd))
+    stream.calls.append(op)
+
+
+WORKLOADS: dict[str, Callable[[Stream, Path, int], None]] = {
+    "save": _save, "atomic-save": _atomic_save, "untar-entry": _untar_entry}
+
+
+def prepare(root: Path, count: int) -> None:
+    """Files for the in-place saves, each saved once already (names and
+    attributes in the kernel's caches, as for a program saving repeatedly)."""
+    for i in range(count):
+        (root / f"s{i}").write_bytes(PAYLOAD)
+    for i in range(count):
+        (root / f"s{i}").write_bytes(PAYLOAD)
+
+
+def drive(root: Path, count: int) -> list[Stream]:
+    streams = []
+    for name, step in WORKLOADS.items():
+        stream = Stream(name)
+        for i in range(count):
+            step(stream, root, i)
+            time.sleep(SETTLE)
+        streams.append(stream)
+    return streams
+
+
+# -- the time line ---------------------------------------------------------------
+
+Event = tuple[int, str]  # (ns, label)
+
+
+def load_marks(path: Path) -> list[Event]:
+    """The daemon's marks as labelled events, in time order."""
+    events: list[Event] = []
+    with open(path) as f:
+        for line in f:
+            ns, _number, request, what = json.loads(line)
+            if what == request:  # the fault point at a handler's start: same as "req"
+                continue
+            if what == "req":
+                label = f"{request.upper()} handler starts"
+            elif what == "reply":
+                label = f"{request.upper()} handler returns"
+            else:
+                label = what
+            events.append((ns, label))
+    events.sort()
+    return events
+
+
+def phases_of(op: list[Call], events: list[Event]) -> list[tuple[str, int]]:
+    """Split one operation's time into labelled phases (they add up to its time)."""
+    import bisect
+
+    times = [ns for ns, _ in events]
+    out: list[tuple[str, int]] = []
+    seen: dict[str, int] = defaultdict(int)
+    for index, (call, start, end) in enumerate(op):
+        if index:
+            out.append(("(the program, between its calls)", start - op[index - 1][2]))
+        points: list[Event] = [(start, f"{call}() called")]
+        lo, hi = bisect.bisect_left(times, start), bisect.bisect_right(times, end)
+        points += events[lo:hi]
+        points.append((end, f"{call}() returns"))
+        for (t0, a), (t1, b) in zip(points, points[1:], strict=False):
+            label = f"{call}(): {a} → {b}"
+            seen[label] += 1
+            if seen[label] > 1:
+                label += f" (#{seen[label]})"
+            out.append((label, t1 - t0))
+    return out
+
+
+def table(stream: Stream, events: list[Event], heading: str) -> list[str]:
+    per_op: list[dict[str, int]] = []
+    position: dict[str, list[int]] = defaultdict(list)
+    totals = []
+    for op in stream.calls:
+        totals.append(op[-1][2] - op[0][1])
+        sums: dict[str, int] = defaultdict(int)
+        for index, (label, ns) in enumerate(phases_of(op, events)):
+            sums[label] += ns
+            position[label].append(index)
+        per_op.append(sums)
+    n = len(per_op)
+    labels = sorted(position, key=lambda lb: statistics.mean(position[lb]))
+    # a phase missing from an operation counts as 0 there
+    values = {lb: [sums.get(lb, 0) for sums in per_op] for lb in labels}
+    medians = {lb: statistics.median(v) for lb, v in values.items()}
+    means = {lb: statistics.mean(v) for lb, v in values.items()}
+    total, mean_total = statistics.median(totals), statistics.mean(totals)
+    summed = sum(medians.values())
+    lines = [f"### {heading}", "",
+             f"{n} operations; median {total / 1000:.0f} µs. The phase medians add up to "
+             f"{summed / 1000:.0f} µs ({summed / total:.0%} of the median operation); the "
+             f"phase means add up to the mean operation, {mean_total / 1000:.0f} µs.", "",
+             "| phase | median µs | mean µs | share of the mean | seen in |",
+             "|---|---:|---:|---:|---:|"]
+    for lb in labels:
+        seen = sum(1 for sums in per_op if lb in sums)
+        if means[lb] < 2000 and seen < n // 2:
+            continue  # rare and short: an asynchronous request that slipped in
+        lines.append(f"| {lb} | {medians[lb] / 1000:.0f} | {means[lb] / 1000:.0f} | "
+                     f"{means[lb] / mean_total:.0%} | {seen}/{n} |")
+    lines.append("")
+    return lines
+
+
+def explain(root: Path, marks: Path, streams: list[Stream], title: str) -> list[str]:
+    events = load_marks(marks)
+    lines = [f"## {title}", ""]
+    for stream in streams:
+        lines += table(stream, events, stream.workload)
+    return lines

@@ -127,9 +127,11 @@ def load_marks(path: Path) -> list[Event]:
     events: list[Event] = []
     with open(path) as f:
         for line in f:
-            ns, _number, request, what = json.loads(line)
+            ns, number, request, what = json.loads(line)
             if what == request:  # the fault point at a handler's start: same as "req"
                 continue
+            if not number:  # background work (a group persist): no request's step; its
+                continue    # time shows in the phase of the request it delayed
             if what == "req":
                 label = f"{request.upper()} handler starts"
             elif what == "reply":

@@ -166,6 +166,62 @@ def phases_of(op: list[Call], events: list[Event]) -> list[tuple[str, int]]:
     return out
 
 
+CATEGORIES = (
+    "the daemon's handlers (its own code, link, rename, copies, metadata)",
+    "kernel, /dev/fuse, pyfuse3 and trio, up to the first handler",
+    "kernel, /dev/fuse, pyfuse3 and trio, between two requests",
+    "hand-offs to a worker thread",
+    "returns from a worker thread",
+    "the file's fsync",
+    "the directory's fsync",
+    "the reply, back to the program",
+    "the program itself, and calls that sent no request",
+)
+
+
+def category(label: str) -> str:
+    """Which kind of cost a phase is (for the summary table)."""
+    if label.startswith("(the program"):
+        return CATEGORIES[8]
+    a, _, b = label.split(": ", 1)[-1].partition(" → ")
+    if a.startswith("handoff:") and b.startswith("thread:"):
+        return CATEGORIES[3]
+    if a.startswith("thread-end:") and b.startswith("resumed:"):
+        return CATEGORIES[4]
+    if (a, b) == ("commit.before_fsync", "commit.after_fsync"):
+        return CATEGORIES[5]
+    if a.startswith("thread:fsync") and b.startswith("thread-end:fsync"):
+        return CATEGORIES[6]
+    if a.endswith("() called") and b.endswith("handler starts"):
+        return CATEGORIES[1]
+    if a.endswith("handler returns") and b.endswith("handler starts"):
+        return CATEGORIES[2]
+    if a.endswith("handler returns") and b.endswith("() returns"):
+        return CATEGORIES[7]
+    if a.endswith("() called") and b.endswith("() returns"):
+        return CATEGORIES[8]
+    return CATEGORIES[0]
+
+
+def summary(streams: list[Stream], events: list[Event]) -> list[str]:
+    """Mean µs per operation in each kind of cost, one column per workload."""
+    cols = []
+    for stream in streams:
+        sums: dict[str, float] = defaultdict(float)
+        for op in stream.calls:
+            for label, ns in phases_of(op, events):
+                sums[category(label)] += ns / 1000 / len(stream.calls)
+        cols.append(sums)
+    lines = ["| where the time goes (mean µs per operation) | "
+             + " | ".join(s.workload for s in streams) + " |",
+             "|---|" + "---:|" * len(streams)]
+    for cat in CATEGORIES:
+        lines.append(f"| {cat} | " + " | ".join(
+            f"{c.get(cat, 0):.0f} ({c.get(cat, 0) / sum(c.values()):.0%})" for c in cols) + " |")
+    lines.append("| **total** | " + " | ".join(f"{sum(c.values()):.0f}" for c in cols) + " |")
+    return lines + [""]
+
+
 def table(stream: Stream, events: list[Event], heading: str) -> list[str]:
     per_op: list[dict[str, int]] = []
     position: dict[str, list[int]] = defaultdict(list)
@@ -203,7 +259,7 @@ def table(stream: Stream, events: list[Event], heading: str) -> list[str]:
 
 def explain(root: Path, marks: Path, streams: list[Stream], title: str) -> list[str]:
     events = load_marks(marks)
-    lines = [f"## {title}", ""]
+    lines = [f"## {title}", ""] + summary(streams, events)
     for stream in streams:
         lines += table(stream, events, stream.workload)
     return lines

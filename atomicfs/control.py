@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from . import processes
-from .mount import MountEntry, MountError, is_fuse, top_mount
+from .mount import MountError
+from .mounttable import MountEntry, is_fuse, top_mount
 from .status import STATUS_XATTR
 
 T = TypeVar("T")

@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from atomicfs.mount import top_fstype
+from atomicfs.mounttable import top_fstype
 
 ROOT = Path(__file__).resolve().parent.parent
 # The atomicfs package the daemon runs: this checkout, or ATOMICFS_CODE (a directory

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import scratchfs
 
-from atomicfs.mount import mount_table, top_fstype
+from atomicfs.mounttable import mount_table, top_fstype
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from atomicfs.mount import mount_table
+from atomicfs.mounttable import mount_table
 
 TIMEOUT = 60
 

@@ -31,7 +31,7 @@ from conftest import (
 )
 from sessionkit import snapshot
 
-from atomicfs import __version__, manual
+from atomicfs import __version__, manual, mounttable
 
 NOBODY = 65534
 
@@ -54,14 +54,7 @@ sys.exit(atomicfs.cli.main(sys.argv[1:]))
 
 def mounts_below(*roots: Path) -> list[str]:
     """Mount points (from mountinfo) at or below any of ``roots``."""
-    prefixes = [os.path.realpath(r) for r in roots]
-    found = []
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            point = line.split()[4].decode("unicode_escape")
-            if any(point == p or point.startswith(p.rstrip("/") + "/") for p in prefixes):
-                found.append(point)
-    return found
+    return mounttable.mounts_below(*(str(r) for r in roots))
 
 
 def assert_one_line(stderr: str, *needles: str) -> None:
@@ -591,7 +584,7 @@ def test_umount_if_dead_detaches_only_dead_fuse_mounts(monkeypatch, fstype: str,
     "fuse.SUBTYPE"), never a block-device FUSE mount (fuseblk: ntfs-3g...) or
     another filesystem that happens to sit there."""
     from atomicfs import control
-    from atomicfs.mount import MountEntry
+    from atomicfs.mounttable import MountEntry
     entry = MountEntry(1, 0, "/srv/x", fstype, "src", "rw")
     calls: list[str] = []
     monkeypatch.setattr(control, "top_mount", lambda path: entry)

@@ -42,7 +42,7 @@ from conftest import (
 from sessionkit import status_of, wait_for
 
 from atomicfs import cli, launcher, manual
-from atomicfs.mount import top_mount
+from atomicfs.mounttable import top_mount
 
 SYSTEM_LAUNCHER = Path("/usr/local/bin/atomicfs")
 SERVICE = ROOT / "systemd" / "atomicfs@.service"

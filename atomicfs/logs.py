@@ -23,7 +23,7 @@ PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERR
               logging.CRITICAL: 2}
 
 
-class JournalFormatter(logging.Formatter):
+class JournaldFormatter(logging.Formatter):
     """``<6>atomicfs.mount: message``; every line of a traceback keeps the priority."""
 
     def __init__(self) -> None:
@@ -60,7 +60,7 @@ def setup(debug: bool, log_file: str | None) -> None:
             sys.stderr.reconfigure(errors="backslashreplace")
         handler = logging.StreamHandler(sys.stderr)
     if log_file is None and stderr_is_journal():
-        handler.setFormatter(JournalFormatter())
+        handler.setFormatter(JournaldFormatter())
     else:
         handler.setFormatter(logging.Formatter(
             "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))

@@ -165,12 +165,13 @@ def test_unlinked_file_still_open_keeps_its_content(mount_factory: MountFactory)
     assert_no_failure(m.mountpoint)
 
 
-def test_vim_saves_without_a_warning(mount_factory: MountFactory) -> None:
+@pytest.mark.parametrize("program", ["vim.tiny", "vim"])
+def test_vim_saves_without_a_warning(mount_factory: MountFactory, program: str) -> None:
     """vim's swap file (created, written, unlinked at exit) and its save; the
     fixture fails the test on any warning in the daemon's log."""
-    vim = shutil.which("vim") or shutil.which("vim.tiny")
+    vim = shutil.which(program)
     if vim is None:
-        pytest.skip("vim is not installed (scripts/bootstrap.sh installs it for tests)")
+        pytest.skip(f"{program} is not installed (scripts/bootstrap.sh installs vim-tiny)")
     m = mount_factory()
     m.path("notes.txt").write_text("line one\nline two\n")
     for n in range(3):

@@ -217,7 +217,7 @@ class Committer:
                 else:
                     await self._rename(session, committed, data_fd(inode), kind == "reflink")
         except OSError as exc:
-            if self._nameless(session):
+            if self.nameless(session):
                 # Unlinked (or replaced by a rename) while the commit ran: the file is
                 # gone from the tree, and its content with it at the last release, as
                 # on any filesystem.  Nothing was lost that anyone could still open:
@@ -240,7 +240,7 @@ class Committer:
         session.commits += 1
         return True
 
-    def _nameless(self, session: Session) -> bool:
+    def nameless(self, session: Session) -> bool:
         """Has the file no name left, through the mount or in SOURCE?  (A pending file
         whose names were all unlinked; a committed one whose source file has no link.)"""
         inode = session.inode

@@ -133,6 +133,8 @@ class Files:
 
     async def _commit(self, session: Session, at: str) -> bool:
         if session.failed and session.dirty:  # SEMANTICS §8.2: the committed version stays
+            if self.committer.nameless(session):
+                return False  # unlinked: nothing to keep, nothing lost (semantics §2.5)
             raise OSError(session.failed, "not committed: an earlier write to this file "
                           f"failed ({os.strerror(session.failed)})")
         return await self.committer.commit(session, self.table.data, at)
@@ -390,10 +392,11 @@ class Files:
         try:
             async with session.lock:
                 if session.writers == 0 and session.dirty and session.failed:
-                    log.warning("%s: not committed at its last close: a write to it failed "
-                                "(%s); the committed version is kept",
-                                self.committer.describe(session.inode),
-                                os.strerror(session.failed))
+                    if not self.committer.nameless(session):  # unlinked: nothing is lost
+                        log.warning("%s: not committed at its last close: a write to it "
+                                    "failed (%s); the committed version is kept",
+                                    self.committer.describe(session.inode),
+                                    os.strerror(session.failed))
                 elif session.writers == 0 and session.dirty and not session.abandoned:
                     await self._commit(session, "last close")
         except OSError:

@@ -10,6 +10,7 @@ commit) is simply gone, as on any filesystem: no warning in the daemon's log
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -240,3 +241,26 @@ def test_read_by_the_writer_while_the_directory_is_synced(mount_factory: MountFa
     assert_no_failure(m.mountpoint)
     m.unmount()
     assert m.src("f").read_bytes() == data
+
+
+def test_unlinked_file_whose_write_failed(mount_factory: MountFactory, tmp_path: Path) -> None:
+    """A write fails (ENOSPC: the program was told), then the file is unlinked and
+    closed: nothing is lost, so neither close() nor the log reports anything."""
+    import scratchfs
+    with scratchfs.tmpfs(tmp_path / "small", "4m") as src:
+        m = mount_factory(source=src)
+        try:
+            fd = os.open(m.path("f"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                with pytest.raises(OSError) as info:
+                    for _ in range(64):
+                        os.write(fd, b"N" * (256 << 10))
+                assert info.value.errno == errno.ENOSPC
+                os.unlink(m.path("f"))
+            finally:
+                os.close(fd)  # no error: the file is gone
+            assert wait_for(lambda: not status_of(m.mountpoint)["sessions"], timeout=10)
+            assert_no_failure(m.mountpoint)
+            assert "WARNING" not in m.log()
+        finally:
+            m.unmount()

@@ -18,15 +18,17 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import MountFactory
+from conftest import Mount, MountFactory
 from sessionkit import TIMEOUT, make_source, status_of, user_entries, wait_for
 
 SLOW_COMMIT = {"ATOMICFS_FAULTS": "sleep:commit.after_fsync:0.6"}
 
 
-def assert_no_failure(mnt: Path) -> None:
-    doc = status_of(mnt)
+def assert_no_failure(m: Mount) -> None:
+    """No failed commit counted, no warning logged."""
+    doc = status_of(m.mountpoint)
     assert doc["failures"] == {}, doc["failures"]
+    assert "WARNING" not in m.log(), m.log()
 
 
 def test_create_close_unlink_unwritten(mount_factory: MountFactory) -> None:
@@ -40,7 +42,7 @@ def test_create_close_unlink_unwritten(mount_factory: MountFactory) -> None:
               "    os.unlink('z')\n")
     subprocess.run(["python3", "-c", script], cwd=m.mountpoint, check=True, timeout=TIMEOUT)
     assert wait_for(lambda: not status_of(m.mountpoint)["sessions"], timeout=10)
-    assert_no_failure(m.mountpoint)
+    assert_no_failure(m)
     assert not os.path.exists(m.path("z"))
     m.unmount()
     assert user_entries(m.source) == []
@@ -77,7 +79,7 @@ def test_unlink_during_the_commit_at_close(mount_factory: MountFactory, tmp_path
     thread.join(TIMEOUT)
     assert outcome == ["closed"]  # the file is gone: close() has nothing to report
     assert not os.path.exists(m.path("f"))
-    assert_no_failure(m.mountpoint)
+    assert_no_failure(m)
     m.unmount()
     assert user_entries(m.source) == []
 
@@ -93,7 +95,7 @@ def test_unlink_during_the_commit_at_last_release(mount_factory: MountFactory) -
     assert wait_for(lambda: status_of(m.mountpoint)["commits_in_flight"] == 0, timeout=10)
     assert wait_for(lambda: not status_of(m.mountpoint)["sessions"], timeout=10)
     assert not os.path.exists(m.path("maintenance.lock"))
-    assert_no_failure(m.mountpoint)
+    assert_no_failure(m)
     m.unmount()
     assert user_entries(m.source) == []
 
@@ -116,7 +118,7 @@ def test_rename_over_the_file_during_its_commit(mount_factory: MountFactory, tmp
     thread.join(TIMEOUT)
     assert outcome == ["closed"]
     assert m.path("f").read_bytes() == b"the file renamed over it\n"
-    assert_no_failure(m.mountpoint)
+    assert_no_failure(m)
     m.unmount()
     assert m.src("f").read_bytes() == b"the file renamed over it\n"
     assert user_entries(m.source) == ["f"]
@@ -138,7 +140,7 @@ def test_rename_of_the_file_during_its_commit(mount_factory: MountFactory, tmp_p
     thread.join(TIMEOUT)
     assert outcome == ["closed"]
     assert m.path("g").read_bytes() == b"renamed while committed\n"
-    assert_no_failure(m.mountpoint)
+    assert_no_failure(m)
     m.unmount()
     assert m.src("g").read_bytes() == b"renamed while committed\n"
     assert user_entries(m.source) == ["g"]
@@ -163,7 +165,7 @@ def test_unlinked_file_still_open_keeps_its_content(mount_factory: MountFactory)
     finally:
         os.close(keep)
     assert wait_for(lambda: not status_of(m.mountpoint)["sessions"], timeout=10)
-    assert_no_failure(m.mountpoint)
+    assert_no_failure(m)
 
 
 @pytest.mark.parametrize("program", ["vim.tiny", "vim"])
@@ -183,8 +185,7 @@ def test_vim_saves_without_a_warning(mount_factory: MountFactory, program: str) 
     assert m.path("notes.txt").read_text() == "line one 2 1 0\nline two\n"
     assert sorted(os.listdir(m.mountpoint)) == ["notes.txt"]  # no swap file left
     assert wait_for(lambda: not status_of(m.mountpoint)["sessions"], timeout=10)
-    assert_no_failure(m.mountpoint)
-    assert "WARNING" not in m.log()
+    assert_no_failure(m)
     m.unmount()
     assert m.src("notes.txt").read_text() == "line one 2 1 0\nline two\n"
 
@@ -208,8 +209,7 @@ def test_git_commits_without_a_warning(mount_factory: MountFactory, tmp_path: Pa
     subprocess.run(["git", "fsck", "--strict"], cwd=repo, check=True, env=env,
                    timeout=TIMEOUT, capture_output=True)
     assert wait_for(lambda: not status_of(m.mountpoint)["sessions"], timeout=10)
-    assert_no_failure(m.mountpoint)
-    assert "WARNING" not in m.log()
+    assert_no_failure(m)
 
 
 @pytest.mark.parametrize("new_file", [True, False], ids=["new-file", "existing-file"])
@@ -238,7 +238,7 @@ def test_read_by_the_writer_while_the_directory_is_synced(mount_factory: MountFa
         assert outcome == ["closed"]
     finally:
         os.close(other)
-    assert_no_failure(m.mountpoint)
+    assert_no_failure(m)
     m.unmount()
     assert m.src("f").read_bytes() == data
 
@@ -260,7 +260,6 @@ def test_unlinked_file_whose_write_failed(mount_factory: MountFactory, tmp_path:
             finally:
                 os.close(fd)  # no error: the file is gone
             assert wait_for(lambda: not status_of(m.mountpoint)["sessions"], timeout=10)
-            assert_no_failure(m.mountpoint)
-            assert "WARNING" not in m.log()
+            assert_no_failure(m)
         finally:
             m.unmount()

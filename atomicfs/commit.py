@@ -104,6 +104,11 @@ def failure_text(exc: OSError) -> str:
 _DROPPED_AT = ("last close", "unmount")
 
 
+def _fsync_dir(dir_path_fd: int) -> None:
+    faults.point("commit.before_dir_fsync")
+    syscalls.fsync_dir(dir_path_fd)
+
+
 def _fsync_dirs(dir_path_fds: list[int]) -> None:
     for fd in dir_path_fds:
         syscalls.fsync_dir(fd)
@@ -212,6 +217,14 @@ class Committer:
                 else:
                     await self._rename(session, committed, data_fd(inode), kind == "reflink")
         except OSError as exc:
+            if self.nameless(session):
+                # Unlinked (or replaced by a rename) while the commit ran: the file is
+                # gone from the tree, and its content with it at the last release, as
+                # on any filesystem.  Nothing was lost that anyone could still open:
+                # no failure (docs/semantics.md §2.5).
+                log.debug("commit of inode %d at %s dropped: the file lost its last name "
+                          "meanwhile (%s)", inode.ino, at, failure_text(exc))
+                return False
             self.stats.failed(exc)
             log.warning("commit of %s at %s failed: %s; the committed version is unchanged; "
                         "%s", self.describe(inode), at, failure_text(exc),
@@ -226,6 +239,17 @@ class Committer:
         log.debug("committed inode %d (%s, %d bytes)", inode.ino, kind, session.size)
         session.commits += 1
         return True
+
+    def nameless(self, session: Session) -> bool:
+        """Has the file no name left, through the mount or in SOURCE?  (A pending file
+        whose names were all unlinked; a committed one whose source file has no link.)"""
+        inode = session.inode
+        if session.pending:
+            return not inode.names
+        try:
+            return self.source_links(inode) == 0
+        except OSError:
+            return False
 
     # -- strategies ------------------------------------------------------------
     def make_shadow(self, inode: Inode) -> int:
@@ -321,16 +345,20 @@ class Committer:
             if clone:
                 os.close(shadow)
             raise
-        if clone:
-            session.close()  # the shadow of changes; the clone is the new version
-        else:
-            session.shadow = None
+        if not clone:
+            session.shadow = None  # the new version from here
         # From here to the swap there is no await: no other request can interleave.
         try:
-            await self._install(session, shadow, new_file=False)
+            parent = self._install_now(session, shadow, new_file=False)
         except BaseException:
-            os.close(shadow)
+            if not clone and os.fstat(shadow).st_nlink == 0:
+                session.shadow = shadow  # linked nowhere: still the session's content
+            else:
+                os.close(shadow)
             raise
+        if clone:
+            session.close()  # the shadow of changes; the clone is the new version
+        await self._sync_dir(parent)
 
     async def _publish_new(self, session: Session) -> None:
         shadow = session.shadow
@@ -352,31 +380,44 @@ class Committer:
         await _blocking(build, not sync)
         session.shadow = None
         try:
-            await self._install(session, shadow, new_file=True)
+            parent = self._install_now(session, shadow, new_file=True)
         except BaseException:
-            session.shadow = shadow  # still the only copy of the new file
+            session.shadow = shadow  # not published: still the only copy of the new file
             raise
-        session.pending = False
+        await self._sync_dir(parent)
 
-    async def _install(self, session: Session, fd: int, new_file: bool) -> None:
+    def _install_now(self, session: Session, fd: int, new_file: bool) -> Inode | None:
         """Make ``fd`` (complete, fsync'ed unless batch) the file's committed version.
 
-        Full durability: publish it in the source tree now and fsync the directory.
-        Batch: stage it — visible through the mount at once, published by the next
-        group persist (:meth:`persist`).
+        Full durability: publish it in the source tree now; returns the directory
+        to fsync (:meth:`_sync_dir`) before the commit is acknowledged.  Batch:
+        stage it — visible through the mount at once, published by the next group
+        persist (:meth:`persist`); returns None.  No await: on an exception nothing
+        changed and ``fd`` is still the caller's; after it returns, ``fd`` belongs
+        to the inode table.
         """
         inode = session.inode
         size = session.size
+        parent = None
         if self.batch:
             self._stage(inode, fd, new_file)
         else:
             parent = self._publish(inode, fd, new_file, inode.key)
             self._become(inode, fd, new_file, keep_fd=False)
-            await trio.to_thread.run_sync(syscalls.fsync_dir, parent.fd)
-            faults.point("commit.after_dir_fsync")
+        # The session's content is the committed version from here, before the next
+        # await: a read during the directory's fsync reads the new file (the shadow it
+        # was written into is the new file now, no longer the session's).
         session.emap.reset(size)
         session.base_size = size
         session.mtime_ns = None
+        session.pending = False
+        return parent
+
+    @staticmethod
+    async def _sync_dir(parent: Inode | None) -> None:
+        if parent is not None:
+            await trio.to_thread.run_sync(_fsync_dir, parent.fd)
+            faults.point("commit.after_dir_fsync")
 
     def _publish(self, inode: Inode, fd: int, new_file: bool, old_key: Key | None) -> Inode:
         """Put ``fd`` in the source tree at the inode's name (synchronous steps only)."""

@@ -16,8 +16,11 @@ Policy (SEMANTICS §2, §4):
   truncate-only sessions, descriptors that never flushed), then ends it.
 - A read-only open while a session exists is *isolated* under
   ``isolation=committed``: it bypasses the page cache (direct_io) and reads
-  the committed version.  Every other handle reads the session's content, which
-  is also what the kernel's page cache holds.
+  the committed version -- unless the opening process is writing the file (it
+  holds a descriptor of it open for writing: it reads its own writes), or a
+  process writing the file maps it shared (readers then map it too: LMDB).
+  docs/semantics.md §4; :meth:`Files._isolated`.  Every other handle reads the
+  session's content, which is also what the kernel's page cache holds.
 - The kernel's page cache is kept across opens (``keep_cache``): it holds what
   was written through it, which a commit makes the committed content.  When a
   session ends without committing what it holds (a failed last commit, an
@@ -49,6 +52,7 @@ from .sessions import Session
 log = logging.getLogger(__name__)
 
 WRITE_MODES = (os.O_WRONLY, os.O_RDWR)
+MAX_WRITERS_ASKED = 16  # processes whose maps a read-only open reads, at most
 
 
 def can_modify(flags: int) -> bool:
@@ -64,6 +68,7 @@ class FileHandle:
     isolated: bool  # reads come from the committed version
     pid: int = 0  # the process that opened it
     wrote: bool = False  # wrote (or truncated) since this handle's last commit point
+    maps_shared: bool = False  # its opener was seen mapping the file MAP_SHARED
 
 
 class Files:
@@ -75,6 +80,7 @@ class Files:
         self.committer = committer
         self.isolation = isolation
         self.handles: dict[int, FileHandle] = {}
+        self.writer_handles: dict[int, set[FileHandle]] = {}  # inode -> its handles that write
         self.sessions: dict[int, Session] = {}
         self.stale_cache: set[int] = set()  # inodes whose page cache may hold dropped data
         self._next_fh = 1
@@ -90,6 +96,8 @@ class Files:
         handle = FileHandle(self._next_fh, inode, flags, session, isolated, pid)
         self._next_fh += 1
         self.handles[handle.fh] = handle
+        if session is not None:
+            self.writer_handles.setdefault(inode.ino, set()).add(handle)
         inode.holders += 1
         return handle
 
@@ -126,6 +134,8 @@ class Files:
 
     async def _commit(self, session: Session, at: str) -> bool:
         if session.failed and session.dirty:  # SEMANTICS §8.2: the committed version stays
+            if self.committer.nameless(session):
+                return False  # unlinked: nothing to keep, nothing lost (semantics §2.5)
             raise OSError(session.failed, "not committed: an earlier write to this file "
                           f"failed ({os.strerror(session.failed)})")
         return await self.committer.commit(session, self.table.data, at)
@@ -173,10 +183,49 @@ class Files:
                 async with session.lock:
                     session.truncate(0)
             return handle, pyfuse3.FileInfo(fh=handle.fh, keep_cache=self._keep_cache(inode))
-        isolated = session is not None and self.isolation == "committed"
-        handle = self._register(inode, flags, None, isolated)
+        isolated = session is not None and self._isolated(session, pid)
+        if session is not None:
+            log.debug("read-only open of %s by pid %d during a session: %s",
+                      self.committer.describe(inode), pid,
+                      "isolated" if isolated else "page cache")
+        handle = self._register(inode, flags, None, isolated, pid)
         keep = isolated or self._keep_cache(inode)  # direct_io: the cache is not used
         return handle, pyfuse3.FileInfo(fh=handle.fh, direct_io=isolated, keep_cache=keep)
+
+    def _isolated(self, session: Session, pid: int) -> bool:
+        """Is a read-only open by ``pid`` during ``session`` an isolated handle (direct_io,
+        reads the committed version) rather than a page-cache handle (reads the
+        session's content, may be mapped MAP_SHARED)?  docs/semantics.md §4.
+
+        Page-cache handles, under isolation=committed too:
+        - the opener is writing the file: it holds a descriptor of it open for writing
+          (any thread of it; descriptors inherited count, its children's do not);
+        - a process writing the file maps it shared (LMDB, databases coordinating
+          through shared memory): a reader that will map it too must not be refused
+          (direct_io handles refuse MAP_SHARED with ENODEV), and it is the writer's
+          own design that readers see its pages.
+        Costs /proc reads, only at a read-only open of a file with a session: the
+        opener's descriptor table (~60 us), then the maps of the session's writers
+        (~170 us for a small process; a writer seen mapping is remembered).
+        """
+        if self.isolation != "committed":
+            return False
+        if self.mountpoint is None or not pid:
+            return True
+        ino = session.inode.ino
+        writers = self.writer_handles.get(ino, set())
+        if any(h.maps_shared for h in writers):
+            return False
+        if processes.writes_file(pid, self.mountpoint, ino):
+            return False
+        asked: set[int] = set()
+        for h in sorted(writers, key=lambda h: h.fh):
+            if h.pid and h.pid not in asked and len(asked) < MAX_WRITERS_ASKED:
+                asked.add(h.pid)
+                if processes.maps_shared(h.pid, self.mountpoint, ino):
+                    h.maps_shared = True  # kept for the handle's life: /proc/PID/maps is dear
+                    return False
+        return True
 
     def create(self, parent: Inode, name: bytes, mode: int, flags: int,
                ctx: pyfuse3.RequestContext) -> tuple[FileHandle, pyfuse3.EntryAttributes]:
@@ -334,6 +383,11 @@ class Files:
 
     async def release(self, handle: FileHandle) -> None:
         del self.handles[handle.fh]
+        writers = self.writer_handles.get(handle.inode.ino)
+        if writers is not None:
+            writers.discard(handle)
+            if not writers:
+                del self.writer_handles[handle.inode.ino]
         session = handle.session
         try:
             if session is not None:
@@ -348,10 +402,11 @@ class Files:
         try:
             async with session.lock:
                 if session.writers == 0 and session.dirty and session.failed:
-                    log.warning("%s: not committed at its last close: a write to it failed "
-                                "(%s); the committed version is kept",
-                                self.committer.describe(session.inode),
-                                os.strerror(session.failed))
+                    if not self.committer.nameless(session):  # unlinked: nothing is lost
+                        log.warning("%s: not committed at its last close: a write to it "
+                                    "failed (%s); the committed version is kept",
+                                    self.committer.describe(session.inode),
+                                    os.strerror(session.failed))
                 elif session.writers == 0 and session.dirty and not session.abandoned:
                     await self._commit(session, "last close")
         except OSError:
@@ -384,4 +439,5 @@ class Files:
             session.close()
         self.sessions.clear()
         self.handles.clear()
+        self.writer_handles.clear()
 

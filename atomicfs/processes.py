@@ -191,3 +191,58 @@ def holds(pid: int, mountpoint: str, ino: int, accmode: int) -> bool:
         if same_file and same_mode:
             return True
     return False
+
+
+MAX_FDS = 4096  # a process with more descriptors is not scanned (its reads stay isolated)
+
+
+def _under(target: str, mountpoint: str) -> bool:
+    return target == mountpoint or target.startswith(mountpoint.rstrip("/") + "/")
+
+
+def writes_file(pid: int, mountpoint: str, ino: int) -> bool:
+    """Does ``pid`` (a process, or any thread of one: they share the descriptor
+    table) hold a descriptor of the file ``ino`` under ``mountpoint`` open for
+    writing?  False if /proc cannot say, or past MAX_FDS descriptors."""
+    if pid <= 0 or pid == os.getpid():
+        return False
+    base = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(base)
+    except OSError:
+        return False
+    if len(fds) > MAX_FDS:
+        return False
+    for fd in fds:
+        try:
+            if not _under(os.readlink(f"{base}/{fd}"), mountpoint):
+                continue
+            info = read_fields(f"/proc/{pid}/fdinfo/{fd}")
+            if (int(info.get("ino", "-1")) == ino
+                    and int(info.get("flags", "0"), 8) & os.O_ACCMODE != os.O_RDONLY):
+                return True
+        except (OSError, ValueError):  # closed meanwhile
+            continue
+    return False
+
+
+def parse_maps_shared(text: str, mountpoint: str, ino: int) -> bool:
+    """Does a ``/proc/PID/maps`` text hold a shared mapping of the file ``ino``
+    under ``mountpoint``?  Lines: ``start-end perms offset dev inode path``;
+    perms ends in ``s`` for MAP_SHARED."""
+    for line in text.splitlines():
+        fields = line.split(maxsplit=5)
+        if (len(fields) == 6 and fields[1].endswith("s") and fields[4] == str(ino)
+                and _under(fields[5], mountpoint)):
+            return True
+    return False
+
+
+def maps_shared(pid: int, mountpoint: str, ino: int) -> bool:
+    """Has ``pid`` mapped the file ``ino`` under ``mountpoint`` with MAP_SHARED?"""
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        return parse_maps_shared(_read(f"/proc/{pid}/maps"), mountpoint, ino)
+    except OSError:
+        return False

@@ -33,6 +33,7 @@ import mmap
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +41,51 @@ from pathlib import Path
 
 SETTLE = 5.0  # seconds an asynchronous release commit may take to reach SOURCE
 PAGE = mmap.PAGESIZE
+
+
+_READER = r"""
+import os, sys
+for line in sys.stdin:
+    try:
+        fd = os.open(line.rstrip("\n"), os.O_RDONLY)
+        try:
+            data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+        finally:
+            os.close(fd)
+        sys.stdout.write("ok " + data.hex() + "\n")
+    except OSError as exc:
+        sys.stdout.write("err %d\n" % exc.errno)
+    sys.stdout.flush()
+"""
+
+
+class Reader:
+    """Another process that opens, reads and closes the file on request."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _READER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def read(self, path: Path) -> bytes:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{path}\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer.startswith("ok "):
+            raise OSError(int(answer.split()[1]) if answer else 5, f"reader: {answer!r}")
+        return bytes.fromhex(answer[3:].strip())
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 class FsxError(AssertionError):
@@ -228,18 +274,26 @@ class Fsx:
         self.open()
 
     def op_peek(self) -> None:
-        """A fresh read-only handle while the file is open for writing."""
+        """A fresh read-only handle while the file is open for writing: in this
+        process, which writes the file, it reads the session (docs/semantics.md
+        §4.1); in another process, the committed version (isolation=committed)."""
+        if self.rng.random() < 0.5:
+            self.note("peek     (fresh reader in this process: session view)")
+            fd = os.open(self.mnt_path, os.O_RDONLY)
+            try:
+                got = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+            finally:
+                os.close(fd)
+            if got != self.ref:
+                self.fail(f"fresh reader in the writing process: {self.diff(got, self.ref)}")
+            return
         if self.committed is None and self.isolation == "committed":
             return  # a new file not yet committed: its reader sees an empty file
         want = bytes(self.ref) if self.isolation == "shared" else self.committed
-        self.note(f"peek     (fresh reader, {self.isolation} view)")
-        fd = os.open(self.mnt_path, os.O_RDONLY)
-        try:
-            got = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
-        finally:
-            os.close(fd)
+        self.note(f"peek     (fresh reader in another process, {self.isolation} view)")
+        got = self.reader.read(self.mnt_path)
         if got != want:
-            self.fail(f"fresh reader: {self.diff(got, want or b'')}")
+            self.fail(f"fresh reader in another process: {self.diff(got, want or b'')}")
 
     OPS = {"read": 20, "write": 20, "mapread": 10, "mapwrite": 12, "truncate": 8,
            "fsync": 6, "closeopen": 4, "peek": 6}
@@ -250,12 +304,13 @@ class Fsx:
                 p.unlink()
         names = list(self.OPS)
         weights = [self.OPS[n] for n in names]
-        self.open()
-        if self.link:
-            self.note("link     (a second name: commits go in place)")
-            os.link(self.mnt_path, self.mnt_link)  # publishes the new, empty file
-            self.committed = b""
+        self.reader = Reader()  # before the file is open: it inherits no descriptor of it
         try:
+            self.open()
+            if self.link:
+                self.note("link     (a second name: commits go in place)")
+                os.link(self.mnt_path, self.mnt_link)  # publishes the new, empty file
+                self.committed = b""
             for opno in range(1, self.nops + 1):
                 self.opno = opno
                 op = self.rng.choices(names, weights)[0]
@@ -269,6 +324,7 @@ class Fsx:
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
+            self.reader.close()
         self.committed = bytes(self.ref)
         self.note("final close")
         self.check_source(self.committed, wait=True)

@@ -10,7 +10,7 @@ import os
 import random
 import shutil
 import subprocess
-import threading
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -260,6 +260,23 @@ def test_journalled_commit_keeps_an_explicit_mtime_before_1970(mount: Mount) -> 
     assert os.stat(mount.src("a")).st_mtime_ns == -10 * 365 * 86_400 * 10**9
 
 
+ISOLATION_WRITER = """
+import os, select, sys
+path, blocks = sys.argv[1], [int(b) for b in sys.argv[2].split(",")]
+fd = os.open(path, os.O_RDWR)
+os.pwrite(fd, b"\\1", 0)
+print("ready", flush=True)
+v = 1
+while not select.select([sys.stdin], [], [], 0)[0]:  # until stdin is closed
+    for off in blocks:
+        os.pwrite(fd, bytes([v % 251 + 1]) * 4096, off)
+    os.fsync(fd)
+    v += 1
+print(v - 1, flush=True)
+os.close(fd)
+"""
+
+
 @pytest.mark.parametrize("threaded", [False, True], ids=["page-cache", "thread"])
 def test_isolated_readers_never_see_a_half_applied_journal_commit(
         mount_factory: MountFactory, tmp_path: Path, threaded: bool) -> None:
@@ -280,31 +297,18 @@ def test_isolated_readers_never_see_a_half_applied_journal_commit(
                                               "sleep:journal.mid_apply:0.01"}
                       if threaded else None)
     path = m.path("f")
-    stop = threading.Event()
-    commits = [0]
-    errors: list[BaseException] = []
-
-    def writer(fd: int) -> None:  # one session, a commit (fsync) per version
-        try:
-            v = 1
-            while not stop.is_set():
-                for off in blocks:
-                    os.pwrite(fd, bytes([v % 251 + 1]) * (4 * KiB), off)
-                os.fsync(fd)
-                commits[0] = v
-                v += 1
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
-
-    wfd = os.open(path, os.O_RDWR)
-    os.pwrite(wfd, b"\1", 0)  # the session exists: readers opened now are isolated
-    t = threading.Thread(target=writer, args=(wfd,), daemon=True)
-    t.start()
+    # The writer is another process: a reader in the writing process would read the
+    # session (docs/semantics.md §4.1); one session, a commit (fsync) per version.
+    writer = subprocess.Popen([sys.executable, "-c", ISOLATION_WRITER, str(path),
+                               ",".join(map(str, blocks))],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert writer.stdin is not None and writer.stdout is not None
     mixes: list[str] = []
     reads = 0
     try:
+        assert writer.stdout.readline() == "ready\n"  # the session exists: readers isolated
         deadline = time.monotonic() + 3.0
-        while time.monotonic() < deadline and not errors:
+        while time.monotonic() < deadline and writer.poll() is None:
             fd = os.open(path, os.O_RDONLY)
             try:
                 data = os.pread(fd, MiB, 0)  # one READ request (max 1 MiB)
@@ -314,13 +318,16 @@ def test_isolated_readers_never_see_a_half_applied_journal_commit(
             seen = {data[off:off + 4 * KiB] for off in blocks}
             if len(data) != MiB or len(seen) != 1 or len(set(next(iter(seen)))) != 1:
                 mixes.append(f"read {reads}: versions {sorted({b[0] for b in seen})}")
+        writer.stdin.close()  # the writer stops at its next version
+        commits = int(writer.stdout.readline() or "0")
+        assert writer.wait(timeout=30) == 0
     finally:
-        stop.set()
-        t.join(timeout=30)
-        os.close(wfd)
-    assert not errors, errors
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        writer.stdout.close()
     assert not mixes, mixes[:5]
-    assert commits[0] >= 5 and reads >= 20, (commits[0], reads)
+    assert commits >= 5 and reads >= 20, (commits, reads)
     doc = status_of(m.mountpoint)
     assert doc["commits"].get("journal", 0) >= 5, doc["commits"]
     if threaded:

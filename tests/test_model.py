@@ -3,8 +3,9 @@
 Operations: open (O_RDONLY/O_WRONLY/O_RDWR with O_CREAT, O_EXCL, O_TRUNC,
 O_APPEND), dup (a second descriptor of one open file, as the shell's dup2),
 pread, pwrite / append, ftruncate, fsync/fdatasync, close, fstat, stat, a fresh
-reader (open-read-close), truncate(2) by path, rename, unlink, link, on three
-names, with up to six descriptors open at once (several on the same file).
+reader (open-read-close) in this process and in another, truncate(2) by path,
+rename, unlink, link, on three names, with up to six descriptors open at once
+(several on the same file).
 
 The model (SEMANTICS §1, §2, §4, §5) keeps, per file:
 - ``committed``: the content stored in the source tree (None: a new file that
@@ -14,7 +15,10 @@ The model (SEMANTICS §1, §2, §4, §5) keeps, per file:
 and per open file whether it joined the session, whether it wrote since its
 last commit point, and whether it is an *isolated* reader: under
 isolation=committed a read-only open while a session exists reads the
-committed version; a reader opened before the session began shares the page
+committed version, unless this process holds a descriptor of the file open for
+writing (it reads its own writes, docs/semantics.md §4.1); a fresh reader in
+another process (started before any descriptor is open) is isolated whenever a
+session exists; a reader opened before the session began shares the page
 cache and reads the session's content (the documented kernel limit, §4.5);
 under isolation=shared every reader reads the session's content.
 
@@ -59,6 +63,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from sessionkit import ReaderProcess
 
 NAMES = ["a", "b", "c"]
 MAX_HANDLES = 6
@@ -137,6 +142,7 @@ def errno_of(fn, *args):  # type: ignore[no-untyped-def]
 
 class Model(RuleBasedStateMachine):
     mount: Mount
+    reader: ReaderProcess  # another process, started before any descriptor is open
     isolation = "committed"  # or "shared": every reader sees the session's content
     counter = itertools.count()
     steps = 0  # checks of the source tree made, over all examples
@@ -163,6 +169,12 @@ class Model(RuleBasedStateMachine):
         """A new file made real in the source (before a namespace operation needs it)."""
         if f.committed is None:
             f.commit()
+
+    def isolated_open(self, f: MFile) -> bool:
+        """Is a read-only open of ``f`` by this process isolated?  Not while this
+        process holds a descriptor of it open for writing (docs/semantics.md §4.1)."""
+        writing = any(h.file is f and h.writable for _, h in self.handles)
+        return f.session is not None and self.isolation == "committed" and not writing
 
     def expect_errno(self, what: str, got: int, want: int) -> None:
         assert got == want, f"{what}: errno {errno.errorcode.get(got, got)}, model says " \
@@ -195,8 +207,7 @@ class Model(RuleBasedStateMachine):
                 del f.session[:]
             h = MHandle([fd], f, fl, label, member=True, isolated=False)
         else:
-            h = MHandle([fd], f, fl, label, member=False,
-                        isolated=f.session is not None and self.isolation == "committed")
+            h = MHandle([fd], f, fl, label, member=False, isolated=self.isolated_open(f))
         if h.member:
             f.members += 1
         self.handles.append((fd, h))
@@ -331,9 +342,25 @@ class Model(RuleBasedStateMachine):
         finally:
             os.close(fd)
         assert f is not None
+        want = (f.committed or b"") if self.isolated_open(f) else f.view()
+        assert data == want, f"fresh reader of {name}: {data!r}, model says {want!r}"
+
+    @rule(name=st.sampled_from(NAMES))
+    def read_whole_elsewhere(self, name: str) -> None:
+        """A fresh reader in another process, which never writes: isolated while a
+        session exists (isolation=committed)."""
+        f = self.names.get(name)
+        try:
+            data, got = self.reader.read(self.dir / name), 0
+        except OSError as exc:
+            data, got = b"", exc.errno or errno.EIO
+        self.expect_errno(f"open({name}, RDONLY) in another process", got,
+                          0 if f else errno.ENOENT)
+        if got or f is None or f.unspecified:
+            return
         isolated = f.session is not None and self.isolation == "committed"
         want = (f.committed or b"") if isolated else f.view()
-        assert data == want, f"fresh reader of {name}: {data!r}, model says {want!r}"
+        assert data == want, f"reader process of {name}: {data!r}, model says {want!r}"
 
     @rule(a=st.sampled_from(NAMES), b=st.sampled_from(NAMES))
     def rename(self, a: str, b: str) -> None:
@@ -488,12 +515,14 @@ def run_model(m: Mount, examples: int, steps: int) -> None:
     Model.isolation = "shared" if "isolation=shared" in m.options else "committed"
     Model.counter = itertools.count()
     Model.steps = 0
-    run_state_machine_as_test(
-        Model,
-        settings=settings(max_examples=examples, stateful_step_count=steps, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow,
-                                                 HealthCheck.filter_too_much]),
-    )
+    with ReaderProcess() as reader:
+        Model.reader = reader
+        run_state_machine_as_test(
+            Model,
+            settings=settings(max_examples=examples, stateful_step_count=steps, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow,
+                                                     HealthCheck.filter_too_much]),
+        )
     made = next(Model.counter)
     print(f"model ({Model.isolation}): {made} examples, {Model.steps} steps checked")
     assert Model.steps >= made > 0

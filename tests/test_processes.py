@@ -92,3 +92,44 @@ def test_children_of_a_single_threaded_process_read_from_its_one_task() -> None:
         shell.wait()
         if sleeper:
             os.kill(sleeper, 9)
+
+
+def test_parse_maps_shared_finds_a_shared_mapping_of_the_file() -> None:
+    text = ("7f00-7f10 r--s 00000000 00:2a 17 /mnt/db/data.mdb\n"
+            "7f10-7f20 r--p 00000000 00:2a 18 /mnt/db/other (deleted)\n"
+            "7f20-7f30 rw-p 00000000 00:00 0 \n"
+            "7f30-7f40 rw-s 00000000 00:2b 19 /elsewhere/x\n")
+    assert processes.parse_maps_shared(text, "/mnt", 17)
+    assert not processes.parse_maps_shared(text, "/mnt", 18)  # private
+    assert not processes.parse_maps_shared(text, "/mnt", 19)  # not under the mount
+    assert not processes.parse_maps_shared(text, "/mn", 17)  # a prefix is not a parent
+    assert processes.parse_maps_shared(text.replace("data.mdb", "data.mdb (deleted)"),
+                                       "/mnt/", 17)
+
+
+def test_writes_file_and_maps_shared_of_another_process(tmp_path: Path) -> None:
+    (tmp_path / "w").write_bytes(b"x" * 4096)
+    (tmp_path / "r").write_bytes(b"y" * 4096)
+    script = ("import mmap, os, sys\n"
+              "w = os.open(sys.argv[1] + '/w', os.O_RDWR)\n"
+              "r = os.open(sys.argv[1] + '/r', os.O_RDONLY)\n"
+              "m = mmap.mmap(r, 4096, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)\n"
+              "print('ready', flush=True)\n"
+              "sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        w_ino, r_ino = os.stat(tmp_path / "w").st_ino, os.stat(tmp_path / "r").st_ino
+        assert processes.writes_file(proc.pid, str(tmp_path), w_ino)
+        assert not processes.writes_file(proc.pid, str(tmp_path), r_ino)  # read-only
+        assert not processes.writes_file(proc.pid, str(tmp_path / "sub"), w_ino)
+        assert processes.maps_shared(proc.pid, str(tmp_path), r_ino)
+        assert not processes.maps_shared(proc.pid, str(tmp_path), w_ino)
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert not processes.writes_file(proc.pid, str(tmp_path), w_ino)  # gone

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import IS_ROOT, Mount, MountFactory
+from probekit import ProbeProcess
 from sessionkit import (
     NEW,
     OLD,
@@ -106,22 +107,20 @@ def test_legacy_writer_result(mount_factory, tmp_path, tool: Tool) -> None:
 # -- §1.3: open(O_TRUNC) + dup + close without writing commits nothing ----------------
 def test_trunc_open_closed_without_writing_commits_nothing(mount_factory, tmp_path) -> None:
     m = mounted(mount_factory, tmp_path, {"f": OLD})
+    other = ReaderProcess()  # started before the session (see ReaderProcess)
     fd = os.open(m.path("f"), os.O_WRONLY | os.O_TRUNC)
     fd2 = os.dup(fd)
     try:
         os.close(fd)  # the shell's close after dup2(): FLUSH with nothing written
         assert m.src("f").read_bytes() == OLD, \
             "closing an O_TRUNC descriptor that wrote nothing committed the truncation"
-        reader = os.open(m.path("f"), os.O_RDONLY)
-        try:
-            assert os.read(reader, 2 * len(OLD)) == OLD, \
-                "a reader opened after the first close sees the uncommitted truncation"
-        finally:
-            os.close(reader)
+        assert other.read(m.path("f")) == OLD, \
+            "a reader opened after the first close sees the uncommitted truncation"
         assert m.src("f").read_bytes() == OLD
         os.write(fd2, NEW)
     finally:
         os.close(fd2)
+        other.close()
     assert m.src("f").read_bytes() == NEW, "the write after the dup was not committed at close"
     assert m.path("f").read_bytes() == NEW
 
@@ -218,14 +217,13 @@ def test_committed_isolation_reader_during_session(mount_factory, tmp_path) -> N
     try:
         os.write(w, NEW)
         r = os.open(m.path("f"), os.O_RDONLY)
-        assert os.pread(r, 2 * len(NEW), 0) == OLD, \
-            "a reader opened during a session does not read the committed version"
+        assert os.pread(r, 2 * len(NEW), 0) == NEW, \
+            "the writing process does not read its own writes through a new descriptor"
         assert other.read(m.path("f")) == OLD, "another process reads uncommitted data"
         assert m.src("f").read_bytes() == OLD
         os.close(w)
         w = -1
-        assert os.pread(r, 2 * len(NEW), 0) == NEW, \
-            "the already-open reader still reads the old version after the commit"
+        assert os.pread(r, 2 * len(NEW), 0) == NEW
         assert m.path("f").read_bytes() == NEW, "a new open after the commit reads the old version"
         assert other.read(m.path("f")) == NEW, "another process reads the old version"
     finally:
@@ -276,28 +274,25 @@ def test_mmap_reader_without_session(mount_factory, tmp_path) -> None:
 
 
 def test_known_limit_isolated_reader_refuses_shared_mmap(mount_factory, tmp_path) -> None:
-    """Documented limit (SEMANTICS §4.5, README): under isolation=committed a
-    read-only handle opened while a session is open is served with direct_io, and
-    the kernel (libfuse 3.14) refuses mmap(MAP_SHARED) of it with ENODEV.
-    MAP_PRIVATE of the same handle works and shows the committed version."""
+    """Documented limit (docs/semantics.md §4.5): under isolation=committed a
+    read-only handle opened by another process while a session has uncommitted
+    changes, and no process writing the file maps it shared, is served with
+    direct_io, and the kernel (libfuse 3.14) refuses mmap(MAP_SHARED) of it with
+    ENODEV.  MAP_PRIVATE of the same handle works and shows the committed version."""
     m = mounted(mount_factory, tmp_path, {"f": OLD})
-    w = os.open(m.path("f"), os.O_WRONLY | os.O_TRUNC)
-    r = -1
-    try:
-        os.write(w, NEW)
-        r = os.open(m.path("f"), os.O_RDONLY)
-        with pytest.raises(OSError) as info:
-            mmap.mmap(r, len(OLD), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        assert info.value.errno == errno.ENODEV, f"expected ENODEV, got {info.value!r}"
-        mm = mmap.mmap(r, len(OLD), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    with ProbeProcess() as other:  # started before the session
+        w = os.open(m.path("f"), os.O_WRONLY | os.O_TRUNC)
         try:
-            assert mm[:] == OLD, "MAP_PRIVATE of an isolated reader shows uncommitted data"
+            os.write(w, NEW)
+            r = other.open(m.path("f"))
+            with pytest.raises(OSError) as info:
+                other.map(r, len(OLD), shared=True)
+            assert info.value.errno == errno.ENODEV, f"expected ENODEV, got {info.value!r}"
+            mm = other.map(r, len(OLD), shared=False)
+            assert other.mapped(mm) == OLD, \
+                "MAP_PRIVATE of an isolated reader shows uncommitted data"
         finally:
-            mm.close()
-    finally:
-        os.close(w)
-        if r >= 0:
-            os.close(r)
+            os.close(w)
 
 
 @pytest.mark.mount_options("isolation=shared")

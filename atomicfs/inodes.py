@@ -114,6 +114,7 @@ class Inode:
     gone: bool = False  # a new file dropped before its first commit: it never existed
     handle: journal.FileId | None = None  # file handle of the backing file (handle mode)
     pins: int = 0  # scopes (requests in progress) using the fd
+    dropped: bool = False  # out of the table; its fd closes when the last pin goes
     table: InodeTable | None = field(default=None, repr=False)
 
     @property
@@ -180,6 +181,11 @@ class InodeTable:
             handles = os.environ.get("ATOMICFS_INODE_HANDLES", "1") != "0"  # test knob
         if handles and journal.available(root_fd):
             self._mount_fd = syscalls.reopen(root_fd, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            journal.file_id(root_fd)
+            self._handles_ok = True
+        except OSError:  # a filesystem without handles: identity by (dev, ino) only
+            self._handles_ok = False
         self.mode = "handles" if self._mount_fd is not None else "paths"
         # closes fds of files a commit replaced (the housekeeper defers it to a thread)
         self.closer: Callable[[int], None] = os.close
@@ -219,6 +225,9 @@ class InodeTable:
             _PINS.reset(token)
             for inode in pins:
                 inode.pins -= 1
+                if inode.pins == 0 and inode.dropped and inode._fd is not None:
+                    os.close(inode._fd)  # dropped while this request used it
+                    inode._fd = None
             if len(self._lru) > self.budget.cache:
                 self.trim()
 
@@ -238,8 +247,9 @@ class InodeTable:
         if fd is None:
             fd = self._reopen(inode)
             inode._fd = fd
-            self._lru[inode.ino] = inode
-        elif inode is not self.root:
+            if not inode.dropped:
+                self._lru[inode.ino] = inode
+        elif inode is not self.root and not inode.dropped:
             self._lru.move_to_end(inode.ino)
         pins = _PINS.get()
         if pins is not None and inode not in pins:
@@ -277,7 +287,7 @@ class InodeTable:
                     if exc.errno in EXHAUSTED:
                         raise
                     continue
-                if self._same(fd, inode):
+                if self._same(fd, inode) and self._same_handle(fd, inode):
                     self.fd_stats.reopened += 1
                     return fd
                 os.close(fd)
@@ -289,6 +299,17 @@ class InodeTable:
     def _same(fd: int, inode: Inode) -> bool:
         st = os.stat(fd)
         return (st.st_dev, st.st_ino) == inode.key
+
+    @staticmethod
+    def _same_handle(fd: int, inode: Inode) -> bool:
+        """Same file handle (it holds the inode's generation: an inode number the
+        filesystem reused for a new file does not pass)?  No handle: not checked."""
+        if inode.handle is None:
+            return True
+        try:
+            return journal.file_id(fd) == inode.handle
+        except OSError:
+            return False
 
     def _evictable(self, inode: Inode) -> bool:
         return inode.holders == 0 and inode.pins == 0 and inode is not self.root
@@ -387,7 +408,9 @@ class InodeTable:
             raise
 
     def _handle_of(self, fd: int, st: os.stat_result) -> journal.FileId | None:
-        if self._mount_fd is None or st.st_dev != self.dev:
+        """The file handle (name_to_handle_at needs no privilege): the way to reopen
+        in handle mode, and the identity check in path mode."""
+        if st.st_dev != self.dev or not self._handles_ok:
             return None
         try:
             return journal.file_id(fd)
@@ -496,9 +519,10 @@ class InodeTable:
             if self.by_key.get(inode.key) is inode:
                 del self.by_key[inode.key]
             self._lru.pop(inode.ino, None)
-            fd, inode._fd = inode._fd, None
-            if fd is not None:
-                os.close(fd)
+            inode.dropped = True
+            if inode.pins == 0 and inode._fd is not None:
+                os.close(inode._fd)
+                inode._fd = None
 
     def name_removed(self, parent: Inode, name: bytes, st: os.stat_result | None) -> None:
         if st is not None:

@@ -267,3 +267,110 @@ def test_an_inode_replaced_behind_the_mount_is_stale_never_the_other_file(
     finally:
         os.close(dfd)
     assert sorted(os.listdir(m.path("d"))) == ["theirs"]
+
+
+SCALE_FILES = int(os.environ.get("ATOMICFS_SCALE_FILES", "100000"))
+SCALE_LIMIT = int(os.environ.get("ATOMICFS_SCALE_NOFILE", "512"))
+
+
+def test_a_big_tree_is_walked_copied_and_synced_under_a_small_descriptor_limit(
+        mount_factory: MountFactory, tmp_path: Path) -> None:
+    """Issue 13's scale test, bounded for CI (by hand: ATOMICFS_SCALE_FILES=1000000
+    ATOMICFS_SCALE_NOFILE=1024): SCALE_FILES empty files in 500-file directories
+    made directly in SOURCE, walked through the mount by find, du and ls -lR under a
+    daemon whose RLIMIT_NOFILE is SCALE_LIMIT; then cp -a of a 2,000-file subtree
+    inside the mount, rsync -a of it twice and diff -r.  Every file is counted and
+    the daemon's descriptors stay under its limit all along."""
+    src = tmp_path / "src"
+    src.mkdir()
+    per_dir = 500
+    files = make_tree(src, SCALE_FILES // per_dir, per_dir)
+    m = mount_factory(source=src, prefix=nofile(SCALE_LIMIT))
+    peak = 0
+
+    def sh(*argv: str) -> bytes:
+        nonlocal peak
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = proc.communicate(timeout=600)
+        peak = max(peak, daemon_fds(m))
+        assert proc.returncode == 0, f"{argv}: {err[-2000:]!r}"
+        return out
+
+    mnt = str(m.mountpoint)
+    assert len(sh("find", mnt, "-type", "f").splitlines()) == files
+    du = sh("du", "-s", "--inodes", mnt)
+    assert int(du.split()[0]) == files + files // per_dir + 1  # files, dirs, the root
+    assert sh("ls", "-lR", mnt).count(b" f0") == files
+    sub = m.path("copy")
+    sub.mkdir()
+    for d in range(4):  # a 2,000-file subtree
+        sh("cp", "-a", f"{mnt}/d{d:04d}", str(sub))
+    sh("rsync", "-a", f"{sub}/", f"{mnt}/synced/")
+    sh("rsync", "-a", f"{sub}/", f"{mnt}/synced/")
+    sh("diff", "-r", str(sub), f"{mnt}/synced")
+    assert len(sh("find", f"{mnt}/synced", "-type", "f").splitlines()) == 4 * per_dir
+    fds = status_of(m.mountpoint)["descriptors"]
+    assert fds["exhausted"] == 0
+    assert fds["cached_inodes"] <= fds["cache_budget"]
+    assert peak < SCALE_LIMIT
+    m.unmount()
+    assert len(list((src / "synced").rglob("f*"))) == 4 * per_dir
+    assert_no_debris(src)
+
+
+# -- the table alone (no FUSE) -----------------------------------------------------------
+
+def test_budget_follows_the_limit() -> None:
+    from atomicfs.inodes import Budget
+    assert (Budget.for_limit(512).reserve, Budget.for_limit(512).cache) == (32, 120)
+    assert (Budget.for_limit(128).reserve, Budget.for_limit(128).cache) == (8, 30)
+    assert (Budget.for_limit(1 << 20).reserve, Budget.for_limit(1 << 20).cache) == (64, 4096)
+    assert Budget.for_limit(20).cache == 16
+
+
+@pytest.mark.parametrize("handles", [True, False], ids=["handles", "paths"])
+def test_table_keeps_its_cache_bounded_and_reopens_only_the_same_file(
+        tmp_path: Path, handles: bool) -> None:
+    from atomicfs.inodes import Budget, InodeTable, open_path
+    for i in range(50):
+        (tmp_path / f"f{i}").write_bytes(b"%d" % i)
+    root_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    table = InodeTable(root_fd, Budget(limit=1024, reserve=2, cache=5), handles=handles)
+    try:
+        assert table.mode == ("handles" if handles and os.geteuid() == 0 else "paths")
+        inodes = []
+        for i in range(50):
+            with table.scope():
+                fd, st = open_path(table.root.fd, b"f%d" % i, table)
+                inode = table.learn(table.root.ino, b"f%d" % i, fd, st)
+                inode.lookups += 1
+                inodes.append(inode)
+            assert table.cached <= 5
+        table.check()
+        with table.scope():  # every inode reopens, and is the same file
+            for i, inode in enumerate(inodes):
+                assert os.readlink(f"/proc/self/fd/{inode.fd}") == str(tmp_path / f"f{i}")
+        assert table.cached <= 5
+        assert table.fd_stats.reopened >= 45
+        # held inodes stay open whatever the budget
+        with table.scope():
+            for inode in inodes[:10]:
+                inode.fd  # noqa: B018
+                inode.holders += 1
+        assert all(inode._fd is not None for inode in inodes[:10])
+        for inode in inodes[:10]:
+            inode.holders -= 1
+        with table.scope():
+            table.trim()
+        # replaced behind the table's back: ESTALE, never the other file
+        victim = inodes[20]
+        assert victim._fd is None
+        os.unlink(tmp_path / "f20")
+        (tmp_path / "f20").write_bytes(b"other")
+        with table.scope(), pytest.raises(OSError) as info:
+            victim.fd  # noqa: B018
+        assert info.value.errno == errno.ESTALE
+        table.check()
+    finally:
+        table.close_all()
+        os.close(root_fd)

@@ -169,6 +169,7 @@ class Housekeeper:
                         self._drain()  # idle: nothing asked for or handed over
                 if self._stopping:
                     return
+                faults.point("housekeeper.loop")  # tests: a crash of the thread itself
                 self._pending = False
                 closing, self.to_close = self.to_close, []
                 stale, self.to_invalidate = self.to_invalidate, set()

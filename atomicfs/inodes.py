@@ -101,7 +101,7 @@ class Budget:
         return cls.for_limit(soft if soft != resource.RLIM_INFINITY else 1 << 20)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: ~90 bytes less per inode at a million
 class Inode:
     ino: int
     key: Key

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import Mount, MountFactory
+from conftest import Mount, MountFactory, run_cli
 from sessionkit import assert_no_debris, status_of, wait_for
 
 OLD, NEW = b"OLD\n", b"NEW\n"
@@ -188,6 +189,21 @@ def test_a_daemon_out_of_descriptors_fails_requests_never_a_commit_that_happened
     assert fds["exhausted"] >= 1
     assert fds["limit"] == 128
     assert m.log().count("out of file descriptors") == 1
+    text = run_cli(["status", str(m.mountpoint)]).stdout
+    assert re.search(r"descriptors: \d+ held of 128 \(inode fd cache \d+/30.*reserve for "
+                     r"commits \d+/8\); requests failed for lack of descriptors: [1-9]", text), text
+
+
+def test_a_crashed_housekeeper_takes_the_mount_down_with_a_clear_line(
+        mount_factory: MountFactory) -> None:
+    m = mount_factory(env={"ATOMICFS_FAULTS": "raise:housekeeper.loop"})
+    m.expect_log(r"CRITICAL .*housekeeping thread crashed; unmounting|Traceback|"
+                 r"RuntimeError|fault injected|^\s|^$")
+    save(m.path("f"), NEW, os.O_WRONLY | os.O_CREAT)  # wakes the thread
+    assert m.proc is not None
+    m.proc.wait(timeout=20)
+    assert not os.path.ismount(m.mountpoint)
+    assert "housekeeping thread crashed; unmounting" in m.log()
 
 
 # -- bounded descriptors ---------------------------------------------------------------

@@ -243,6 +243,12 @@ class InodeTable:
                 self.refill_reserve()
 
     def path_fd(self, inode: Inode) -> int:
+        """``inode.fd``.  Also called from worker threads (commit steps): there the
+        inode is pinned by the request already, and nothing is trimmed."""
+        pins = _PINS.get()
+        if pins is not None and inode not in pins:  # pinned first: never evicted below
+            pins.add(inode)
+            inode.pins += 1
         fd = inode._fd
         if fd is None:
             fd = self._reopen(inode)
@@ -250,12 +256,9 @@ class InodeTable:
             if not inode.dropped:
                 self._lru[inode.ino] = inode
         elif inode is not self.root and not inode.dropped:
-            self._lru.move_to_end(inode.ino)
-        pins = _PINS.get()
-        if pins is not None and inode not in pins:
-            pins.add(inode)
-            inode.pins += 1
-        if len(self._lru) > self._trim_at:
+            with contextlib.suppress(KeyError):
+                self._lru.move_to_end(inode.ino)
+        if len(self._lru) > self._trim_at and threading.get_ident() == self._main_thread:
             self.trim()
         return fd
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -49,7 +50,8 @@ def save(path: Path, data: bytes, flags: int = os.O_WRONLY | os.O_TRUNC) -> int 
     try:
         os.write(fd, data)
     except OSError as exc:
-        os.close(fd)
+        with contextlib.suppress(OSError):  # the mount may be gone (ENOTCONN)
+            os.close(fd)
         return exc.errno
     try:
         os.close(fd)

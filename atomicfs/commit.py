@@ -44,7 +44,6 @@ without a record: durable, but not atomic across a crash.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -554,11 +553,11 @@ class Committer:
                 for p in parents.values():
                     try:
                         dir_fds.append(syscalls.reopen(p.fd, os.O_RDONLY | os.O_DIRECTORY))
-                    except OSError as exc:  # published all the same: say so, then syncfs
-                        log.warning("directory of %s not reopened for its fsync (%s)",
-                                    self.describe(p), failure_text(exc))
-                        with contextlib.suppress(OSError):
-                            syscalls.syncfs(self.table.root.fd)
+                    except OSError as exc:  # published all the same: say so, then sync
+                        log.warning("directory of %s not reopened for its fsync (%s); "
+                                    "syncing every filesystem instead", self.describe(p),
+                                    failure_text(exc))
+                        os.sync()  # needs no descriptor
                 if published:
                     with trio.CancelScope(shield=True):
                         await trio.to_thread.run_sync(self._sync_dirs, dir_fds, published)

@@ -119,6 +119,30 @@ def test_each_commit_step_failing_gives_a_reply_that_matches_source(
     assert_no_debris(src)
 
 
+@pytest.mark.parametrize("fault,happens", [("fail:commit.prepare_backing:EMFILE", False),
+                                            ("fail:commit.dir_fsync:EIO", True)],
+                         ids=["prepare_backing", "dir_fsync"])
+def test_batch_durability_agrees_too(mount_factory: MountFactory, tmp_path: Path, fault: str,
+                                     happens: bool) -> None:
+    """durability=batch: staging is all or nothing (a failure leaves the mount's
+    view and SOURCE at OLD), and a group persist whose directory fsync fails still
+    publishes (the commit was acknowledged: it stands)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "victim.txt").write_bytes(OLD)
+    m = mount_factory(source=src, env={"ATOMICFS_FAULTS": fault},
+                      options=["durability=batch"])
+    m.expect_log(r"commit of|directory|synced")
+    err = save(m.path("victim.txt"), NEW)
+    assert (err is None) == happens, f"{fault}: close() gave {err}"
+    want = NEW if happens else OLD
+    assert m.path("victim.txt").read_bytes() == want
+    assert wait_for(lambda: m.src("victim.txt").read_bytes() == want, timeout=5)
+    m.unmount()
+    assert (src / "victim.txt").read_bytes() == want
+    assert_no_debris(src)
+
+
 def test_a_failing_step_after_the_rename_closes_no_fd_twice(
         mount_factory: MountFactory, tmp_path: Path) -> None:
     """The housekeeper died with EBADF in _drain: a failure after the rename closed the

@@ -11,6 +11,17 @@ Rename commit (the default), in this order:
 5. move the FUSE inode onto the new file (``st_ino`` through the mount stays);
 6. ``fsync`` the directory — the new entry is durable — before returning.
 
+The rename (or, for a new file, the link; for a journalled commit, the
+record's fsync) is the commit's *point of no return*.  Everything needed after
+it (the new file's O_PATH fd, its stat and handle, a descriptor of the
+directory to fsync) is got before it; what follows is bookkeeping that cannot
+fail, and the directory fsync, whose failure is logged and counted but never
+reported as a failed commit: the commit happened (docs/semantics.md §11).
+Ownership of the shadow's fd passes to :meth:`Committer._install` at the point
+of no return: before it, a failure leaves the fd to the caller; after it, the
+caller must not touch it (two owners closing one fd number was how a deferred
+close in the housekeeper came to close another file's fd).
+
 A crash before 4 leaves the committed version and an unnamed shadow the
 filesystem frees; between the link and the rename, a temporary name in the
 daemon's directory that recovery removes; after the rename, the new version.
@@ -48,7 +59,7 @@ import trio
 from . import faults, journal, metadata, syscalls
 from .extents import Kind
 from .housekeeping import Housekeeper
-from .inodes import Inode, InodeTable, Key, stat_at
+from .inodes import Backing, Inode, InodeTable, Key, stat_at
 from .sessions import Session
 
 log = logging.getLogger(__name__)
@@ -83,6 +94,8 @@ class CommitStats:
     commits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STRATEGIES, 0))
     bytes_committed: int = 0
     failures: dict[str, int] = field(default_factory=dict)
+    # commits that happened but whose directory fsync (or deferred apply) failed
+    not_durable: int = 0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
 
     def failed(self, exc: OSError) -> None:
@@ -102,16 +115,6 @@ def failure_text(exc: OSError) -> str:
 
 # Commit points with nobody left to receive a failure: the data is dropped (log line).
 _DROPPED_AT = ("last close", "unmount")
-
-
-def _fsync_dir(dir_path_fd: int) -> None:
-    faults.point("commit.before_dir_fsync")
-    syscalls.fsync_dir(dir_path_fd)
-
-
-def _fsync_dirs(dir_path_fds: list[int]) -> None:
-    for fd in dir_path_fds:
-        syscalls.fsync_dir(fd)
 
 
 def _replace_xattrs(src_fd: int, dst_fd: int) -> None:
@@ -230,6 +233,7 @@ class Committer:
                         "%s", self.describe(inode), at, failure_text(exc),
                         "the uncommitted data is dropped" if at in _DROPPED_AT
                         else "the error was returned to the caller")
+            log.debug("the failed commit's traceback", exc_info=True)
             raise
         finally:
             self.in_flight -= 1
@@ -349,7 +353,7 @@ class Committer:
             session.shadow = None  # the new version from here
         # From here to the swap there is no await: no other request can interleave.
         try:
-            parent = self._install_now(session, shadow, new_file=False)
+            dir_fd = self._install_now(session, shadow, new_file=False)
         except BaseException:
             if not clone and os.fstat(shadow).st_nlink == 0:
                 session.shadow = shadow  # linked nowhere: still the session's content
@@ -358,7 +362,7 @@ class Committer:
             raise
         if clone:
             session.close()  # the shadow of changes; the clone is the new version
-        await self._sync_dir(parent)
+        await self._sync_dir(dir_fd, session.inode)
 
     async def _publish_new(self, session: Session) -> None:
         shadow = session.shadow
@@ -380,13 +384,13 @@ class Committer:
         await _blocking(build, not sync)
         session.shadow = None
         try:
-            parent = self._install_now(session, shadow, new_file=True)
+            dir_fd = self._install_now(session, shadow, new_file=True)
         except BaseException:
             session.shadow = shadow  # not published: still the only copy of the new file
             raise
-        await self._sync_dir(parent)
+        await self._sync_dir(dir_fd, session.inode)
 
-    def _install_now(self, session: Session, fd: int, new_file: bool) -> Inode | None:
+    def _install_now(self, session: Session, fd: int, new_file: bool) -> int | None:
         """Make ``fd`` (complete, fsync'ed unless batch) the file's committed version.
 
         Full durability: publish it in the source tree now; returns the directory
@@ -398,12 +402,28 @@ class Committer:
         """
         inode = session.inode
         size = session.size
-        parent = None
+        dir_fd = None
         if self.batch:
             self._stage(inode, fd, new_file)
         else:
-            parent = self._publish(inode, fd, new_file, inode.key)
-            self._become(inode, fd, new_file, keep_fd=False)
+            # Before the point of no return: everything the steps after it need.
+            where = self.find_name(inode, inode.key)
+            backing = None if new_file else self.table.prepare(fd)
+            try:
+                dir_fd = syscalls.reopen(where[0].fd, os.O_RDONLY | os.O_DIRECTORY)
+            except BaseException:
+                if backing is not None:
+                    os.close(backing.fd)
+                raise
+            try:
+                self._publish(inode, fd, new_file, inode.key, where)
+            except BaseException:
+                os.close(dir_fd)
+                if backing is not None:
+                    os.close(backing.fd)
+                raise
+            # Past the point of no return: nothing below raises; fd is ours now.
+            self._become(inode, fd, new_file, keep_fd=False, backing=backing)
         # The session's content is the committed version from here, before the next
         # await: a read during the directory's fsync reads the new file (the shadow it
         # was written into is the new file now, no longer the session's).
@@ -411,34 +431,80 @@ class Committer:
         session.base_size = size
         session.mtime_ns = None
         session.pending = False
-        return parent
+        return dir_fd
 
-    @staticmethod
-    async def _sync_dir(parent: Inode | None) -> None:
-        if parent is not None:
-            await trio.to_thread.run_sync(_fsync_dir, parent.fd)
-            faults.point("commit.after_dir_fsync")
+    async def _sync_dir(self, dir_fd: int | None, inode: Inode) -> None:
+        """fsync the directory of a commit that happened (``dir_fd``: ours, closed here)."""
+        if dir_fd is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._sync_dirs, [dir_fd], [inode])
 
-    def _publish(self, inode: Inode, fd: int, new_file: bool, old_key: Key | None) -> Inode:
-        """Put ``fd`` in the source tree at the inode's name (synchronous steps only)."""
-        parent, name = self.find_name(inode, old_key)
+    def _publish(self, inode: Inode, fd: int, new_file: bool, old_key: Key | None,
+                 where: tuple[Inode, bytes] | None = None) -> Inode:
+        """Put ``fd`` in the source tree at the inode's name (synchronous steps only).
+
+        Raises only before the point of no return (the link of a new file, the
+        rename over an old one), with the source tree unchanged."""
+        parent, name = where or self.find_name(inode, old_key)
         if new_file:
             syscalls.link_fd(fd, parent.fd, name)
-            faults.point("commit.after_link")
-            self.published(inode)
+            self._past_no_return(inode, "commit.after_link")
+            try:
+                self.published(inode)
+            except Exception:  # pragma: no cover - bookkeeping; a bug, logged
+                log.exception("commit of %s: the new file is in place, its pending "
+                              "entry was not updated", self.describe(inode))
             return parent
         tmp = b"commit-" + secrets.token_hex(8).encode()
         syscalls.link_fd(fd, self.daemon_dir, tmp)
-        faults.point("commit.after_link")
         try:
+            faults.point("commit.after_link")
             syscalls.renameat2(self.daemon_dir, tmp, parent.fd, name)
-        except OSError:
+        except BaseException:
             os.unlink(tmp, dir_fd=self.daemon_dir)
             raise
-        faults.point("commit.after_rename")
+        self._past_no_return(inode, "commit.after_rename")
         return parent
 
-    def _become(self, inode: Inode, fd: int, new_file: bool, keep_fd: bool) -> None:
+    def _past_no_return(self, inode: Inode, point: str) -> None:
+        """A fault point after a commit's point of no return: a failure injected here
+        stands for a bookkeeping step failing; the commit stands (it is logged)."""
+        try:
+            faults.point(point)
+        except Exception as exc:
+            log.warning("commit of %s: a step after its point of no return failed (%s); "
+                        "the commit stands", self.describe(inode), exc)
+
+    def _sync_dirs(self, dir_fds: list[int], inodes: list[Inode]) -> None:
+        """fsync directories (fds of ours, closed here) after commits that happened.
+
+        Never raises: a failure cannot undo the commits, so it is not reported as
+        theirs; a syncfs is tried instead, then logged and counted (docs/semantics.md
+        §11).  Runs in a worker thread: it touches no table state but counters."""
+        for dir_fd in dir_fds:
+            try:
+                try:
+                    faults.point("commit.before_dir_fsync")  # a slow disk: sleep:...
+                    faults.point("commit.dir_fsync")
+                    os.fsync(dir_fd)
+                except OSError as exc:
+                    try:
+                        syscalls.syncfs(dir_fd)
+                    except OSError:
+                        self.stats.not_durable += 1
+                        log.error("commits of %s are done and visible, but their directory "
+                                  "could not be synced (%s): a power cut may bring back the "
+                                  "previous versions", ", ".join(self.describe(i) for i in inodes),
+                                  failure_text(exc))
+                    else:
+                        log.warning("directory fsync failed (%s); synced by syncfs instead",
+                                    failure_text(exc))
+            finally:
+                os.close(dir_fd)
+        self._past_no_return(inodes[0], "commit.after_dir_fsync")
+
+    def _become(self, inode: Inode, fd: int, new_file: bool, keep_fd: bool,
+                backing: Backing | None) -> None:
         """Move the FUSE inode onto the file behind ``fd`` (st_ino stays).
 
         ``keep_fd``: ``fd`` stays the inode's data fd (batch: the group persist
@@ -446,32 +512,35 @@ class Committer:
         closed and the committed version is read through a read-only fd opened on
         demand: an idle daemon holds nothing open for writing on SOURCE's
         filesystem, so a read-only remount of it is not refused as busy.
+        Bookkeeping only (``backing`` was got before the point of no return): it
+        cannot fail.
         """
         data_fd = fd if keep_fd else None
-        if new_file:
+        if new_file or backing is None:
             self.table.set_data_fd(inode, data_fd)  # same inode: the O_PATH fd still fits
         else:
-            self.table.rebind(inode, syscalls.reopen(fd, os.O_PATH), os.stat(fd),
-                              data_fd=data_fd)
+            self.table.rebind(inode, backing, data_fd=data_fd)
         if not keep_fd:
             self.table.closer(fd)
 
     # -- batch durability: staging and group persist ------------------------------------
     def _stage(self, inode: Inode, fd: int, new_file: bool) -> None:
         item = self.staged.get(inode.ino)
+        # got before anything changes: staging is all or nothing
+        backing = None if new_file else self.table.prepare(fd)
+        old_fd = inode.fd if backing is not None and item is None else None
         if item is None:
             item = Staged(inode, None if new_file else inode.key, new_file)
             self.staged[inode.ino] = item
             inode.holders += 1
-            if not new_file:  # the source still holds the old file: keep finding it
-                item.old_fd = inode.fd
-                self.table.rebind(inode, syscalls.reopen(fd, os.O_PATH), os.stat(fd),
-                                  data_fd=fd, keep_old=True)
+            if backing is not None:  # the source still holds the old file: keep finding it
+                item.old_fd = old_fd
+                self.table.rebind(inode, backing, data_fd=fd, keep_old=True)
                 self.table.alias(item.old_key, inode)
                 self.wakeup.set()
                 return
         item.version += 1
-        self._become(inode, fd, new_file, keep_fd=True)
+        self._become(inode, fd, new_file, keep_fd=True, backing=backing)
         self.wakeup.set()
 
     def source_links(self, inode: Inode) -> int:
@@ -502,12 +571,14 @@ class Committer:
                 await trio.to_thread.run_sync(sync_data)
                 faults.point("commit.after_fsync")
                 parents: dict[int, Inode] = {}
+                published: list[Inode] = []
                 for item, version, fd in items:
                     if item.version != version or self.staged.get(item.inode.ino) is not item:
                         continue  # superseded meanwhile: the next round publishes it
                     try:
                         parent = self._publish(item.inode, fd, item.new_file, item.old_key)
                         parents[parent.ino] = parent
+                        published.append(item.inode)
                     except OSError as exc:
                         if exc.errno != errno.EIO or item.inode.names:
                             self.stats.failed(exc)
@@ -515,8 +586,18 @@ class Committer:
                                         "source tree keeps its previous version",
                                         self.describe(item.inode), failure_text(exc))
                     self._unstage(item)
-                await trio.to_thread.run_sync(_fsync_dirs, [p.fd for p in parents.values()])
-                faults.point("commit.after_dir_fsync")
+                dir_fds = []
+                for p in parents.values():
+                    try:
+                        dir_fds.append(syscalls.reopen(p.fd, os.O_RDONLY | os.O_DIRECTORY))
+                    except OSError as exc:  # published all the same: say so, then sync
+                        log.warning("directory of %s not reopened for its fsync (%s); "
+                                    "syncing every filesystem instead", self.describe(p),
+                                    failure_text(exc))
+                        os.sync()  # needs no descriptor
+                if published:
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(self._sync_dirs, dir_fds, published)
             finally:
                 for _, _, fd in items:
                     os.close(fd)
@@ -536,7 +617,8 @@ class Committer:
             self.wakeup = trio.Event()
             await trio.sleep(BATCH_DELAY)
             try:
-                await self.persist()
+                with self.table.scope():
+                    await self.persist()
             except Exception:
                 log.exception("group persist failed; retrying")
 
@@ -578,13 +660,26 @@ class Committer:
             except BaseException:
                 await trio.to_thread.run_sync(journal.unreserve, target, reserved)
                 raise
-            # durable from here (write-ahead); the target's fsync and the record's
-            # removal follow off the call's path (journal.py, 3.)
-            await self._apply(session, lambda fd: journal.apply(fd, record, shadow, None,
-                                                                 sync=False), target)
         except BaseException:
             os.close(target)
             raise
+        # Durable from here (write-ahead): the point of no return.  The target's fsync
+        # and the record's removal follow off the call's path (journal.py, 3.).
+        for attempt in (1, 2):  # the redo is idempotent: one retry
+            try:
+                faults.point("commit.journal_apply")
+                await self._apply(session, lambda fd: journal.apply(fd, record, shadow, None,
+                                                                     sync=False), target)
+                break
+            except OSError as exc:
+                if attempt == 1:
+                    continue
+                self.stats.not_durable += 1
+                log.error("commit of %s is recorded in the journal but could not be applied "
+                          "now (%s); the commit stands: the next mount replays record %s",
+                          self.describe(inode), failure_text(exc), name)
+                self.table.closer(target)
+                return
         self.housekeeper.settle_later(target, name)
 
     async def _in_place(self, session: Session) -> None:

@@ -93,6 +93,7 @@ class Files:
 
     def _register(self, inode: Inode, flags: int, session: Session | None,
                   isolated: bool, pid: int = 0) -> FileHandle:
+        inode.fd  # noqa: B018 - opened now and kept while held: the file may be unlinked
         handle = FileHandle(self._next_fh, inode, flags, session, isolated, pid)
         self._next_fh += 1
         self.handles[handle.fh] = handle
@@ -138,7 +139,8 @@ class Files:
                 return False  # unlinked: nothing to keep, nothing lost (semantics §2.5)
             raise OSError(session.failed, "not committed: an earlier write to this file "
                           f"failed ({os.strerror(session.failed)})")
-        return await self.committer.commit(session, self.table.data, at)
+        with self.table.critical():  # may use the descriptors kept for commits
+            return await self.committer.commit(session, self.table.data, at)
 
     async def publish(self, inode: Inode) -> None:
         """Make the file real in the source tree now (before a namespace operation
@@ -291,11 +293,12 @@ class Files:
         session = handle.session
         if session is None:
             raise OSError(errno.EBADF, "handle not open for writing")
-        if session.lock.locked():
-            async with session.lock:
+        with self.table.critical():  # a file open for writing can be saved: its shadow
+            if session.lock.locked():  # may come from the descriptors kept for commits
+                async with session.lock:
+                    written = self._write(handle, session, off, buf)
+            else:
                 written = self._write(handle, session, off, buf)
-        else:
-            written = self._write(handle, session, off, buf)
         if len(session.emap) > session.spill_at:
             await self._spill(session)
         return written

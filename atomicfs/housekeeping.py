@@ -24,11 +24,12 @@ import contextlib
 import logging
 import os
 import threading
+import time
 
 import pyfuse3
 import trio
 
-from . import journal, syscalls
+from . import faults, journal, syscalls
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ POOL_SIZE = 8  # shadows kept ready; a burst beyond it makes its own
 # daemon does not keep unnamed files (allocated inodes, open for writing) on
 # SOURCE's filesystem for nothing.
 IDLE_DRAIN = 2.0
+EXHAUSTED_PAUSE = 5.0  # seconds without refilling the pool after descriptors ran out
 
 
 class Housekeeper:
@@ -66,6 +68,8 @@ class Housekeeper:
         self._pending = False
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self.crashed = False
 
     @property
     def running(self) -> bool:
@@ -139,10 +143,23 @@ class Housekeeper:
         """Background task: start the worker thread (it outlives the task and is
         stopped by :meth:`close_all`, after the last request)."""
         if self._thread is None:  # the pool fills at the first shadow asked for
-            self._thread = threading.Thread(target=self._loop, name="atomicfs-housekeeper",
+            self._token = trio.lowlevel.current_trio_token()
+            self._thread = threading.Thread(target=self._main, name="atomicfs-housekeeper",
                                             daemon=True)
             self._thread.start()
         await trio.sleep_forever()
+
+    def _main(self) -> None:
+        """The thread: errors of one piece of work are logged and the loop goes on
+        (:meth:`_loop`); if the loop itself dies, the mount goes down with it rather
+        than serve on half alive (deferred closes and journal settling undone)."""
+        try:
+            self._loop()
+        except BaseException:
+            log.critical("the housekeeping thread crashed; unmounting", exc_info=True)
+            self.crashed = True
+            with contextlib.suppress(Exception):  # the loop may be ending already
+                trio.from_thread.run_sync(pyfuse3.terminate, trio_token=self._token)
 
     def _loop(self) -> None:
         while True:
@@ -152,6 +169,7 @@ class Housekeeper:
                         self._drain()  # idle: nothing asked for or handed over
                 if self._stopping:
                     return
+                faults.point("housekeeper.loop")  # tests: a crash of the thread itself
                 self._pending = False
                 closing, self.to_close = self.to_close, []
                 stale, self.to_invalidate = self.to_invalidate, set()
@@ -160,8 +178,8 @@ class Housekeeper:
                 want = self.pool_size - len(self.ready)
             try:
                 self._work(closing, stale, names, settle, want)
-            except Exception:  # pragma: no cover - a bug here must not end the thread
-                log.exception("housekeeping failed")
+            except Exception:  # a bug here must not end the thread
+                log.exception("housekeeping failed; going on")
             finally:
                 with self._cond:
                     self.unsettled -= len(settle)
@@ -173,15 +191,22 @@ class Housekeeper:
                 fd = self.ready.pop()
             except IndexError:
                 return
-            os.close(fd)
+            try:
+                faults.point("housekeeper.drain")
+                os.close(fd)
+            except OSError as exc:  # the fd was ours alone: a bug elsewhere, not fatal here
+                log.error("closing a ready shadow (fd %d) failed: %s", fd, exc)
 
     def _work(self, closing: list[int], stale: set[int], names: list[tuple[int, bytes]],
               settle: list[tuple[int, str]], want: int) -> None:
-        self._settle(settle)
+        try:  # each kind of work goes on whatever the others do (closes above all)
+            self._settle(settle)
+        except Exception:
+            log.exception("settling journal records failed; the next mount replays them")
         for fd in closing:
             try:
                 os.close(fd)
-            except OSError as exc:  # pragma: no cover - a double close would be a bug
+            except OSError as exc:  # a double close would be a bug: say so, go on
                 log.error("deferred close of fd %d failed: %s", fd, exc)
         for ino in stale:
             # OSError: the kernel no longer knows the inode, so nothing is cached
@@ -190,6 +215,8 @@ class Housekeeper:
         for parent, name in names:
             with contextlib.suppress(OSError):  # ENOENT: the kernel had not cached it
                 pyfuse3.invalidate_entry(parent, name)
+        if time.monotonic() - syscalls.exhausted_at < EXHAUSTED_PAUSE:
+            want = 0  # descriptors ran out lately: leave the last ones to requests
         for _ in range(want):
             try:
                 fd = syscalls.tmpfile(self.daemon_dir)

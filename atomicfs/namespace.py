@@ -118,14 +118,14 @@ class Namespace:
 
     def entry(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
         """Look ``name`` up in ``parent`` and count one kernel lookup for it."""
-        fd, st = open_path(parent.fd, name)
+        fd, st = open_path(parent.fd, name, self.table)
         inode = self.table.learn(parent.ino, name, fd, st)
         inode.lookups += 1
         return inode, st
 
     def _created(self, parent: Inode, name: bytes, ctx: pyfuse3.RequestContext,
                  mode: int | None = None) -> tuple[Inode, os.stat_result]:
-        fd, st = open_path(parent.fd, name)
+        fd, st = open_path(parent.fd, name, self.table)
         try:
             metadata.give_to_caller(fd, ctx, os.stat(parent.fd), mode)
             st = os.stat(fd)
@@ -256,7 +256,7 @@ class Namespace:
         if inode is not None:
             return inode, os.stat(inode.fd)
         try:
-            fd, st = open_path(handle.inode.fd, name)
+            fd, st = open_path(handle.inode.fd, name, self.table)
         except FileNotFoundError:
             return None
         return self.table.learn(handle.inode.ino, name, fd, st), st

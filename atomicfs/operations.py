@@ -25,7 +25,7 @@ from . import faults, metadata, recovery, status, syscalls, timing
 from .commit import Committer, name_finder
 from .files import Files
 from .housekeeping import Housekeeper
-from .inodes import Inode, InodeTable
+from .inodes import EXHAUSTED, Inode, InodeTable
 from .namespace import DirHandle, Namespace
 from .options import MountOptions
 
@@ -60,7 +60,8 @@ def _handler(fn: F) -> F:
         timed = timing.begin(name)
         try:
             faults.point(name)
-            result = await fn(self, *args)
+            with self.table.scope():  # the inodes whose fds it uses stay open until done
+                result = await fn(self, *args)
         except pyfuse3.FUSEError as exc:
             if self.trace:
                 log.debug("<- %s: %s (%.3f ms)", name, os.strerror(exc.errno),
@@ -68,6 +69,8 @@ def _handler(fn: F) -> F:
             raise
         except OSError as exc:
             err = exc.errno or errno.EIO
+            if err in EXHAUSTED:  # docs/semantics.md §11: this request only; logged once
+                self.table.note_exhausted(name)
             if self.trace:
                 log.debug("<- %s: %s (%.3f ms)", name, os.strerror(err),
                           (time.monotonic() - started) * 1000)
@@ -270,14 +273,15 @@ class AtomicOperations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, name, dot, index + 1):
                     break
                 continue
-            found = self.namespace.readdir_entry(handle, name)
-            if found is None:
-                continue
-            inode, st = found
-            if not pyfuse3.readdir_reply(token, name, self._attrs(inode, st), index + 1):
-                self.table.maybe_drop(inode)
-                break
-            inode.lookups += 1
+            with self.table.scope():  # one entry's inode pinned at a time, not the batch
+                found = self.namespace.readdir_entry(handle, name)
+                if found is None:
+                    continue
+                inode, st = found
+                if not pyfuse3.readdir_reply(token, name, self._attrs(inode, st), index + 1):
+                    self.table.maybe_drop(inode)
+                    break
+                inode.lookups += 1
 
     @_handler
     async def releasedir(self, fh: int) -> None:
@@ -356,8 +360,9 @@ class AtomicOperations(pyfuse3.Operations):
 
     async def finish(self) -> None:
         """After the kernel let go: lost last releases, then every staged commit."""
-        await self.files.release_remaining()
-        await self.committer.persist()
+        with self.table.scope():
+            await self.files.release_remaining()
+            await self.committer.persist()
 
     def shutdown(self) -> None:
         """Close every fd the daemon holds (after the main loop ended)."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .extents import Kind
+from .inodes import open_fd_count
 
 if TYPE_CHECKING:
     from .operations import AtomicOperations
@@ -89,12 +90,33 @@ def snapshot(ops: AtomicOperations) -> dict[str, Any]:
         "reflink": ops.committer.reflink_ok,
         "journal": ops.committer.journal_ok,
         "reads": dict(ops.committer.reads),
+        "descriptors": descriptors(ops),
+        "not_durable": stats.not_durable,
         "housekeeping": {
             "shadows_ready": len(ops.housekeeper.ready),
             "shadows_made": ops.housekeeper.made,
             "shadow_pool_misses": ops.housekeeper.misses,
             "journal_records_unsettled": ops.housekeeper.unsettled,
         },
+    }
+
+
+def descriptors(ops: AtomicOperations) -> dict[str, Any]:
+    """What the daemon holds against its descriptor budget (docs/semantics.md §11)."""
+    table = ops.table
+    return {
+        "held": open_fd_count(),
+        "limit": table.budget.limit,
+        "cache_budget": table.budget.cache,
+        "reserve": table.budget.reserve,
+        "reserve_held": table.reserved,
+        "cached_inodes": table.cached,
+        "inode_mode": table.mode,
+        "exhausted": table.fd_stats.exhausted,
+        "reopened": table.fd_stats.reopened,
+        "evicted": table.fd_stats.evicted,
+        "stale": table.fd_stats.stale,
+        "reserve_used": table.fd_stats.reserve_used,
     }
 
 
@@ -172,6 +194,17 @@ def format_text(doc: dict[str, Any]) -> str:
                      f"{hk.get('shadows_made', 0)} made, {hk.get('shadow_pool_misses', 0)} "
                      f"asked for while empty; journal records not yet settled: "
                      f"{hk.get('journal_records_unsettled', 0)}")
+    fds = doc.get("descriptors", {})
+    if fds:
+        lines.append(f"descriptors: {fds.get('held', '?')} held of {fds.get('limit', '?')} "
+                     f"(inode fd cache {fds.get('cached_inodes', 0)}/"
+                     f"{fds.get('cache_budget', '?')}, {fds.get('inodes', doc.get('inodes', 0))} "
+                     f"inodes known, reopened by {fds.get('inode_mode', '?')}; reserve for "
+                     f"commits {fds.get('reserve_held', 0)}/{fds.get('reserve', '?')}); "
+                     f"requests failed for lack of descriptors: {fds.get('exhausted', 0)}")
+    if doc.get("not_durable"):
+        lines.append(f"commits done but not known durable (directory fsync failed): "
+                     f"{doc['not_durable']}")
     lat = doc.get("commit_latency", {})
     if lat:
         lines.append(f"commit latency: p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms, "

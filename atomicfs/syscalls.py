@@ -17,6 +17,8 @@ import errno
 import fcntl
 import os
 import struct
+import time
+from collections.abc import Callable
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
@@ -67,9 +69,31 @@ def proc_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
+# Called when an open fails with EMFILE/ENFILE; returns True if it freed
+# descriptors (the open is then tried once more).  Set by the inode table.
+on_exhausted: Callable[[], bool] | None = None
+# time.monotonic() of the last open that found no descriptor free: optional work
+# (the housekeeper's pool of ready shadows) waits a while after it.
+exhausted_at = -1e9
+
+
+def _retry_exhausted(fn: Callable[[], int]) -> int:
+    global exhausted_at
+    try:
+        return fn()
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        exhausted_at = time.monotonic()
+        hook = on_exhausted
+        if hook is None or not hook():
+            raise
+    return fn()
+
+
 def reopen(fd: int, flags: int) -> int:
     """Open the file behind an ``O_PATH`` fd for real I/O (``flags`` as for open)."""
-    return os.open(proc_path(fd), flags | os.O_CLOEXEC)
+    return _retry_exhausted(lambda: os.open(proc_path(fd), flags | os.O_CLOEXEC))
 
 
 def fsync_dir(dir_path_fd: int) -> None:
@@ -83,7 +107,8 @@ def fsync_dir(dir_path_fd: int) -> None:
 
 def tmpfile(dir_fd: int, mode: int = 0o600) -> int:
     """An unnamed O_RDWR file in ``dir_fd``'s directory (nothing left after a crash)."""
-    return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    return _retry_exhausted(lambda: os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC,
+                                            mode, dir_fd=dir_fd))
 
 
 def renameat2(olddir: int, oldname: bytes, newdir: int, newname: bytes, flags: int = 0) -> None:

@@ -273,7 +273,7 @@ class Worker:
         if plain:
             menu += [(14, "trunc"), (9, "inplace"), (5, "mmap"), (6, "rename"), (5, "chmod"),
                      (5, "setxattr"), (4, "link")]
-        if len(plain) > 3:
+        if len(files) > 3:
             menu += [(7, "unlink")]
         if B_NAME in m.names:
             menu += [(4, "patch")]
@@ -304,8 +304,8 @@ class Worker:
             return {"op": "rename", "src": src, "dst": dst}
         if what == "dirrename":
             return {"op": "rename", "src": rng.choice(dirs), "dst": f"D{v}"}
-        if what == "unlink":
-            return {"op": "unlink", "name": rng.choice(plain)}
+        if what == "unlink":  # a program's leftover temporary file too
+            return {"op": "unlink", "name": rng.choice(files)}
         if what == "mkdir":
             return {"op": "mkdir", "name": f"D{v}"}
         if what == "rmdir":
@@ -608,7 +608,8 @@ class PowerCuts:
         for c in self.totals.values():
             t.update(c)
         return {"cuts": t["cuts"], **{k: t[k] for k in KINDS}, "ops_started": t["started"],
-                "ops_acked": t["acked"], "daemon_ebadf": t["ebadf"]}
+                "ops_acked": t["acked"], "daemon_ebadf": t["ebadf"],
+                "daemon_tracebacks": t["tracebacks"]}
 
     def setup(self, pc: Any) -> dict[int, Model]:
         models = {}
@@ -661,6 +662,7 @@ class PowerCuts:
             (rdir / "daemon.log").write_text(cut.daemon_log)
             tally["cuts"] += 1
             tally["ebadf"] += len(re.findall(r"EBADF|Bad file descriptor", cut.daemon_log))
+            tally["tracebacks"] += cut.daemon_log.count("Traceback")
             found = self.check(pc, r, models, logs, t_cut, rdir, tally)
             status = "ok" if not found else f"{len(found)} violation(s)"
             self.say(f"{pc.kind} cut {r}: after {delay:.2f} s, recovered by {cut.recovered_by}: "
@@ -671,7 +673,7 @@ class PowerCuts:
             if found and not self.args.keep_going:
                 break
         self.say(f"{pc.kind} {self.mode}: " + " ".join(
-            f"{k}={tally[k]}" for k in ("cuts", *KINDS, "started", "acked", "ebadf")))
+            f"{k}={tally[k]}" for k in ("cuts", *KINDS, "started", "acked", "ebadf", "tracebacks")))
 
     def check(self, pc: Any, r: int, models: dict[int, Model], logs: dict[int, Path],
               t_cut: float, rdir: Path, tally: Counter[str]) -> list[str]:

@@ -161,7 +161,7 @@ class PowerCutFs:
         if cut.recovered_by == "recover":
             cut.recovery = self.recover()
         elif cut.recovered_by == "mount":
-            m = self.mount_atomicfs(options or ())
+            m = self.mount_atomicfs(options or (), self.work / f"daemon-{self.cycles}-recovery.log")
             try:
                 m.unmount()
             finally:

@@ -122,6 +122,9 @@ def run_app(pc: PowerCutFs, app: App, target: str, cuts: int, rng: random.Random
                             f"{cut.delay:.2f} s (too slow to mean anything)")
         print(f"{pc.kind} {target} {app.name} cut {n + 1}: {len(this)} acknowledged, "
               f"{'; '.join(problems) or 'ok'}")
+        if problems:
+            said = [line for line in cut.daemon_log.splitlines() if " INFO " not in line]
+            print("    daemon: " + ("\n    daemon: ".join(said[-8:]) or "(nothing but INFO)"))
         results.append(problems)
         if until_failure and problems:
             break

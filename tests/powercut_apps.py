@@ -136,6 +136,9 @@ def git_prepare(d: Path) -> None:
 
 def git_run(d: Path, ack: Acks, mode: str) -> None:
     rng = random.Random()
+    for lock in ("index.lock", "HEAD.lock", "refs/heads/main.lock"):
+        # a git killed by the cut leaves its lock: what a user removes (git says so)
+        (d / "repo" / ".git" / lock).unlink(missing_ok=True)
     n = 0
     while True:
         n += 1

@@ -67,7 +67,6 @@ for _p in (ROOT, ROOT / "tests", ROOT / "scripts"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-import pytest  # noqa: E402  (scratchfs skips with pytest.skip)
 import torture  # noqa: E402
 from torture import HP, HW, Torn, make_l_record, make_p_header, make_p_record, make_w  # noqa: E402
 
@@ -248,6 +247,7 @@ class Worker:
 
     def run(self) -> int:
         os.umask(0)
+        self.record(ready=0)  # the cut's delay counts from here (see PowerCuts.run_fs)
         while True:
             self.n += 1
             op, self.pending = self.pending or self.choose(), None
@@ -654,11 +654,17 @@ class PowerCuts:
                             [PYTHON, str(Path(__file__).resolve()), "_pcworker",
                              str(cfg_path)], stdout=out, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL))
+                # the delay to the cut starts once every worker runs (Python's start
+                # takes a second or more on a loaded machine)
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and any(
+                        p.poll() is None and not (logs[w].exists() and logs[w].stat().st_size)
+                        for w, p in zip(models, procs, strict=True)):
+                    time.sleep(0.01)
                 return procs
 
-            t_cut = time.monotonic()
             cut = pc.cycle(workload, delay, self.args.options, recovered_by=how)
-            t_cut += delay
+            t_cut = cut.at
             (rdir / "daemon.log").write_text(cut.daemon_log)
             tally["cuts"] += 1
             tally["ebadf"] += len(re.findall(r"EBADF|Bad file descriptor", cut.daemon_log))
@@ -751,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
     made = args.workdir is None
     work = Path(args.workdir or tempfile.mkdtemp(prefix="atomicfs-powercut-")).resolve()
     rc = 1
+    import pytest  # scratchfs (tests/) skips with pytest.skip where it cannot work
+
     try:
         rc = PowerCuts(args, work).run()
     except pytest.skip.Exception as exc:

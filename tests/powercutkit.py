@@ -71,8 +71,9 @@ def stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
 class Cut:
     """What one cut cycle did."""
 
-    delay: float  # seconds from the workload's start to the cut
+    delay: float  # seconds from the workload's start (its callable returned) to the cut
     recovered_by: str  # "recover", "mount" or "raw"
+    at: float = 0.0  # time.monotonic() just before the cut
     daemon_log: str = ""  # the daemon's log of this cycle (mount and recovery)
     recovery: str = ""  # what ``atomicfs recover`` said
     early_exits: list[int] = field(default_factory=list)  # workload exit codes before the cut
@@ -151,6 +152,7 @@ class PowerCutFs:
             self.procs.extend(started)
             time.sleep(delay)
             cut.early_exits = [rc for rc in (p.poll() for p in started) if rc is not None]
+            cut.at = time.monotonic()
             self.cut()
             time.sleep(settle)  # the workload meets EIO: nothing it does now may count
         finally:

@@ -52,11 +52,22 @@ def payload(rng: random.Random) -> str:
 
 
 class Acks:
+    """The acknowledgement log; ``<log>.ready`` appears once the first operation is
+    done (the harness starts the delay to the cut from there)."""
+
     def __init__(self, path: str) -> None:
+        self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.started = False
 
     def __call__(self, item: object) -> None:
         os.write(self.fd, f"{item}\n".encode())
+        self.progress()
+
+    def progress(self) -> None:
+        if not self.started:
+            self.started = True
+            os.close(os.open(self.path + ".ready", os.O_WRONLY | os.O_CREAT, 0o644))
 
 
 def read_acks(path: Path) -> list[str]:
@@ -149,8 +160,9 @@ def git_run(d: Path, ack: Acks, mode: str) -> None:
             if res.returncode != 0:
                 sys.stderr.write(res.stderr)
                 return
-        head = git(d, "rev-parse", "HEAD").stdout.strip()
-        ack(head)
+        head = git(d, "rev-parse", "--verify", "HEAD")  # fails if the cut came first
+        if head.returncode == 0:
+            ack(head.stdout.strip())
 
 
 def git_check(d: Path, acked: list[str], mode: str) -> list[str]:
@@ -237,6 +249,7 @@ def json_run(d: Path, ack: Acks, mode: str) -> None:
             os.close(fd)
         if mode != "batch":  # close() returned; under batch nothing is promised without fsync
             ack(n)
+        ack.progress()
 
 
 def json_check(d: Path, acked: list[str], mode: str) -> list[str]:

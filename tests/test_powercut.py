@@ -31,6 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -111,13 +112,19 @@ def run_app(pc: PowerCutFs, app: App, target: str, cuts: int, rng: random.Random
         def workload(top: Path, acklog: Path = acklog, n: int = n
                      ) -> list[subprocess.Popen[bytes]]:
             with open(pc.work / f"{app.name}-{target}-{n}.out", "wb") as out:
-                return [subprocess.Popen(
+                proc = subprocess.Popen(
                     [sys.executable, str(ROOT / "tests" / "powercut_apps.py"), app.name,
                      str(top / "app"), str(acklog), target],
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=cli_env())]
+                    env=cli_env())
+            # the delay to the cut counts from the program's first operation done
+            ready = Path(f"{acklog}.ready")
+            deadline = time.monotonic() + 60
+            while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return [proc]
 
-        cut = pc.cycle(workload, rng.uniform(0.6, 1.6), options,
+        cut = pc.cycle(workload, rng.uniform(0.3, 1.3), options,
                        recovered_by=rng.choice(["recover", "mount"]))
         this = read_acks(acklog)
         acked += this

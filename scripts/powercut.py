@@ -666,6 +666,7 @@ class PowerCuts:
             cut = pc.cycle(workload, delay, self.args.options, recovered_by=how)
             t_cut = cut.at
             (rdir / "daemon.log").write_text(cut.daemon_log)
+            (rdir / "recovery.txt").write_text(f"recovered by {cut.recovered_by}\n{cut.recovery}")
             tally["cuts"] += 1
             tally["ebadf"] += len(re.findall(r"EBADF|Bad file descriptor", cut.daemon_log))
             tally["tracebacks"] += cut.daemon_log.count("Traceback")

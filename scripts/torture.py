@@ -1434,6 +1434,10 @@ def main(argv: list[str] | None = None) -> int:
         return writer_main(argv[1])
     if argv[:1] and argv[0] in WORKERS:
         return worker_main(argv[0], argv[1])
+    if any(a.split("=")[0] == "--power-cuts" for a in argv):  # scripts/powercut.py
+        import powercut
+
+        return powercut.main(argv)
     p = argparse.ArgumentParser(prog="torture", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--crashes", type=int, default=10, help="crash rounds (default 10)")
@@ -1455,6 +1459,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead of crash rounds: one mount for SECONDS with the writers, "
                    "spin writers, readers and a mover renaming directories; then check "
                    "that no read was wrong, nothing hung, and the tree is exact")
+    p.add_argument("--power-cuts", type=int, metavar="N", default=None,
+                   help="instead: N power cuts per filesystem on loop-mounted XFS/ext4 "
+                   "images (scripts/powercut.py --help: --fs, -o, --seed...)")
     p.add_argument("--readers", type=int, default=3, help="stress: reader processes")
     p.add_argument("--spin-writers", type=int, default=2,
                    help="stress: writers of the files in the moving directories")

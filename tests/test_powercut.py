@@ -1,0 +1,279 @@
+"""Power cuts (issue 12): the torture and real programs, on loop-mounted XFS and ext4.
+
+A power cut is a shutdown of the image's filesystem without a log flush
+(tests/powercutkit.py).  The bounded versions here run a few cuts per
+filesystem and durability mode:
+
+- ``test_powercut_torture``: ``scripts/torture --power-cuts 3`` (workers
+  creating, rewriting, renaming, linking... through the mount); every worker's
+  directory must be a prefix of its operations that includes every
+  acknowledged one (docs/semantics.md §1.2, §3, §9).
+- ``test_app_through_mount``: sqlite3 (DELETE and WAL, synchronous=FULL), git,
+  LMDB and a no-fsync JSON writer through the mount, each checked with its own
+  invariant and its acknowledged data (tests/powercut_apps.py).
+- ``test_app_raw_fails``: the same checks can fail: on the raw filesystem the
+  JSON writer and git lose data within a bounded number of cuts.
+
+Longer runs: ``ATOMICFS_POWERCUTS=N`` runs N cuts per filesystem and target
+(atomicfs full, batch, raw; ``ATOMICFS_POWERCUT_TARGETS=full,raw`` picks) for
+every program and prints the figures (``test_app_long``, marked slow); a
+program whose check failed starts afresh, so the raw figures are rates.
+The torture's long run is by hand:
+``scripts/torture --power-cuts 100 --fs both [-o durability=batch]``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import scratchfs
+from conftest import ROOT, cli_env, needs_fuse
+from powercut_apps import APPS, App, read_acks
+from powercutkit import FS_KINDS, PowerCutFs, powercut_fs
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import powercut  # noqa: E402  (scripts/powercut.py)
+
+LONG = int(os.environ.get("ATOMICFS_POWERCUTS") or 0)
+CI_CUTS = 2  # per program and mode in the bounded run
+RAW_BOUND = 12  # cuts to wait for the raw filesystem to lose data
+FS_OF = {"sqlite-delete": "ext4", "sqlite-wal": "xfs", "git": "xfs", "lmdb": "ext4",
+         "json": "xfs"}  # the bounded run spreads the programs over both filesystems
+
+
+def seed() -> int:
+    return int(os.environ.get("ATOMICFS_TORTURE_SEED") or random.randrange(2**31))
+
+
+# == the torture ========================================================================
+@needs_fuse
+@pytest.mark.parametrize("mode", ["full", "batch"])
+@pytest.mark.parametrize("fs", FS_KINDS)
+def test_powercut_torture(tmp_path: Path, fs: str, mode: str) -> None:
+    cmd = [sys.executable, str(ROOT / "scripts" / "torture.py"), "--power-cuts", "3",
+           "--fs", fs, "-o", f"durability={mode}", "--seed", str(seed()),
+           "--workdir", str(tmp_path / "pc")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=cli_env(),
+                         cwd=ROOT)
+    out = f"$ {' '.join(cmd)}\n{res.stdout[-15000:]}\n{res.stderr[-3000:]}"
+    if res.returncode == 77:
+        pytest.skip(res.stdout.strip().splitlines()[-1])
+    summary = re.search(r"^POWERCUT (.*)$", res.stdout, re.M)
+    assert summary, out
+    fields = dict(re.findall(r"(\w+)=(\S+)", summary.group(1)))
+    print(out)
+    assert res.returncode == 0, out
+    assert fields["cuts"] == "3", out
+    for kind in powercut.KINDS:
+        assert fields[kind] == "0", out
+    assert int(fields["ops_acked"]) > 20, f"too little was acknowledged to mean anything\n{out}"
+
+
+# == real programs ======================================================================
+def need_app(app: App) -> None:
+    for tool in app.tools:
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool} (scripts/bootstrap.sh installs it)")
+    if app.module and importlib.util.find_spec(app.module) is None:
+        pytest.skip(f"needs the {app.module} package (the test extras of pyproject.toml)")
+
+
+def run_app(pc: PowerCutFs, app: App, target: str, cuts: int, rng: random.Random,
+            until_failure: bool = False) -> list[list[str]]:
+    """``cuts`` power cuts of ``app`` working in SOURCE/app through atomicfs
+    (``target`` full or batch) or on the raw filesystem (``raw``); the problems
+    its check found after each cut.  After a failed check it stops if
+    ``until_failure``, else starts the program afresh (a rate of failures)."""
+    d = pc.source / "app"
+
+    def prepare() -> None:
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+        app.prepare(d)
+        pc.sync()
+
+    prepare()
+    acked: list[str] = []
+    results = []
+    options = None if target == "raw" else [f"durability={target}"]
+    for n in range(cuts):
+        acklog = pc.work / f"{app.name}-{target}-{n}.acks"
+
+        def workload(top: Path, acklog: Path = acklog, n: int = n
+                     ) -> list[subprocess.Popen[bytes]]:
+            with open(pc.work / f"{app.name}-{target}-{n}.out", "wb") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, str(ROOT / "tests" / "powercut_apps.py"), app.name,
+                     str(top / "app"), str(acklog), target],
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=cli_env())
+            # the delay to the cut counts from the program's first operation done
+            ready = Path(f"{acklog}.ready")
+            deadline = time.monotonic() + 60
+            while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return [proc]
+
+        cut = pc.cycle(workload, rng.uniform(0.3, 1.3), options,
+                       recovered_by=rng.choice(["recover", "mount"]))
+        this = read_acks(acklog)
+        acked += this
+        problems = app.check(d, acked, target)
+        if cut.early_exits:
+            out = (pc.work / f"{app.name}-{target}-{n}.out").read_text(errors="replace")
+            problems.append(f"{app.name} stopped before the cut: {out[-800:]}")
+        if not this and target == "full":
+            problems.append(f"{app.name}: nothing acknowledged before the cut at "
+                            f"{cut.delay:.2f} s (too slow to mean anything)")
+        print(f"{pc.kind} {target} {app.name} cut {n + 1}: {len(this)} acknowledged, "
+              f"{'; '.join(problems) or 'ok'}")
+        if problems:
+            said = [line for line in cut.daemon_log.splitlines() if " INFO " not in line]
+            print("    daemon: " + ("\n    daemon: ".join(said[-8:]) or "(nothing but INFO)"))
+        results.append(problems)
+        if problems:
+            if until_failure:
+                break
+            prepare()
+            acked = []
+    return results
+
+
+@needs_fuse
+@pytest.mark.parametrize("mode", ["full", "batch"])
+@pytest.mark.parametrize("name", list(APPS))
+def test_app_through_mount(tmp_path: Path, name: str, mode: str) -> None:
+    app = APPS[name]
+    need_app(app)
+    rng = random.Random(seed())
+    with powercut_fs(tmp_path, FS_OF[name]) as pc:
+        results = run_app(pc, app, mode, CI_CUTS, rng)
+    bad = [p for r in results for p in r]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("name", ["json", "git"])
+def test_app_raw_fails(tmp_path: Path, name: str) -> None:
+    """The checks are not vacuous: on the raw filesystem these programs lose
+    acknowledged data (the JSON writer: the last close(); git: objects and refs)."""
+    app = APPS[name]
+    need_app(app)
+    rng = random.Random(seed())
+    with powercut_fs(tmp_path, FS_OF[name]) as pc:
+        results = run_app(pc, app, "raw", RAW_BOUND, rng, until_failure=True)
+    assert results[-1], (f"{name} on raw {FS_OF[name]} lost nothing in {RAW_BOUND} cuts; the "
+                         "check cannot fail there?")
+
+
+@needs_fuse
+@pytest.mark.slow
+@pytest.mark.skipif(not LONG, reason="long power-cut runs: set ATOMICFS_POWERCUTS=N")
+@pytest.mark.parametrize("name", list(APPS))
+def test_app_long(tmp_path: Path, name: str) -> None:
+    app = APPS[name]
+    need_app(app)
+    rng = random.Random(seed())
+    figures, bad = [], []
+    targets = os.environ.get("ATOMICFS_POWERCUT_TARGETS", "full,batch,raw").split(",")
+    for fs in FS_KINDS:
+        for target in targets:
+            with powercut_fs(tmp_path / f"{fs}-{target}", fs) as pc:
+                results = run_app(pc, app, target, LONG, rng)
+            failed = sum(1 for r in results if r)
+            figures.append(f"{name} {fs} {target}: {len(results)} cuts, {failed} with a "
+                           "failed check (the program starts afresh after one)")
+            if target != "raw":
+                bad += [f"{fs} {target}: {p}" for r in results for p in r]
+    print("FIGURES\n" + "\n".join(figures))
+    assert not bad, "\n".join(figures + bad)
+
+
+# == the kit and the checker ==============================================================
+def test_kit_cut_drops_what_was_not_durable(tmp_path: Path) -> None:
+    """The cut is a power cut: an fsync'ed file survives, an unsynced one is gone,
+    and everything is torn down afterwards."""
+    with powercut_fs(tmp_path, "ext4") as pc:
+        kept = pc.source / "kept"
+        kept.write_bytes(b"durable")
+        fd = os.open(kept, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        dfd = os.open(pc.source, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(dfd)
+        os.close(dfd)
+        (pc.source / "gone").write_bytes(b"not durable")
+        pc.cut()
+        with pytest.raises(OSError):
+            (pc.source / "after").write_bytes(b"x")
+        pc.remount()
+        assert kept.read_bytes() == b"durable"
+        assert not (pc.source / "gone").exists()
+        point, image = pc.point, pc.image
+    assert not scratchfs.is_mounted(point)
+    assert scratchfs.loop_devices_of(image) == []
+
+
+def model(**names: str) -> powercut.Model:
+    m = powercut.Model()
+    for name, fid in names.items():
+        m.names[name] = fid
+        if fid != "/":
+            m.inodes[fid] = [1, 0o644, None]
+    return m
+
+
+def seen(m: powercut.Model) -> powercut.Seen:
+    s = powercut.Seen(state=m.state())
+    s.ino = {n: hash(f) for n, f in m.names.items() if f != "/"}
+    return s
+
+
+OPS = [{"op": "write", "name": "a", "v": 2}, {"op": "rename", "src": "b", "dst": "c"},
+       {"op": "mkdir", "name": "D3"}]
+
+
+@pytest.mark.parametrize("upto", [0, 1, 2, 3])
+def test_verify_accepts_every_prefix_from_the_acknowledged(upto: int) -> None:
+    m0 = model(a="w0/Wa", b="w0/Wb")
+    m = m0.copy()
+    for op in OPS[:upto]:
+        m.apply(op)
+    ver = powercut.verify_worker(0, m0, OPS, 0, seen(m))
+    assert not ver.lines and ver.prefix == upto
+    if upto < 2:  # acknowledged up to the rename (op 2): a is older, b/c do not hold
+        ver = powercut.verify_worker(0, m0, OPS, 2, seen(m))
+        assert ver.counts == Counter({"older": 1 - upto, "lost": 2}) + Counter(), ver.lines
+
+
+def test_verify_finds_a_later_op_without_an_earlier_one() -> None:
+    m0 = model(a="w0/Wa", b="w0/Wb")
+    m = m0.copy()
+    m.apply(OPS[2])  # the mkdir survived, the write and the rename before it did not
+    ver = powercut.verify_worker(0, m0, OPS, 0, seen(m))
+    assert ver.counts == {"out_of_order": 1}, ver.lines
+
+
+def test_verify_torn_debris_and_split_links() -> None:
+    m0 = model(a="w0/Wa", h="w0/Wa")
+    s = seen(m0)
+    s.ino["h"] += 1
+    s.torn["x"] = "bad magic"
+    s.debris.append("w0/.atomicfs-tmp")
+    ver = powercut.verify_worker(0, m0, [], 0, s)
+    assert ver.counts == {"torn": 1, "debris": 1, "split_links": 1}, ver.lines
+
+
+def test_rename_between_links_of_one_file_does_nothing() -> None:
+    m = model(a="w0/Wa", h="w0/Wa")
+    m.apply({"op": "rename", "src": "a", "dst": "h"})
+    assert m.names == {"a": "w0/Wa", "h": "w0/Wa"}

@@ -78,6 +78,12 @@ class Staged:
     version: int = 0
 
 
+class Unsynced(OSError):
+    """The new version is published (visible, in SOURCE) but its directory fsync
+    failed: it may not survive a power cut.  Raised after the handover, so the
+    caller must not close or reuse the descriptor it passed in."""
+
+
 @dataclass
 class CommitStats:
     commits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STRATEGIES, 0))
@@ -105,6 +111,7 @@ _DROPPED_AT = ("last close", "unmount")
 
 
 def _fsync_dirs(dir_path_fds: list[int]) -> None:
+    faults.point("persist.before_dir_fsync")  # in the worker thread: the loop goes on
     for fd in dir_path_fds:
         syscalls.fsync_dir(fd)
 
@@ -147,6 +154,9 @@ class Committer:
         self.staged: dict[int, Staged] = {}
         self.wakeup = trio.Event()
         self._persist_lock = trio.Lock()
+        # told of a staged version that was lost ("new", "rewrite") or published but
+        # maybe not durable ("unsynced"): set by Files, which reports it to fsync()
+        self.lost: Callable[[Inode, OSError, str], None] = lambda inode, exc, how: None
 
     def describe(self, inode: Inode) -> str:
         """A path of the file relative to the mount, for messages (best effort)."""
@@ -211,6 +221,14 @@ class Committer:
                     await self._in_place(session)
                 else:
                     await self._rename(session, committed, data_fd(inode), kind == "reflink")
+        except Unsynced as exc:
+            self.stats.failed(exc)
+            log.warning("commit of %s at %s: the new version is in place but its directory "
+                        "could not be synced: %s; it may not survive a power cut; %s",
+                        self.describe(inode), at, failure_text(exc),
+                        "nobody is left to tell" if at in _DROPPED_AT
+                        else "the error was returned to the caller")
+            raise
         except OSError as exc:
             self.stats.failed(exc)
             log.warning("commit of %s at %s failed: %s; the committed version is unchanged; "
@@ -283,6 +301,15 @@ class Committer:
         else:
             changes = None
             shadow = self._new_shadow(session)
+        # The thread reads the committed version through a descriptor of its own: the
+        # inode's may be replaced and closed meanwhile (a failed group persist puts the
+        # inode back on SOURCE's file, docs/semantics.md §3).
+        try:
+            data_fd = os.dup(data_fd)
+        except BaseException:
+            if clone:
+                os.close(shadow)
+            raise
 
         def build() -> None:
             if not clone:  # fill the shadow with the unchanged data
@@ -321,16 +348,15 @@ class Committer:
             if clone:
                 os.close(shadow)
             raise
+        finally:
+            os.close(data_fd)
         if clone:
             session.close()  # the shadow of changes; the clone is the new version
         else:
             session.shadow = None
         # From here to the swap there is no await: no other request can interleave.
-        try:
-            await self._install(session, shadow, new_file=False)
-        except BaseException:
-            os.close(shadow)
-            raise
+        # _install owns ``shadow`` from its call: on failure it closed it or handed it over.
+        await self._install(session, shadow, new_file=False)
 
     async def _publish_new(self, session: Session) -> None:
         shadow = session.shadow
@@ -353,8 +379,11 @@ class Committer:
         session.shadow = None
         try:
             await self._install(session, shadow, new_file=True)
+        except Unsynced:
+            session.pending = False  # it has its name: an ordinary file now
+            raise
         except BaseException:
-            session.shadow = shadow  # still the only copy of the new file
+            session.shadow = shadow  # not published: still the only copy of the new file
             raise
         session.pending = False
 
@@ -364,19 +393,43 @@ class Committer:
         Full durability: publish it in the source tree now and fsync the directory.
         Batch: stage it — visible through the mount at once, published by the next
         group persist (:meth:`persist`).
+
+        Owns ``fd`` from the call: if the publication fails, ``fd`` is closed (a
+        rewrite) or left to the caller (a new file: its only copy); once published,
+        the inode holds it, and a failed directory fsync raises :class:`Unsynced`
+        with the bookkeeping done (the caller must not touch ``fd`` again: a second
+        close of it was the EBADF logged during power cuts, and could close another
+        file's descriptor that reused the number).
         """
         inode = session.inode
         size = session.size
         if self.batch:
-            self._stage(inode, fd, new_file)
+            if self._must_persist_before_staging(inode):
+                await self.persist()
+            try:
+                self._stage(inode, fd, new_file)
+            except BaseException:
+                if not new_file:
+                    os.close(fd)
+                raise
         else:
-            parent = self._publish(inode, fd, new_file, inode.key)
+            try:
+                parent = self._publish(inode, fd, new_file, inode.key)
+            except BaseException:
+                if not new_file:
+                    os.close(fd)
+                raise
             self._become(inode, fd, new_file, keep_fd=False)
-            await trio.to_thread.run_sync(syscalls.fsync_dir, parent.fd)
-            faults.point("commit.after_dir_fsync")
         session.emap.reset(size)
         session.base_size = size
         session.mtime_ns = None
+        if not self.batch:
+            try:
+                await trio.to_thread.run_sync(syscalls.fsync_dir, parent.fd)
+                faults.point("commit.after_dir_fsync")
+            except OSError as exc:
+                raise Unsynced(exc.errno or errno.EIO,
+                               f"published; directory not synced: {exc.strerror}") from exc
 
     def _publish(self, inode: Inode, fd: int, new_file: bool, old_key: Key | None) -> Inode:
         """Put ``fd`` in the source tree at the inode's name (synchronous steps only)."""
@@ -440,45 +493,108 @@ class Committer:
             return 1 if item.old_fd is None else os.stat(item.old_fd).st_nlink
         return os.stat(inode.fd).st_nlink
 
-    async def persist(self, inode: Inode | None = None) -> None:
-        """Publish staged versions durably: data synced, renamed, directories synced.
+    def _must_persist_before_staging(self, inode: Inode) -> bool:
+        """Would staging a new version of ``inode`` break the acknowledged order?
 
-        With ``inode``, only returns early if that inode has nothing staged.
+        Staged versions are published in the order they were first staged.  A new
+        version of a file staged earlier replaces its staged version in place; if
+        anything was staged after that one, publishing the file at its old place
+        would put this later commit before those (a crash between them keeps a
+        later commit without an earlier one: docs/semantics.md §9.2).  Then the
+        group is persisted first and the new version is staged last.
         """
-        if inode is not None and inode.ino not in self.staged:
+        return inode.ino in self.staged and next(reversed(self.staged)) != inode.ino
+
+    async def persist(self, inode: Inode | None = None) -> None:
+        """Publish staged versions durably: data synced, published in the order they
+        were staged, directories synced.
+
+        With ``inode``: returns once that inode's staged version is durable or
+        reported lost (docs/semantics.md §3).  When nothing of it is staged it
+        still waits for a group persist under way: that one may have published
+        the file and not yet synced its directory.  A failure is reported through
+        :attr:`lost` (fsync() reports it), never raised to whoever ran the group.
+        """
+        if inode is not None and inode.ino not in self.staged \
+                and not self._persist_lock.locked():
             return
         async with self._persist_lock:
-            items = [(item, item.version, os.dup(item.inode.data_fd or -1))
-                     for item in self.staged.values() if item.inode.data_fd is not None]
-            if not items:
-                return
+            if inode is None or inode.ino in self.staged:
+                await self._persist_group()
 
-            def sync_data() -> None:
-                for _, _, fd in items:
+    async def _persist_group(self) -> None:
+        """One group persist; the caller holds ``_persist_lock``.
+
+        Invariant: the steps between the awaits (the publishing loop) run as one,
+        so the staged dict and the inodes do not change under it.
+        """
+        items = [(item, item.version, os.dup(item.inode.data_fd))
+                 for item in self.staged.values() if item.inode.data_fd is not None]
+        if not items:
+            return
+
+        def sync_data() -> list[OSError | None]:
+            results: list[OSError | None] = []
+            for _, _, fd in items:
+                try:
                     os.fsync(fd)
+                    results.append(None)
+                except OSError as exc:
+                    results.append(exc)
+            return results
 
-            try:
-                await trio.to_thread.run_sync(sync_data)
-                faults.point("commit.after_fsync")
-                parents: dict[int, Inode] = {}
-                for item, version, fd in items:
-                    if item.version != version or self.staged.get(item.inode.ino) is not item:
-                        continue  # superseded meanwhile: the next round publishes it
+        try:
+            synced = await trio.to_thread.run_sync(sync_data)
+            faults.point("commit.after_fsync")
+            parents: dict[int, Inode] = {}
+            published: list[Inode] = []
+            for (item, version, fd), error in zip(items, synced, strict=True):
+                if item.version != version or self.staged.get(item.inode.ino) is not item:
+                    break  # superseded meanwhile: it and all after it go in the next round
+                if error is None:
                     try:
+                        faults.point("persist.publish")
                         parent = self._publish(item.inode, fd, item.new_file, item.old_key)
-                        parents[parent.ino] = parent
                     except OSError as exc:
-                        if exc.errno != errno.EIO or item.inode.names:
-                            self.stats.failed(exc)
-                            log.warning("commit of %s at group persist failed: %s; the "
-                                        "source tree keeps its previous version",
-                                        self.describe(item.inode), failure_text(exc))
+                        error = exc
+                if error is None:
+                    parents[parent.ino] = parent
+                    published.append(item.inode)
                     self._unstage(item)
+                elif error.errno == errno.EIO and not item.inode.names:
+                    self._unstage(item)  # unlinked meanwhile: nothing left to publish
+                else:
+                    self._lose(item, error)
+            try:
                 await trio.to_thread.run_sync(_fsync_dirs, [p.fd for p in parents.values()])
                 faults.point("commit.after_dir_fsync")
-            finally:
-                for _, _, fd in items:
-                    os.close(fd)
+            except OSError as exc:  # published and visible, maybe not durable
+                self.stats.failed(exc)
+                log.warning("group persist: %d file(s) published but their directories not "
+                            "synced: %s; they may not survive a power cut; their next fsync() "
+                            "reports it", len(published), failure_text(exc))
+                for inode in published:
+                    self.lost(inode, exc, "unsynced")
+        finally:
+            for _, _, fd in items:
+                os.close(fd)
+
+    def _lose(self, item: Staged, exc: OSError) -> None:
+        """A staged version could not be published: drop it, put the inode back on
+        what SOURCE holds (reads agree with SOURCE), and report the error to the
+        file's next fsync() (docs/semantics.md §3)."""
+        inode = item.inode
+        self.stats.failed(exc)
+        log.warning("commit of %s at group persist failed: %s; the source tree keeps its "
+                    "previous version; the file's next fsync() reports it",
+                    self.describe(inode), failure_text(exc))
+        del self.staged[inode.ino]
+        if item.old_fd is not None:
+            self.table.unalias(item.old_key, inode)
+            self.table.restore(inode, item.old_fd, item.old_key)
+        inode.holders -= 1
+        self.lost(inode, exc, "new" if item.new_file else "rewrite")
+        self.table.maybe_drop(inode)
 
     def _unstage(self, item: Staged) -> None:
         del self.staged[item.inode.ino]

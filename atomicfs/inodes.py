@@ -134,6 +134,21 @@ class InodeTable:
         if not keep_old:
             self.closer(old_fd)
 
+    def restore(self, inode: Inode, fd: int, key: Key | None) -> None:
+        """Point ``inode`` back at the file behind O_PATH ``fd`` (key ``key``): a staged
+        version that could not be published is dropped (commit.py, ``_lose``).  Takes
+        ``fd`` over; the inode's current fds are closed."""
+        if key is None or self.by_key.get(key) not in (None, inode):
+            raise AssertionError("restore onto a backing file that has another inode")
+        self.set_data_fd(inode, None)
+        old_fd = inode.fd
+        if self.by_key.get(inode.key) is inode:
+            del self.by_key[inode.key]
+        inode.key = key
+        inode.fd = fd
+        self.by_key[key] = inode
+        self.closer(old_fd)
+
     def alias(self, key: Key | None, inode: Inode) -> None:
         """Let ``key`` (a staged inode's old source file) find ``inode`` too."""
         if key is not None:

@@ -65,6 +65,10 @@ JOURNAL_RATIO = 4
 # cold one does (tests exercise the thread path without dropping the page cache).
 THREADED_READS = os.environ.get("ATOMICFS_THREADED_READS") == "1"
 BATCH_DELAY = 0.05  # seconds from staging to the group persist (durability=batch)
+# Measurement knob (scripts/bench_namespace.py): 0 turns off what docs/semantics.md §9
+# adds, the directory fsyncs of namespace operations (full) and the ordering of
+# changes behind staged commits (batch), to measure their cost side by side.
+PREFIX = os.environ.get("ATOMICFS_PREFIX", "1") != "0"
 
 
 @dataclass(eq=False)
@@ -110,10 +114,27 @@ def failure_text(exc: OSError) -> str:
 _DROPPED_AT = ("last close", "unmount")
 
 
-def _fsync_dirs(dir_path_fds: list[int]) -> None:
-    faults.point("persist.before_dir_fsync")  # in the worker thread: the loop goes on
-    for fd in dir_path_fds:
-        syscalls.fsync_dir(fd)
+def _fsync_all(fds: list[int], point: str) -> None:
+    faults.point(point)  # in the worker thread: the loop goes on
+    for fd in fds:
+        os.fsync(fd)
+
+
+async def sync_dirs(dirs: list[Inode], point: str = "dirs.before_fsync") -> None:
+    """fsync directories in a worker thread.
+
+    The thread gets descriptors opened here, never an inode's O_PATH fd: a
+    directory the kernel forgets is dropped and its fd closed while the thread
+    runs, and its number may be reused by another file (whose fsync would then
+    stand in for the directory's)."""
+    fds: list[int] = []
+    try:
+        for d in dirs:
+            fds.append(syscalls.reopen(d.fd, os.O_RDONLY | os.O_DIRECTORY))
+        await trio.to_thread.run_sync(_fsync_all, fds, point)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _replace_xattrs(src_fd: int, dst_fd: int) -> None:
@@ -154,6 +175,7 @@ class Committer:
         self.staged: dict[int, Staged] = {}
         self.wakeup = trio.Event()
         self._persist_lock = trio.Lock()
+        self._changed_dirs: dict[int, Inode] = {}  # batch: to fsync in the next group
         # told of a staged version that was lost ("new", "rewrite") or published but
         # maybe not durable ("unsynced"): set by Files, which reports it to fsync()
         self.lost: Callable[[Inode, OSError, str], None] = lambda inode, exc, how: None
@@ -425,7 +447,7 @@ class Committer:
         session.mtime_ns = None
         if not self.batch:
             try:
-                await trio.to_thread.run_sync(syscalls.fsync_dir, parent.fd)
+                await sync_dirs([parent], "commit.before_dir_fsync")
                 faults.point("commit.after_dir_fsync")
             except OSError as exc:
                 raise Unsynced(exc.errno or errno.EIO,
@@ -493,6 +515,48 @@ class Committer:
             return 1 if item.old_fd is None else os.stat(item.old_fd).st_nlink
         return os.stat(inode.fd).st_nlink
 
+    # -- namespace operations: ordered and durable (docs/semantics.md §9) ---------------
+    async def before_change(self, inode: Inode | None = None) -> None:
+        """Call before a change that goes straight to SOURCE (a namespace operation;
+        ``inode``: a metadata change of that file).
+
+        durability=batch (§9.2): every commit acknowledged before it is published
+        first, so the filesystem's journal, which commits metadata in the order it
+        was made (ext4, XFS), can never keep this change without them.  A change of
+        a staged file itself goes into its staged version: it needs a persist only
+        if something was staged after it (:meth:`_must_persist_before_staging`).
+        Code after this call must reach the change without an await.
+        """
+        if not self.batch or not self.staged or not PREFIX:
+            return
+        if inode is not None and inode.ino in self.staged:
+            if self._must_persist_before_staging(inode):
+                await self.persist()
+            if inode.ino in self.staged:
+                return  # the change lands in the staged version, published in order
+        for _ in range(100):  # new commits may be staged while a persist awaits
+            if not self.staged:
+                return
+            await self.persist()
+        raise OSError(errno.EAGAIN, "staged commits kept coming; the change was not made")
+
+    async def after_change(self, dirs: list[Inode]) -> None:
+        """Call after a namespace operation changed ``dirs`` in SOURCE, before replying.
+
+        durability=full (§9.1): fsync them now, so the change is durable before the
+        call returns.  batch: the next group persist fsyncs them (bounded delay).
+        """
+        if not PREFIX:
+            return
+        if self.batch:
+            for d in dirs:
+                if d.ino not in self._changed_dirs:
+                    d.holders += 1  # its fd stays open until the group fsyncs it
+                    self._changed_dirs[d.ino] = d
+            self.wakeup.set()
+            return
+        await sync_dirs(dirs)
+
     def _must_persist_before_staging(self, inode: Inode) -> bool:
         """Would staging a new version of ``inode`` break the acknowledged order?
 
@@ -503,7 +567,7 @@ class Committer:
         later commit without an earlier one: docs/semantics.md §9.2).  Then the
         group is persisted first and the new version is staged last.
         """
-        return inode.ino in self.staged and next(reversed(self.staged)) != inode.ino
+        return PREFIX and inode.ino in self.staged and next(reversed(self.staged)) != inode.ino
 
     async def persist(self, inode: Inode | None = None) -> None:
         """Publish staged versions durably: data synced, published in the order they
@@ -530,7 +594,8 @@ class Committer:
         """
         items = [(item, item.version, os.dup(item.inode.data_fd))
                  for item in self.staged.values() if item.inode.data_fd is not None]
-        if not items:
+        changed: dict[int, Inode] = {}
+        if not items and not self._changed_dirs:
             return
 
         def sync_data() -> list[OSError | None]:
@@ -544,7 +609,7 @@ class Committer:
             return results
 
         try:
-            synced = await trio.to_thread.run_sync(sync_data)
+            synced = await trio.to_thread.run_sync(sync_data) if items else []
             faults.point("commit.after_fsync")
             parents: dict[int, Inode] = {}
             published: list[Inode] = []
@@ -565,8 +630,11 @@ class Committer:
                     self._unstage(item)  # unlinked meanwhile: nothing left to publish
                 else:
                     self._lose(item, error)
+            changed, self._changed_dirs = self._changed_dirs, {}
             try:
-                await trio.to_thread.run_sync(_fsync_dirs, [p.fd for p in parents.values()])
+                # with the directories of namespace operations made since the last group
+                await sync_dirs(list({**parents, **changed}.values()),
+                                "persist.before_dir_fsync")
                 faults.point("commit.after_dir_fsync")
             except OSError as exc:  # published and visible, maybe not durable
                 self.stats.failed(exc)
@@ -578,6 +646,9 @@ class Committer:
         finally:
             for _, _, fd in items:
                 os.close(fd)
+            for d in changed.values():
+                d.holders -= 1
+                self.table.maybe_drop(d)
 
     def _lose(self, item: Staged, exc: OSError) -> None:
         """A staged version could not be published: drop it, put the inode back on

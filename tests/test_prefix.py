@@ -22,14 +22,16 @@ import errno
 import fcntl
 import os
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import scratchfs
-from conftest import IS_ROOT, MountFactory
+from conftest import IS_ROOT, Mount, MountFactory
 from sessionkit import wait_for
+from stracekit import EPS, PtraceRefused, Tracer, dir_syncs, publications
 
 GOINGDOWN = 0x8004587D  # XFS_IOC_GOINGDOWN == EXT4_IOC_SHUTDOWN: _IOR('X', 125, __u32)
 NOLOGFLUSH = 2
@@ -169,3 +171,178 @@ def test_a_failed_directory_fsync_closes_no_descriptor_twice(
                     errors.append(exc.errno)
     assert set(errors) == {errno.EIO}, [errno.errorcode[e] for e in errors]
     assert "EBADF" not in m.log() and "Bad file descriptor" not in m.log(), m.log()[-3000:]
+
+
+# -- durability=full: namespace operations are durable before they return (§9.1) ----------
+@dataclass
+class NsOp:
+    """One namespace operation made through the mount: the daemon's system call
+    ``syscall`` naming ``name``, and the source directories that must be fsync'ed
+    after it and before the call returned (at ``t1``)."""
+
+    what: str
+    syscall: str
+    name: str
+    dirs: list[str]
+    t0: float = 0.0
+    t1: float = 0.0
+
+
+def namespace_ops(m: Mount) -> list[NsOp]:
+    """Make one of each namespace operation through ``m``, timed."""
+    src = str(m.source)
+    sub, other = f"{src}/sub", f"{src}/other"
+    plan: list[tuple[NsOp, Callable[[], object]]] = [
+        (NsOp("mkdir", "mkdirat", "d", [sub]), lambda: os.mkdir(m.path("sub", "d"))),
+        (NsOp("mknod", "mknodat", "fifo", [sub]), lambda: os.mkfifo(m.path("sub", "fifo"))),
+        (NsOp("symlink", "symlinkat", "sym", [sub]),
+         lambda: os.symlink("target", m.path("sub", "sym"))),
+        (NsOp("link", "linkat", "hard", [other]),
+         lambda: os.link(m.path("sub", "f1"), m.path("other", "hard"))),
+        (NsOp("unlink", "unlinkat", "f2", [sub]), lambda: os.unlink(m.path("sub", "f2"))),
+        (NsOp("rename", "renameat", "f3", [sub]),
+         lambda: os.rename(m.path("sub", "f3"), m.path("sub", "f3b"))),
+        (NsOp("rename across", "renameat", "f4", [sub, other]),
+         lambda: os.rename(m.path("sub", "f4"), m.path("other", "f4"))),
+        (NsOp("rename over", "renameat", "f5", [sub, other]),
+         lambda: os.rename(m.path("sub", "f5"), m.path("other", "f1"))),
+        (NsOp("rmdir", "unlinkat", "e", [sub]), lambda: os.rmdir(m.path("sub", "e"))),
+    ]
+    done = []
+    for op, act in plan:
+        op.t0 = time.time()
+        act()
+        op.t1 = time.time()
+        done.append(op)
+    return done
+
+
+def seed_namespace(src: Path) -> None:
+    (src / "sub").mkdir()
+    (src / "other").mkdir()
+    (src / "sub" / "e").mkdir()
+    for i in range(1, 6):
+        (src / "sub" / f"f{i}").write_bytes(b"%d\n" % i)
+    (src / "other" / "f1").write_bytes(b"other\n")
+    os.sync()
+
+
+def test_namespace_operations_fsync_their_directories_before_they_return(
+        mount_factory: MountFactory, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    seed_namespace(src)
+    m = mount_factory(source=src)
+    assert m.proc is not None
+    try:
+        tracer = Tracer(m.proc.pid, tmp_path / "daemon.strace",
+                        extra=["mkdirat", "mknodat", "symlinkat"])
+    except (FileNotFoundError, PtraceRefused) as exc:
+        pytest.skip(f"needs strace with ptrace: {exc}")
+    try:
+        ops = namespace_ops(m)
+    finally:
+        calls = tracer.stop()
+    problems = []
+    for op in ops:
+        done = [c for c in calls if c.name.startswith(op.syscall) and c.ok and op.name in c.strings
+                and op.t0 <= c.start and c.end <= op.t1 + EPS]
+        if not done:
+            problems.append(f"{op.what}: no {op.syscall} of {op.name!r} during the call")
+            continue
+        for d in op.dirs:
+            syncs = [c for c in dir_syncs(calls, d)
+                     if c.start + EPS >= done[-1].end and c.end <= op.t1 + EPS]
+            if not syncs:
+                problems.append(f"{op.what}: {d} not fsync'ed after {done[-1]} and before "
+                                f"the call returned at {op.t1:.6f}")
+    assert not problems, "\n".join(problems)
+
+
+@needs_root
+@pytest.mark.parametrize("fs", ["xfs", "ext4"])
+def test_namespace_operations_survive_a_power_cut_under_full(
+        mount_factory: MountFactory, tmp_path: Path, fs: str) -> None:
+    """The sqlite DELETE-mode loss: an unlink through the mount must be durable once
+    it returned.  Every operation below is cut right after it returned."""
+    with disk(tmp_path, fs) as d:
+        src = d.point / "src"
+        src.mkdir()
+        seed_namespace(src)
+        m = mount_factory(source=src)
+        namespace_ops(m)
+        d.cut()
+        m.kill()
+        d.remount()
+        sub, other = src / "sub", src / "other"
+        lost = [what for what, ok in [
+            ("mkdir", (sub / "d").is_dir()),
+            ("rmdir", not (sub / "e").exists()),
+            ("mknod", (sub / "fifo").is_fifo()),
+            ("symlink", (sub / "sym").is_symlink()),
+            ("link", (other / "hard").exists()),
+            ("unlink", not (sub / "f2").exists()),
+            ("rename", (sub / "f3b").exists() and not (sub / "f3").exists()),
+            ("rename across", (other / "f4").exists() and not (sub / "f4").exists()),
+            ("rename over", read_or_none(other / "f1") == b"5\n"),
+        ] if not ok]
+        assert not lost, f"acknowledged and lost on {fs}: {lost}"
+
+
+# -- durability=batch: a crash keeps a prefix of the acknowledged order (§9.2) -------------
+@needs_root
+@pytest.mark.parametrize("fs", ["xfs", "ext4"])
+def test_batch_namespace_operation_is_never_kept_without_an_earlier_commit(
+        mount_factory: MountFactory, tmp_path: Path, fs: str) -> None:
+    """A commit staged by close(), then a rename: the rename goes to SOURCE at once.
+    Anything that makes the filesystem's journal durable (here an fsync in SOURCE
+    outside the mount, as the journal's own timer would) must not keep the rename
+    without the commit acknowledged before it."""
+    with disk(tmp_path, fs) as d:
+        src = d.point / "src"
+        src.mkdir()
+        (src / "a").write_bytes(b"a0\n")
+        (src / "b").write_bytes(b"b\n")
+        os.sync()
+        m = mount_factory(source=src, options=["durability=batch"])
+        m.path("a").write_bytes(b"a1\n")  # staged
+        os.rename(m.path("b"), m.path("c"))
+        fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+            d.cut()
+        finally:
+            os.close(fd)
+        m.kill()
+        d.remount()
+        renamed = (src / "c").exists()
+        assert renamed or (src / "b").exists()
+        if renamed:
+            assert (src / "a").read_bytes() == b"a1\n", \
+                "the rename survived without the commit acknowledged before it"
+
+
+def test_batch_publishes_in_the_acknowledged_order(mount_factory: MountFactory,
+                                                   tmp_path: Path) -> None:
+    """close(a) = a1, close(b) = b1, close(a) = a2: a2 is acknowledged after b1, so it
+    must be published after b1 (a1 first, or a crash could keep a2 without b1)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a", "b"):
+        (src / name).write_bytes(b"0\n")
+    m = mount_factory(source=src, options=["durability=batch"])
+    assert m.proc is not None
+    try:
+        tracer = Tracer(m.proc.pid, tmp_path / "daemon.strace")
+    except (FileNotFoundError, PtraceRefused) as exc:
+        pytest.skip(f"needs strace with ptrace: {exc}")
+    try:
+        for name, body in (("a", b"a1\n"), ("b", b"b1\n"), ("a", b"a2\n")):
+            m.path(name).write_bytes(body)
+        assert wait_for(lambda: (src / "a").read_bytes() == b"a2\n"
+                        and (src / "b").read_bytes() == b"b1\n", timeout=10)
+    finally:
+        calls = tracer.stop()
+    order = [p.name for p in publications(calls, str(src / ".atomicfs"))]
+    assert "b" in order and "a" in order[order.index("b"):], \
+        f"publications in the order {order}: a2 came before b1 or with a1"

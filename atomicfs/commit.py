@@ -426,9 +426,9 @@ class Committer:
         inode = session.inode
         size = session.size
         if self.batch:
-            if self._must_persist_before_staging(inode):
-                await self.persist()
             try:
+                if self._must_persist_before_staging(inode):
+                    await self.persist()
                 self._stage(inode, fd, new_file)
             except BaseException:
                 if not new_file:

@@ -160,7 +160,12 @@ class AtomicOperations(pyfuse3.Operations):
             # durability=batch publishes staged names into directories later, which
             # would move the times set now (tar sets them last): publish them first
             await self.committer.persist()
-        await self._before_metadata_change(node)
+        if not fields.update_size and (fields.update_mode or fields.update_uid
+                                       or fields.update_gid or fields.update_atime
+                                       or fields.update_mtime):
+            # a change of the file's metadata; a truncate (and the times the kernel
+            # sends with it, as for O_TRUNC) belongs to the write session
+            await self._before_metadata_change(node)
         metadata.apply_setattr(node.fd, attr, fields)
         if fields.update_size or not (fields.update_mode or fields.update_uid or fields.update_gid
                                       or fields.update_atime or fields.update_mtime):
@@ -324,7 +329,11 @@ class AtomicOperations(pyfuse3.Operations):
 
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await _in_thread(os.fsync, self.dirs[fh].fd)
+        handle = self.dirs[fh]
+        # batch: the commits acknowledged before are published and durable first
+        # (docs/semantics.md §3.3): a name appears only with its content
+        await self.committer.persist()
+        await _in_thread(os.fsync, handle.fd)
 
     # -- files -----------------------------------------------------------
     @_handler

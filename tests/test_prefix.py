@@ -346,3 +346,25 @@ def test_batch_publishes_in_the_acknowledged_order(mount_factory: MountFactory,
     order = [p.name for p in publications(calls, str(src / ".atomicfs"))]
     assert "b" in order and "a" in order[order.index("b"):], \
         f"publications in the order {order}: a2 came before b1 or with a1"
+
+
+@needs_root
+def test_batch_fsync_of_a_directory_makes_the_commits_acknowledged_in_it_durable(
+        mount_factory: MountFactory, tmp_path: Path) -> None:
+    """create, write, close (staged), fsync() of the directory: the file's name is
+    durable, and with atomicfs a name comes only with its complete content."""
+    with disk(tmp_path) as d:
+        src = d.point / "src"
+        src.mkdir()
+        os.sync()
+        m = mount_factory(source=src, options=["durability=batch"])
+        m.path("new").write_bytes(b"complete\n")
+        fd = os.open(m.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+            d.cut()
+        finally:
+            os.close(fd)
+        m.kill()
+        d.remount()
+        assert read_or_none(src / "new") == b"complete\n"

@@ -22,6 +22,7 @@ import errno
 import fcntl
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import pytest
 import scratchfs
-from conftest import IS_ROOT, Mount, MountFactory
+from conftest import IS_ROOT, Mount, MountFactory, mounted_fstype
 from sessionkit import wait_for
 from stracekit import EPS, PtraceRefused, Tracer, dir_syncs, publications
 
@@ -368,3 +369,62 @@ def test_batch_fsync_of_a_directory_makes_the_commits_acknowledged_in_it_durable
         m.kill()
         d.remount()
         assert read_or_none(src / "new") == b"complete\n"
+
+
+@needs_root
+@pytest.mark.parametrize("durability", ["full", "batch"])
+def test_a_source_shut_down_under_writers_gets_errors_and_no_descriptor_mixup(
+        mount_factory: MountFactory, tmp_path: Path, durability: str) -> None:
+    """Writers rewrite, create and rename files through the mount while SOURCE's
+    filesystem is shut down (every call on it then fails with EIO, as after a
+    power cut): the writers get errors, the daemon stays up, and it never uses a
+    descriptor it closed (the EBADF lines seen in power-cut runs)."""
+    with disk(tmp_path) as d:
+        src = d.point / "src"
+        src.mkdir()
+        for i in range(8):
+            (src / f"f{i}").write_bytes(b"0" * 3000)
+        os.sync()
+        m = mount_factory(source=src, options=[f"durability={durability}"])
+        m.expect_log(r"WARNING")  # failed commits are logged as warnings
+        stop = threading.Event()
+        errors: list[int] = []
+
+        def writer(k: int) -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    path = m.path(f"f{(k + n) % 8}")
+                    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+                    try:
+                        os.write(fd, os.urandom(3000))
+                        if n % 3 == 0:
+                            os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    new = m.path(f"n{k}-{n}")
+                    new.write_bytes(b"new")
+                    os.rename(new, m.path(f"r{k}"))
+                except OSError as exc:
+                    errors.append(exc.errno or 0)
+                    if len(errors) > 200:
+                        return
+
+        workers = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
+        for t in workers:
+            t.start()
+        time.sleep(1.0)
+        d.cut()
+        time.sleep(1.5)
+        stop.set()
+        for t in workers:
+            t.join(timeout=30)
+        assert errors, "no writer saw the shut-down filesystem"
+        assert mounted_fstype(m.mountpoint) == "fuse.atomicfs"
+        assert m.proc is not None and m.proc.poll() is None, "the daemon ended"
+        time.sleep(0.5)  # deferred closes run in the housekeeper's thread
+        log = m.log()
+        assert "EBADF" not in log and "Bad file descriptor" not in log, log[-4000:]
+        assert errno.EBADF not in errors
+        m.kill()

@@ -583,8 +583,18 @@ class Committer:
                 and not self._persist_lock.locked():
             return
         async with self._persist_lock:
-            if inode is None or inode.ino in self.staged:
+            if inode is None:
                 await self._persist_group()
+                return
+            # A group skips a version superseded while its data was synced (a commit
+            # of the same file by a last release or mmap writeback, which the kernel
+            # does not serialize with fsync): the next round publishes the newer one,
+            # which holds this one's content.
+            for _ in range(100):
+                if inode.ino not in self.staged:
+                    return
+                await self._persist_group()
+        raise OSError(errno.EAGAIN, "the file kept being committed; its fsync gave up")
 
     async def _persist_group(self) -> None:
         """One group persist; the caller holds ``_persist_lock``.

@@ -25,8 +25,9 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import scratchfs
@@ -47,6 +48,13 @@ class Disk:
 
     image: Path
     point: Path
+    mounts: list[Mount] = field(default_factory=list)
+
+    def mount(self, factory: MountFactory, source: Path, **kw: Any) -> Mount:
+        """An atomicfs mount of ``source`` on this disk (killed before the disk goes)."""
+        m = factory(source=source, **kw)
+        self.mounts.append(m)
+        return m
 
     def cut(self) -> None:
         """Shut the filesystem down without flushing its log: a power cut."""
@@ -67,7 +75,13 @@ class Disk:
 def disk(tmp_path: Path, fs: str = "xfs") -> Iterator[Disk]:
     image, point = tmp_path / f"{fs}.img", tmp_path / f"{fs}-disk"
     with scratchfs.loop_fs(image, point, MKFS[fs], size=320 << 20):
-        yield Disk(image, point)
+        d = Disk(image, point)
+        try:
+            yield d
+        finally:  # a daemon still serving from the disk would keep it busy
+            for m in d.mounts:
+                if m.proc is not None:
+                    m.kill()
 
 
 def read_or_none(path: Path) -> bytes | None:
@@ -88,8 +102,8 @@ def test_batch_fsync_waits_for_the_directory_fsync_of_a_group_that_published_the
         src = d.point / "src"
         src.mkdir()
         os.sync()
-        m = mount_factory(source=src, options=["durability=batch"],
-                          env={"ATOMICFS_FAULTS": "sleep:persist.before_dir_fsync:1.5"})
+        m = d.mount(mount_factory, src, options=["durability=batch"],
+                    env={"ATOMICFS_FAULTS": "sleep:persist.before_dir_fsync:1.5"})
         body = b"acknowledged by fsync\n" * 100
         with open(m.path("f"), "wb") as f:
             f.write(body)  # closed: staged, published by the next group
@@ -270,7 +284,7 @@ def test_namespace_operations_survive_a_power_cut_under_full(
         src = d.point / "src"
         src.mkdir()
         seed_namespace(src)
-        m = mount_factory(source=src)
+        m = d.mount(mount_factory, src)
         namespace_ops(m)
         d.cut()
         m.kill()
@@ -305,7 +319,7 @@ def test_batch_namespace_operation_is_never_kept_without_an_earlier_commit(
         (src / "a").write_bytes(b"a0\n")
         (src / "b").write_bytes(b"b\n")
         os.sync()
-        m = mount_factory(source=src, options=["durability=batch"])
+        m = d.mount(mount_factory, src, options=["durability=batch"])
         m.path("a").write_bytes(b"a1\n")  # staged
         os.rename(m.path("b"), m.path("c"))
         fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
@@ -358,7 +372,7 @@ def test_batch_fsync_of_a_directory_makes_the_commits_acknowledged_in_it_durable
         src = d.point / "src"
         src.mkdir()
         os.sync()
-        m = mount_factory(source=src, options=["durability=batch"])
+        m = d.mount(mount_factory, src, options=["durability=batch"])
         m.path("new").write_bytes(b"complete\n")
         fd = os.open(m.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -385,7 +399,7 @@ def test_a_source_shut_down_under_writers_gets_errors_and_no_descriptor_mixup(
         for i in range(8):
             (src / f"f{i}").write_bytes(b"0" * 3000)
         os.sync()
-        m = mount_factory(source=src, options=[f"durability={durability}"])
+        m = d.mount(mount_factory, src, options=[f"durability={durability}"])
         m.expect_log(r"WARNING")  # failed commits are logged as warnings
         stop = threading.Event()
         errors: list[int] = []

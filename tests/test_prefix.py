@@ -1,9 +1,10 @@
 """Durability promises checked by power cuts and faults (docs/semantics.md §3, §9).
 
 A power cut is simulated the way xfstests' "godown" does: SOURCE lives on a
-loop-mounted XFS image, which is shut down with ``XFS_IOC_GOINGDOWN`` and the
-flag NOLOGFLUSH (2): whatever had not reached the disk is gone.  The image is
-then mounted again (log recovery) and the tree is looked at directly.
+loop-mounted ext4 (or XFS) image, which is shut down with ``EXT4_IOC_SHUTDOWN``
+(``XFS_IOC_GOINGDOWN``) and the flag NOLOGFLUSH (2): whatever had not reached
+the disk is gone.  The image is then mounted again (log recovery) and the
+tree is looked at directly.
 
 - durability=batch: fsync() returns only once the file's last commit is
   durable, also while a group persist that already published the file is
@@ -72,7 +73,10 @@ class Disk:
 
 
 @contextlib.contextmanager
-def disk(tmp_path: Path, fs: str = "xfs") -> Iterator[Disk]:
+def disk(tmp_path: Path, fs: str = "ext4") -> Iterator[Disk]:
+    """ext4 by default: on XFS, a cut within a few ms after an fsync returned can lose
+    what it made durable, with or without atomicfs (docs/power-cuts.md), which would
+    make a check of "kept once acknowledged" flaky there."""
     image, point = tmp_path / f"{fs}.img", tmp_path / f"{fs}-disk"
     with scratchfs.loop_fs(image, point, MKFS[fs], size=320 << 20):
         d = Disk(image, point)
@@ -98,7 +102,7 @@ def test_batch_fsync_waits_for_the_directory_fsync_of_a_group_that_published_the
     """The group persist has published the file and waits (fault point) before its
     directory fsync; an fsync() of the file now must wait for it: after a power
     cut right after fsync() returned, the file is there."""
-    with disk(tmp_path) as d:
+    with disk(tmp_path, "xfs") as d:  # ext4 here happened to keep the link anyway
         src = d.point / "src"
         src.mkdir()
         os.sync()
@@ -112,6 +116,9 @@ def test_batch_fsync_waits_for_the_directory_fsync_of_a_group_that_published_the
             # published: the group now sleeps before fsyncing the directory
             assert wait_for(lambda: read_or_none(src / "f") == body, timeout=5)
             os.fsync(reader)
+            # well inside the group's 1.5 s hold, past XFS's own loss window of a few
+            # ms after an fsync (docs/power-cuts.md)
+            time.sleep(0.2)
             d.cut()
         finally:
             os.close(reader)
@@ -275,7 +282,7 @@ def test_namespace_operations_fsync_their_directories_before_they_return(
 
 
 @needs_root
-@pytest.mark.parametrize("fs", ["xfs", "ext4"])
+@pytest.mark.parametrize("fs", ["ext4"])  # not XFS: see disk()
 def test_namespace_operations_survive_a_power_cut_under_full(
         mount_factory: MountFactory, tmp_path: Path, fs: str) -> None:
     """The sqlite DELETE-mode loss: an unlink through the mount must be durable once

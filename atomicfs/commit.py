@@ -76,6 +76,10 @@ JOURNAL_RATIO = 4
 # cold one does (tests exercise the thread path without dropping the page cache).
 THREADED_READS = os.environ.get("ATOMICFS_THREADED_READS") == "1"
 BATCH_DELAY = 0.05  # seconds from staging to the group persist (durability=batch)
+# Measurement knob (scripts/bench_namespace.py): 0 turns off what docs/semantics.md §9
+# adds, the directory fsyncs of namespace operations (full) and the ordering of
+# changes behind staged commits (batch), to measure their cost side by side.
+PREFIX = os.environ.get("ATOMICFS_PREFIX", "1") != "0"
 
 
 @dataclass(eq=False)
@@ -117,6 +121,29 @@ def failure_text(exc: OSError) -> str:
 _DROPPED_AT = ("last close", "unmount")
 
 
+def _fsync_all(fds: list[int], point: str) -> None:
+    faults.point(point)  # in the worker thread: the loop goes on
+    for fd in fds:
+        os.fsync(fd)
+
+
+async def sync_dirs(dirs: list[Inode], point: str = "dirs.before_fsync") -> None:
+    """fsync directories in a worker thread.
+
+    The thread gets descriptors opened here, never an inode's O_PATH fd: a
+    directory the kernel forgets is dropped and its fd closed while the thread
+    runs, and its number may be reused by another file (whose fsync would then
+    stand in for the directory's)."""
+    fds: list[int] = []
+    try:
+        for d in dirs:
+            fds.append(syscalls.reopen(d.fd, os.O_RDONLY | os.O_DIRECTORY))
+        await trio.to_thread.run_sync(_fsync_all, fds, point)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def _replace_xattrs(src_fd: int, dst_fd: int) -> None:
     """Make dst's xattrs exactly src's (dst may have inherited default ACLs)."""
     wanted = metadata.list_xattrs(src_fd)
@@ -155,6 +182,10 @@ class Committer:
         self.staged: dict[int, Staged] = {}
         self.wakeup = trio.Event()
         self._persist_lock = trio.Lock()
+        self._changed_dirs: dict[int, Inode] = {}  # batch: to fsync in the next group
+        # told of a staged version that was lost ("new", "rewrite") or published but
+        # maybe not durable ("unsynced"): set by Files, which reports it to fsync()
+        self.lost: Callable[[Inode, OSError, str], None] = lambda inode, exc, how: None
 
     def describe(self, inode: Inode) -> str:
         """A path of the file relative to the mount, for messages (best effort)."""
@@ -311,6 +342,15 @@ class Committer:
         else:
             changes = None
             shadow = self._new_shadow(session)
+        # The thread reads the committed version through a descriptor of its own: the
+        # inode's may be replaced and closed meanwhile (a failed group persist puts the
+        # inode back on SOURCE's file, docs/semantics.md §3).
+        try:
+            data_fd = os.dup(data_fd)
+        except BaseException:
+            if clone:
+                os.close(shadow)
+            raise
 
         def build() -> None:
             if not clone:  # fill the shadow with the unchanged data
@@ -349,11 +389,13 @@ class Committer:
             if clone:
                 os.close(shadow)
             raise
+        finally:
+            os.close(data_fd)
         if not clone:
             session.shadow = None  # the new version from here
-        # From here to the swap there is no await: no other request can interleave.
+        # From the check of the name to the swap there is no await (_install).
         try:
-            dir_fd = self._install_now(session, shadow, new_file=False)
+            dir_fd = await self._install(session, shadow, new_file=False)
         except BaseException:
             if not clone and os.fstat(shadow).st_nlink == 0:
                 session.shadow = shadow  # linked nowhere: still the session's content
@@ -384,27 +426,30 @@ class Committer:
         await _blocking(build, not sync)
         session.shadow = None
         try:
-            dir_fd = self._install_now(session, shadow, new_file=True)
+            dir_fd = await self._install(session, shadow, new_file=True)
         except BaseException:
             session.shadow = shadow  # not published: still the only copy of the new file
             raise
         await self._sync_dir(dir_fd, session.inode)
 
-    def _install_now(self, session: Session, fd: int, new_file: bool) -> int | None:
+    async def _install(self, session: Session, fd: int, new_file: bool) -> int | None:
         """Make ``fd`` (complete, fsync'ed unless batch) the file's committed version.
 
-        Full durability: publish it in the source tree now; returns the directory
-        to fsync (:meth:`_sync_dir`) before the commit is acknowledged.  Batch:
-        stage it — visible through the mount at once, published by the next group
-        persist (:meth:`persist`); returns None.  No await: on an exception nothing
-        changed and ``fd`` is still the caller's; after it returns, ``fd`` belongs
-        to the inode table.
+        Full durability: publish it in the source tree now; returns a descriptor of
+        its directory, to fsync (:meth:`_sync_dir`) before the commit is
+        acknowledged.  Batch: stage it — visible through the mount at once,
+        published by a later group persist (:meth:`persist`), after the ones
+        staged before it; returns None.  On an exception nothing changed and ``fd``
+        is still the caller's; once it returns, ``fd`` belongs to the inode table.
+        From the check of the file's name to the swap there is no await.
         """
         inode = session.inode
         size = session.size
         dir_fd = None
         if self.batch:
-            self._stage(inode, fd, new_file)
+            if self._must_persist_before_staging(inode):
+                await self.persist()
+            self._stage(inode, fd, new_file)  # all or nothing
         else:
             # Before the point of no return: everything the steps after it need.
             where = self.find_name(inode, inode.key)
@@ -550,57 +595,167 @@ class Committer:
             return 1 if item.old_fd is None else os.stat(item.old_fd).st_nlink
         return os.stat(inode.fd).st_nlink
 
-    async def persist(self, inode: Inode | None = None) -> None:
-        """Publish staged versions durably: data synced, renamed, directories synced.
+    # -- namespace operations: ordered and durable (docs/semantics.md §9) ---------------
+    async def before_change(self, inode: Inode | None = None) -> None:
+        """Call before a change that goes straight to SOURCE (a namespace operation;
+        ``inode``: a metadata change of that file).
 
-        With ``inode``, only returns early if that inode has nothing staged.
+        durability=batch (§9.2): every commit acknowledged before it is published
+        first, so the filesystem's journal, which commits metadata in the order it
+        was made (ext4, XFS), can never keep this change without them.  A change of
+        a staged file itself goes into its staged version: it needs a persist only
+        if something was staged after it (:meth:`_must_persist_before_staging`).
+        Code after this call must reach the change without an await.
         """
-        if inode is not None and inode.ino not in self.staged:
+        if not self.batch or not self.staged or not PREFIX:
+            return
+        if inode is not None and inode.ino in self.staged:
+            if self._must_persist_before_staging(inode):
+                await self.persist()
+            if inode.ino in self.staged:
+                return  # the change lands in the staged version, published in order
+        for _ in range(100):  # new commits may be staged while a persist awaits
+            if not self.staged:
+                return
+            await self.persist()
+        raise OSError(errno.EAGAIN, "staged commits kept coming; the change was not made")
+
+    async def after_change(self, dirs: list[Inode]) -> None:
+        """Call after a namespace operation changed ``dirs`` in SOURCE, before replying.
+
+        durability=full (§9.1): fsync them now, so the change is durable before the
+        call returns.  batch: the next group persist fsyncs them (bounded delay).
+        """
+        if not PREFIX:
+            return
+        if self.batch:
+            for d in dirs:
+                if d.ino not in self._changed_dirs:
+                    d.holders += 1  # its fd stays open until the group fsyncs it
+                    self._changed_dirs[d.ino] = d
+            self.wakeup.set()
+            return
+        await sync_dirs(dirs)
+
+    def _must_persist_before_staging(self, inode: Inode) -> bool:
+        """Would staging a new version of ``inode`` break the acknowledged order?
+
+        Staged versions are published in the order they were first staged.  A new
+        version of a file staged earlier replaces its staged version in place; if
+        anything was staged after that one, publishing the file at its old place
+        would put this later commit before those (a crash between them keeps a
+        later commit without an earlier one: docs/semantics.md §9.2).  Then the
+        group is persisted first and the new version is staged last.
+        """
+        return PREFIX and inode.ino in self.staged and next(reversed(self.staged)) != inode.ino
+
+    async def persist(self, inode: Inode | None = None) -> None:
+        """Publish staged versions durably: data synced, published in the order they
+        were staged, directories synced.
+
+        With ``inode``: returns once that inode's staged version is durable or
+        reported lost (docs/semantics.md §3).  When nothing of it is staged it
+        still waits for a group persist under way: that one may have published
+        the file and not yet synced its directory.  A failure is reported through
+        :attr:`lost` (fsync() reports it), never raised to whoever ran the group.
+        """
+        if inode is not None and inode.ino not in self.staged \
+                and not self._persist_lock.locked():
             return
         async with self._persist_lock:
-            items = [(item, item.version, os.dup(item.inode.data_fd or -1))
-                     for item in self.staged.values() if item.inode.data_fd is not None]
-            if not items:
+            if inode is None:
+                await self._persist_group()
                 return
+            # A group skips a version superseded while its data was synced (a commit
+            # of the same file by a last release or mmap writeback, which the kernel
+            # does not serialize with fsync): the next round publishes the newer one,
+            # which holds this one's content.
+            for _ in range(100):
+                if inode.ino not in self.staged:
+                    return
+                await self._persist_group()
+        raise OSError(errno.EAGAIN, "the file kept being committed; its fsync gave up")
 
-            def sync_data() -> None:
-                for _, _, fd in items:
+    async def _persist_group(self) -> None:
+        """One group persist; the caller holds ``_persist_lock``.
+
+        Invariant: the steps between the awaits (the publishing loop) run as one,
+        so the staged dict and the inodes do not change under it.
+        """
+        items = [(item, item.version, os.dup(item.inode.data_fd))
+                 for item in self.staged.values() if item.inode.data_fd is not None]
+        changed: dict[int, Inode] = {}
+        if not items and not self._changed_dirs:
+            return
+
+        def sync_data() -> list[OSError | None]:
+            results: list[OSError | None] = []
+            for _, _, fd in items:
+                try:
                     os.fsync(fd)
+                    results.append(None)
+                except OSError as exc:
+                    results.append(exc)
+            return results
 
-            try:
-                await trio.to_thread.run_sync(sync_data)
-                faults.point("commit.after_fsync")
-                parents: dict[int, Inode] = {}
-                published: list[Inode] = []
-                for item, version, fd in items:
-                    if item.version != version or self.staged.get(item.inode.ino) is not item:
-                        continue  # superseded meanwhile: the next round publishes it
+        try:
+            synced = await trio.to_thread.run_sync(sync_data) if items else []
+            faults.point("commit.after_fsync")
+            parents: dict[int, Inode] = {}
+            published: list[Inode] = []
+            for (item, version, fd), error in zip(items, synced, strict=True):
+                if item.version != version or self.staged.get(item.inode.ino) is not item:
+                    break  # superseded meanwhile: it and all after it go in the next round
+                if error is None:
                     try:
+                        faults.point("persist.publish")
                         parent = self._publish(item.inode, fd, item.new_file, item.old_key)
-                        parents[parent.ino] = parent
-                        published.append(item.inode)
                     except OSError as exc:
-                        if exc.errno != errno.EIO or item.inode.names:
-                            self.stats.failed(exc)
-                            log.warning("commit of %s at group persist failed: %s; the "
-                                        "source tree keeps its previous version",
-                                        self.describe(item.inode), failure_text(exc))
+                        error = exc
+                if error is None:
+                    parents[parent.ino] = parent
+                    published.append(item.inode)
                     self._unstage(item)
-                dir_fds = []
-                for p in parents.values():
-                    try:
-                        dir_fds.append(syscalls.reopen(p.fd, os.O_RDONLY | os.O_DIRECTORY))
-                    except OSError as exc:  # published all the same: say so, then sync
-                        log.warning("directory of %s not reopened for its fsync (%s); "
-                                    "syncing every filesystem instead", self.describe(p),
-                                    failure_text(exc))
-                        os.sync()  # needs no descriptor
-                if published:
-                    with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(self._sync_dirs, dir_fds, published)
-            finally:
-                for _, _, fd in items:
-                    os.close(fd)
+                elif error.errno == errno.EIO and not item.inode.names:
+                    self._unstage(item)  # unlinked meanwhile: nothing left to publish
+                else:
+                    self._lose(item, error)
+            changed, self._changed_dirs = self._changed_dirs, {}
+            try:
+                # with the directories of namespace operations made since the last group
+                await sync_dirs(list({**parents, **changed}.values()),
+                                "persist.before_dir_fsync")
+                faults.point("commit.after_dir_fsync")
+            except OSError as exc:  # published and visible, maybe not durable
+                self.stats.failed(exc)
+                log.warning("group persist: %d file(s) published but their directories not "
+                            "synced: %s; they may not survive a power cut; their next fsync() "
+                            "reports it", len(published), failure_text(exc))
+                for inode in published:
+                    self.lost(inode, exc, "unsynced")
+        finally:
+            for _, _, fd in items:
+                os.close(fd)
+            for d in changed.values():
+                d.holders -= 1
+                self.table.maybe_drop(d)
+
+    def _lose(self, item: Staged, exc: OSError) -> None:
+        """A staged version could not be published: drop it, put the inode back on
+        what SOURCE holds (reads agree with SOURCE), and report the error to the
+        file's next fsync() (docs/semantics.md §3)."""
+        inode = item.inode
+        self.stats.failed(exc)
+        log.warning("commit of %s at group persist failed: %s; the source tree keeps its "
+                    "previous version; the file's next fsync() reports it",
+                    self.describe(inode), failure_text(exc))
+        del self.staged[inode.ino]
+        if item.old_fd is not None:
+            self.table.unalias(item.old_key, inode)
+            self.table.restore(inode, item.old_fd, item.old_key)
+        inode.holders -= 1
+        self.lost(inode, exc, "new" if item.new_file else "rewrite")
+        self.table.maybe_drop(inode)
 
     def _unstage(self, item: Staged) -> None:
         del self.staged[item.inode.ino]

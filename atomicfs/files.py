@@ -69,6 +69,7 @@ class FileHandle:
     pid: int = 0  # the process that opened it
     wrote: bool = False  # wrote (or truncated) since this handle's last commit point
     maps_shared: bool = False  # its opener was seen mapping the file MAP_SHARED
+    lost: int = 0  # errno of a staged version lost since this handle's last fsync (batch)
 
 
 class Files:
@@ -83,7 +84,9 @@ class Files:
         self.writer_handles: dict[int, set[FileHandle]] = {}  # inode -> its handles that write
         self.sessions: dict[int, Session] = {}
         self.stale_cache: set[int] = set()  # inodes whose page cache may hold dropped data
+        self.unseen: dict[int, int] = {}  # inode -> errno of a lost version no handle saw
         self._next_fh = 1
+        committer.lost = self._lost
 
     def get(self, fh: int) -> FileHandle:
         try:
@@ -94,7 +97,8 @@ class Files:
     def _register(self, inode: Inode, flags: int, session: Session | None,
                   isolated: bool, pid: int = 0) -> FileHandle:
         inode.fd  # noqa: B018 - opened now and kept while held: the file may be unlinked
-        handle = FileHandle(self._next_fh, inode, flags, session, isolated, pid)
+        handle = FileHandle(self._next_fh, inode, flags, session, isolated, pid,
+                            lost=self.unseen.pop(inode.ino, 0))
         self._next_fh += 1
         self.handles[handle.fh] = handle
         if session is not None:
@@ -129,6 +133,37 @@ class Files:
         session.close()
         session.inode.holders -= 1
         self.table.maybe_drop(session.inode)
+
+    def _lost(self, inode: Inode, exc: OSError, how: str) -> None:
+        """A staged version of ``inode`` (durability=batch) was not made durable
+        (docs/semantics.md §3): the next fsync() of every descriptor open on it
+        reports the error once, as Linux reports a writeback error; with none open,
+        the next descriptor opened.
+
+        ``how``: "rewrite" (the inode is back on SOURCE's version), "new" (the new
+        file never reached SOURCE: its name goes, as an unlinked file's would) or
+        "unsynced" (published and visible, its directory not synced).
+        """
+        err = exc.errno or errno.EIO
+        handles = [h for h in self.handles.values() if h.inode is inode]
+        for handle in handles:
+            handle.lost = err
+        if not handles:
+            self.unseen[inode.ino] = err
+        if how == "unsynced":
+            return
+        session = self.sessions.get(inode.ino)
+        if session is not None and not session.failed:
+            # its content was built on the lost version: never commit it (§8.2)
+            session.failed = err
+        if how == "new":
+            for parent_ino, name in list(inode.names):
+                if self.namespace.remove_pending(parent_ino, name) is not None:
+                    self.committer.housekeeper.forget_entry(parent_ino, name)
+            inode.gone = True
+        else:  # the kernel's pages hold the lost version
+            self.stale_cache.add(inode.ino)
+            self.committer.housekeeper.invalidate(inode.ino)
 
     def _make_shadow(self, session: Session) -> int:
         return self.committer.make_shadow(session.inode)
@@ -309,12 +344,17 @@ class Files:
             plan = session.spill_plan()
             done = []
             if plan:
-                committed = None if session.pending else self.table.data(session.inode)
+                # a descriptor of its own for the thread: the inode's may be closed
+                # meanwhile (a lost staged version, commit.py _lose)
+                committed = None if session.pending else os.dup(self.table.data(session.inode))
                 try:
                     done = await trio.to_thread.run_sync(session.spill_copy, committed, plan)
                 except OSError as exc:  # the map stays as it was, exact; only bigger
                     log.warning("%s: extent map not bounded (%s)",
                                 self.committer.describe(session.inode), exc)
+                finally:
+                    if committed is not None:
+                        os.close(committed)
             session.spill_apply(done)
 
     def _write(self, handle: FileHandle, session: Session, off: int, buf: bytes) -> int:
@@ -383,6 +423,10 @@ class Files:
                 session.abandoned = 0
             handle.wrote = False
         await self.committer.persist(handle.inode)  # batch: fsync is durable all the same
+        if handle.lost:  # batch: a version staged earlier was lost (docs/semantics.md §3)
+            err, handle.lost = handle.lost, 0
+            raise OSError(err, "an earlier commit of this file was not made durable "
+                          f"({os.strerror(err)})")
 
     async def release(self, handle: FileHandle) -> None:
         del self.handles[handle.fh]

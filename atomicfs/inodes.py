@@ -486,6 +486,28 @@ class InodeTable:
         if old_fd is not None and not keep_old:
             self.closer(old_fd)
 
+    def restore(self, inode: Inode, fd: int, key: Key | None) -> None:
+        """Point ``inode`` back at the file behind O_PATH ``fd`` (key ``key``): a staged
+        version that could not be published is dropped (commit.py, ``_lose``).  Takes
+        ``fd`` over; the inode's current fds are closed.  Bookkeeping only: it
+        cannot fail (a handle that cannot be read leaves identity to (dev, ino))."""
+        if key is None or self.by_key.get(key) not in (None, inode):
+            raise AssertionError("restore onto a backing file that has another inode")
+        try:
+            handle = self._handle_of(fd, os.stat(fd))
+        except OSError:
+            handle = None
+        self.set_data_fd(inode, None)
+        old_fd = inode._fd
+        if self.by_key.get(inode.key) is inode:
+            del self.by_key[inode.key]
+        inode.key = key
+        inode._fd = fd
+        inode.handle = handle
+        self.by_key[key] = inode
+        if old_fd is not None:
+            self.closer(old_fd)
+
     def alias(self, key: Key | None, inode: Inode) -> None:
         """Let ``key`` (a staged inode's old source file) find ``inode`` too."""
         if key is not None:

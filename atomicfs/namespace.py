@@ -192,9 +192,10 @@ class Namespace:
         self.table.name_removed(parent, name, st)
 
     def rename(self, old_parent: Inode, old: bytes, new_parent: Inode, new: bytes,
-               flags: int) -> None:
+               flags: int) -> bool:
         """Rename; a pending source must already have been published unless the
-        target name is free (then the pending entry just moves)."""
+        target name is free (then the pending entry just moves).  Returns whether
+        the source tree changed (False: only pending entries moved)."""
         self._visible(old_parent, old)
         check_name(new)
         if is_reserved(new_parent, new, self.table.root):
@@ -203,7 +204,7 @@ class Namespace:
         target = self.pending_at(new_parent, new)
         if moving is not None:
             if moving is target:
-                return
+                return False
             if target is not None or stat_at(new_parent.fd, new) is not None:
                 raise AssertionError("rename of a pending file over a name: publish it first")
             if flags & syscalls.RENAME_EXCHANGE:
@@ -213,7 +214,7 @@ class Namespace:
             self.remove_pending(old_parent.ino, old)
             self._dir_changed(old_parent)
             self.add_pending(new_parent, new, moving)
-            return
+            return False
         if target is not None:
             if flags & syscalls.RENAME_NOREPLACE:
                 raise OSError(errno.EEXIST, "target exists")
@@ -237,6 +238,7 @@ class Namespace:
             moved.names.add((new_parent.ino, new))
         if flags & syscalls.RENAME_EXCHANGE and replaced is not None:
             replaced.names.add((old_parent.ino, old))
+        return True
 
     # -- directories -------------------------------------------------------
     def opendir(self, inode: Inode) -> DirHandle:

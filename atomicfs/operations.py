@@ -166,6 +166,12 @@ class AtomicOperations(pyfuse3.Operations):
             # durability=batch publishes staged names into directories later, which
             # would move the times set now (tar sets them last): publish them first
             await self.committer.persist()
+        if not fields.update_size and (fields.update_mode or fields.update_uid
+                                       or fields.update_gid or fields.update_atime
+                                       or fields.update_mtime):
+            # a change of the file's metadata; a truncate (and the times the kernel
+            # sends with it, as for O_TRUNC) belongs to the write session
+            await self._before_metadata_change(node)
         metadata.apply_setattr(node.fd, attr, fields)
         if fields.update_size or not (fields.update_mode or fields.update_uid or fields.update_gid
                                       or fields.update_atime or fields.update_mtime):
@@ -176,6 +182,14 @@ class AtomicOperations(pyfuse3.Operations):
         if session is not None and fields.update_mtime:
             session.mtime_ns = attr.st_mtime_ns  # an explicit time outlives the commit
         return self._attrs(node, os.stat(node.fd))
+
+    async def _before_metadata_change(self, node: Inode) -> None:
+        """durability=batch: order a metadata change of SOURCE behind the commits
+        acknowledged before it (docs/semantics.md §9.2).  A new file not committed
+        yet is not in SOURCE: its change goes with its first commit."""
+        session = self.files.sessions.get(node.ino)
+        if session is None or not session.pending:
+            await self.committer.before_change(node)
 
     @_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -195,39 +209,65 @@ class AtomicOperations(pyfuse3.Operations):
         return data
 
     # -- namespace -------------------------------------------------------
+    # Each operation that changes SOURCE is ordered behind the commits acknowledged
+    # before it (before_change: durability=batch) and durable before the reply
+    # (after_change: durability=full fsyncs the directories it changed), as
+    # docs/semantics.md §9 promises.  Between before_change and the change itself
+    # there is no await.
     @_handler
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        inode, st = self.namespace.mknod(self.table.get(parent_inode), name, mode, rdev, ctx)
+        parent = self.table.get(parent_inode)
+        await self.committer.before_change()
+        inode, st = self.namespace.mknod(parent, name, mode, rdev, ctx)
+        await self.committer.after_change([parent])
         return self._attrs(inode, st)
 
     @_handler
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        inode, st = self.namespace.mkdir(self.table.get(parent_inode), name, mode, ctx)
+        parent = self.table.get(parent_inode)
+        await self.committer.before_change()
+        inode, st = self.namespace.mkdir(parent, name, mode, ctx)
+        await self.committer.after_change([parent])
         return self._attrs(inode, st)
 
     @_handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        inode, st = self.namespace.symlink(self.table.get(parent_inode), name, target, ctx)
+        parent = self.table.get(parent_inode)
+        await self.committer.before_change()
+        inode, st = self.namespace.symlink(parent, name, target, ctx)
+        await self.committer.after_change([parent])
         return self._attrs(inode, st)
 
     @_handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.table.get(inode)
+        parent = self.table.get(new_parent_inode)
         await self.files.publish(node)  # a new file gets its first name before a second
-        node, st = self.namespace.link(node, self.table.get(new_parent_inode), new_name)
+        await self.committer.before_change()
+        node, st = self.namespace.link(node, parent, new_name)
+        await self.committer.after_change([parent])
         return self._attrs(node, st)
 
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.namespace.unlink(self.table.get(parent_inode), name)
+        parent = self.table.get(parent_inode)
+        if self.namespace.pending_at(parent, name) is not None:
+            self.namespace.unlink(parent, name)  # never in SOURCE: nothing to order or sync
+            return
+        await self.committer.before_change()
+        self.namespace.unlink(parent, name)
+        await self.committer.after_change([parent])
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.namespace.rmdir(self.table.get(parent_inode), name)
+        parent = self.table.get(parent_inode)
+        await self.committer.before_change()
+        self.namespace.rmdir(parent, name)
+        await self.committer.after_change([parent])
 
     @_handler
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -239,7 +279,11 @@ class AtomicOperations(pyfuse3.Operations):
             if pending is not None and self._rename_needs_real(old_parent, name_old,
                                                                 new_parent, name_new, flags):
                 await self.files.publish(pending)
-        self.namespace.rename(old_parent, name_old, new_parent, name_new, flags)
+        if self.namespace.pending_at(old_parent, name_old) is None:  # else: pending names only
+            await self.committer.before_change()
+        if self.namespace.rename(old_parent, name_old, new_parent, name_new, flags):
+            await self.committer.after_change(
+                [old_parent] if old_parent is new_parent else [old_parent, new_parent])
 
     def _rename_needs_real(self, old_parent: Inode, old: bytes, new_parent: Inode, new: bytes,
                            flags: int) -> bool:
@@ -292,7 +336,11 @@ class AtomicOperations(pyfuse3.Operations):
 
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await _in_thread(os.fsync, self.dirs[fh].fd)
+        handle = self.dirs[fh]
+        # batch: the commits acknowledged before are published and durable first
+        # (docs/semantics.md §3.3): a name appears only with its content
+        await self.committer.persist()
+        await _in_thread(os.fsync, handle.fd)
 
     # -- files -----------------------------------------------------------
     @_handler
@@ -334,7 +382,9 @@ class AtomicOperations(pyfuse3.Operations):
     @_handler
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        metadata.set_xattr(self.table.get(inode).fd, name, value)
+        node = self.table.get(inode)
+        await self._before_metadata_change(node)
+        metadata.set_xattr(node.fd, name, value)
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -348,7 +398,9 @@ class AtomicOperations(pyfuse3.Operations):
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        metadata.remove_xattr(self.table.get(inode).fd, name)
+        node = self.table.get(inode)
+        await self._before_metadata_change(node)
+        metadata.remove_xattr(node.fd, name)
 
     async def background(self) -> None:
         """Tasks that run beside the request handlers: housekeeping, and the group

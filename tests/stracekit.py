@@ -429,13 +429,15 @@ def _tracer_of(pid: int, tid: str) -> int:
 class Tracer:
     """``strace -f`` attached to a running process; :meth:`stop` returns its calls."""
 
-    def __init__(self, pid: int, out: Path, timeout: float = 10.0) -> None:
+    def __init__(self, pid: int, out: Path, timeout: float = 10.0,
+                 extra: Iterable[str] = ()) -> None:
+        """``extra``: system calls to record besides :data:`TRACED`."""
         exe = shutil.which("strace")
         if exe is None:
             raise FileNotFoundError("strace is not installed")
         self.out = out
         cmd = [exe, "-f", "-qq", "-ttt", "-T", "-y", "--seccomp-bpf", "-s", "256",
-               "-e", "trace=" + ",".join(TRACED), "-o", str(out), "-p", str(pid)]
+               "-e", "trace=" + ",".join([*TRACED, *extra]), "-o", str(out), "-p", str(pid)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + timeout

@@ -637,6 +637,27 @@ class Committer:
             return
         await sync_dirs(dirs)
 
+    async def after_metadata_change(self, inode: Inode) -> None:
+        """Call after a change of a committed file's mode, owner, times or xattrs,
+        before replying.
+
+        durability=full (§9.1): the file is fsync'ed now, so the change is durable
+        before the call returns (a new file's changes go with its first commit, and
+        under batch the ordering of :meth:`before_change` is the promise).  A
+        symlink cannot be opened to be fsync'ed: the filesystem is synced instead.
+        """
+        if self.batch or not PREFIX:
+            return
+        try:
+            fd = syscalls.reopen(inode.fd, os.O_RDONLY | (os.O_DIRECTORY if inode.is_dir else 0))
+        except OSError:  # a symlink (ELOOP), or no read access for an unprivileged daemon
+            await trio.to_thread.run_sync(os.sync)
+            return
+        try:
+            await trio.to_thread.run_sync(_fsync_all, [fd], "metadata.before_fsync")
+        finally:
+            os.close(fd)
+
     def _must_persist_before_staging(self, inode: Inode) -> bool:
         """Would staging a new version of ``inode`` break the acknowledged order?
 

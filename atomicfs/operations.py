@@ -181,6 +181,10 @@ class AtomicOperations(pyfuse3.Operations):
         session = self.files.sessions.get(inode)
         if session is not None and fields.update_mtime:
             session.mtime_ns = attr.st_mtime_ns  # an explicit time outlives the commit
+        if not fields.update_size and (fields.update_mode or fields.update_uid
+                                       or fields.update_gid or fields.update_atime
+                                       or fields.update_mtime):
+            await self._after_metadata_change(node)
         return self._attrs(node, os.stat(node.fd))
 
     async def _before_metadata_change(self, node: Inode) -> None:
@@ -190,6 +194,13 @@ class AtomicOperations(pyfuse3.Operations):
         session = self.files.sessions.get(node.ino)
         if session is None or not session.pending:
             await self.committer.before_change(node)
+
+    async def _after_metadata_change(self, node: Inode) -> None:
+        """durability=full: the change is durable before the reply (§9.1); a new file
+        not committed yet gets it with its first commit."""
+        session = self.files.sessions.get(node.ino)
+        if session is None or not session.pending:
+            await self.committer.after_metadata_change(node)
 
     @_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -385,6 +396,7 @@ class AtomicOperations(pyfuse3.Operations):
         node = self.table.get(inode)
         await self._before_metadata_change(node)
         metadata.set_xattr(node.fd, name, value)
+        await self._after_metadata_change(node)
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -401,6 +413,7 @@ class AtomicOperations(pyfuse3.Operations):
         node = self.table.get(inode)
         await self._before_metadata_change(node)
         metadata.remove_xattr(node.fd, name)
+        await self._after_metadata_change(node)
 
     async def background(self) -> None:
         """Tasks that run beside the request handlers: housekeeping, and the group

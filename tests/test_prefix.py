@@ -313,6 +313,42 @@ def test_namespace_operations_survive_a_power_cut_under_full(
         assert not lost, f"acknowledged and lost on {fs}: {lost}"
 
 
+@needs_root
+def test_metadata_changes_survive_a_power_cut_under_full(
+        mount_factory: MountFactory, tmp_path: Path) -> None:
+    """chmod, chown, utimes and xattrs of committed files and directories are
+    durable once they returned (§9.1): each is cut right after it returned."""
+    with disk(tmp_path, "ext4") as d:
+        src = d.point / "src"
+        src.mkdir()
+        (src / "dir").mkdir()
+        for name in ("mode", "owner", "times", "xattr", "gone"):
+            (src / name).write_bytes(b"x\n")
+        os.setxattr(src / "gone", "user.k", b"v")
+        os.sync()
+        m = d.mount(mount_factory, src)
+        os.chmod(m.path("mode"), 0o600)
+        os.chmod(m.path("dir"), 0o700)
+        os.chown(m.path("owner"), 1234, 5678)
+        os.utime(m.path("times"), ns=(1_000_000_000, 2_000_000_000))
+        os.setxattr(m.path("xattr"), "user.k", b"new")
+        os.removexattr(m.path("gone"), "user.k")
+        d.cut()
+        m.kill()
+        d.remount()
+        st = {name: os.stat(src / name) for name in ("mode", "dir", "owner", "times")}
+        lost = [what for what, ok in [
+            ("chmod", st["mode"].st_mode & 0o777 == 0o600),
+            ("chmod of a directory", st["dir"].st_mode & 0o777 == 0o700),
+            ("chown", (st["owner"].st_uid, st["owner"].st_gid) == (1234, 5678)),
+            ("utimes", st["times"].st_mtime_ns == 2_000_000_000),
+            ("setxattr", os.getxattr(src / "xattr", "user.k") == b"new"
+             if "user.k" in os.listxattr(src / "xattr") else False),
+            ("removexattr", "user.k" not in os.listxattr(src / "gone")),
+        ] if not ok]
+        assert not lost, f"acknowledged and lost: {lost}"
+
+
 # -- durability=batch: a crash keeps a prefix of the acknowledged order (§9.2) -------------
 @needs_root
 @pytest.mark.parametrize("fs", ["xfs", "ext4"])

@@ -26,6 +26,10 @@ Policy (SEMANTICS §2, §4):
   housekeeper.
 - Opens wait for a commit in progress on the same file, so an open after a
   close() returned sees what that close committed.
+- A session that only appends is a log, committed in steps (checkpoints,
+  :mod:`atomicfs.appends`, docs/semantics.md §10); a reader's open
+  checkpoints it first, so an isolated reader sees every append made before
+  its open, and every checkpoint after.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import pyfuse3
 import trio
 
 from . import metadata, processes, syscalls
+from .appends import Appends
 from .commit import Committer
 from .extents import ExtentMap
 from .inodes import Inode, InodeTable
@@ -68,7 +73,8 @@ class FileHandle:
 
 class Files:
     def __init__(self, table: InodeTable, namespace: Namespace, committer: Committer,
-                 isolation: str = "committed", mountpoint: str | None = None) -> None:
+                 isolation: str = "committed", mountpoint: str | None = None,
+                 checkpoint: float = 5.0, checkpoint_bytes: int = 64 << 20) -> None:
         self.table = table
         self.mountpoint = mountpoint  # None: closes are not told apart (processes.py)
         self.namespace = namespace
@@ -78,6 +84,7 @@ class Files:
         self.sessions: dict[int, Session] = {}
         self.stale_cache: set[int] = set()  # inodes whose page cache may hold dropped data
         self._next_fh = 1
+        self.appends = Appends(committer, self._commit, checkpoint, checkpoint_bytes)
 
     def get(self, fh: int) -> FileHandle:
         try:
@@ -99,6 +106,7 @@ class Files:
         session = Session(inode, ExtentMap(size), base_size=size)
         self.sessions[inode.ino] = session
         inode.holders += 1
+        self.appends.start(session, log=True)
         return session
 
     def _end_session(self, session: Session) -> None:
@@ -117,6 +125,7 @@ class Files:
                 self.namespace.remove_pending(parent_ino, name)
                 self.committer.housekeeper.forget_entry(parent_ino, name)
             session.inode.gone = True
+        self.appends.forget(session)
         session.close()
         session.inode.holders -= 1
         self.table.maybe_drop(session.inode)
@@ -128,7 +137,9 @@ class Files:
         if session.failed and session.dirty:  # SEMANTICS §8.2: the committed version stays
             raise OSError(session.failed, "not committed: an earlier write to this file "
                           f"failed ({os.strerror(session.failed)})")
-        return await self.committer.commit(session, self.table.data, at)
+        made = await self.committer.commit(session, self.table.data, at)
+        self.appends.committed(session)  # a whole commit: a log again from here (§10)
+        return made
 
     async def publish(self, inode: Inode) -> None:
         """Make the file real in the source tree now (before a namespace operation
@@ -169,14 +180,30 @@ class Files:
                 session = self._start_session(inode)
             session.writers += 1
             handle = self._register(inode, flags, session, isolated=False, pid=pid)
-            if flags & os.O_TRUNC and session.size:
-                async with session.lock:
-                    session.truncate(0)
+            if flags & os.O_TRUNC:
+                await self._truncate_open(session)
             return handle, pyfuse3.FileInfo(fh=handle.fh, keep_cache=self._keep_cache(inode))
         isolated = session is not None and self.isolation == "committed"
+        if isolated and session is not None:
+            upto = self.appends.unsaved(session)
+            if upto is not None:  # the reader sees every append made before its open
+                async with session.lock:
+                    upto = self.appends.unsaved(session)
+                    if upto is not None:
+                        await self.appends.try_checkpoint(session, upto, "a reader's open")
         handle = self._register(inode, flags, None, isolated)
         keep = isolated or self._keep_cache(inode)  # direct_io: the cache is not used
         return handle, pyfuse3.FileInfo(fh=handle.fh, direct_io=isolated, keep_cache=keep)
+
+    async def _truncate_open(self, session: Session) -> None:
+        """An open with O_TRUNC joins the session: it empties it.  A rewrite from here
+        (never checkpointed), unless it rotates a log another writer holds (§10)."""
+        async with session.lock:
+            rotation = self.appends.truncating(session, 0, session.writers - 1)
+            if session.size:
+                session.truncate(0)
+            if rotation and session.dirty:
+                await self._commit(session, "rotation")
 
     def create(self, parent: Inode, name: bytes, mode: int, flags: int,
                ctx: pyfuse3.RequestContext) -> tuple[FileHandle, pyfuse3.EntryAttributes]:
@@ -201,6 +228,8 @@ class Files:
         session.mtime_ns = st.st_mtime_ns
         self.sessions[inode.ino] = session
         inode.holders += 1
+        # a new file is a log only if its creator appends (§10); else it appears whole
+        self.appends.start(session, log=bool(flags & os.O_APPEND))
         session.writers += 1
         handle = self._register(inode, flags, session, isolated=False, pid=ctx.pid)
         return handle, self.attributes(inode)
@@ -249,6 +278,12 @@ class Files:
             written = self._write(handle, session, off, buf)
         if len(session.emap) > session.spill_at:
             await self._spill(session)
+        upto = self.appends.due(session)
+        if upto is not None:  # checkpoint_bytes appended (or the interval passed)
+            async with session.lock:
+                upto = self.appends.due(session)
+                if upto is not None:
+                    await self.appends.try_checkpoint(session, upto, "bytes appended")
         return written
 
     async def _spill(self, session: Session) -> None:
@@ -268,8 +303,10 @@ class Files:
     def _write(self, handle: FileHandle, session: Session, off: int, buf: bytes) -> int:
         if handle.flags & os.O_APPEND:
             off = session.size
+        size_before = session.size
         written = session.write(self._make_shadow, off, buf)
         handle.wrote = True
+        self.appends.wrote(session, off, written, size_before)
         return written
 
     async def truncate(self, inode: Inode, size: int, handle: FileHandle | None) -> None:
@@ -278,9 +315,13 @@ class Files:
             async with session.lock:
                 # by path: the session may have ended (last release) while we waited
                 if handle is not None or self.sessions.get(inode.ino) is session:
+                    others = session.writers - (handle is not None)
+                    rotation = self.appends.truncating(session, size, others)
                     session.truncate(size)
                     if handle is not None:
                         handle.wrote = True
+                    if rotation and session.dirty:
+                        await self._commit(session, "rotation")
                     return
             session = self.sessions.get(inode.ino)
         # truncate(2) by path with no session open: a session of its own, committed now.

@@ -89,6 +89,12 @@ OPTIONS
             see writes in progress, as on ext4 (tail -f on logs).
         commit=auto|rename|journal
             how commits are made; auto chooses per file.
+        checkpoint=SECONDS, checkpoint_bytes=BYTES
+            a file that is only appended to (a log held open) is committed
+            in steps: every SECONDS (default 5, 0.1 to 3600) and every BYTES
+            appended (default 64M; units k, M, G), at a write() boundary,
+            by appending to the committed file in place. A crash loses at
+            most the last step. Other sessions are committed only whole.
         entry_timeout=SECONDS, attr_timeout=SECONDS
             how long the kernel trusts a cached name / a file's attributes
             (default 10 each, 0 to 3600). Changes made through the mount are

@@ -22,12 +22,13 @@ truncation the rotating program asked for, and the session goes on as a log
 of the empty file.
 
 Write boundaries.  FUSE sends one write() as several WRITE requests when it is
-larger than a request (here 1 MiB, 256 pages); the kernel holds the file's
-lock for the whole write(), so no other write() comes between them.  Every
-request but the last of one write() fills a request: it is at least
-``PARTIAL_MIN`` bytes long and ends on a page boundary (or is a whole number of
-pages).  A request that is not like that ends its write(); one that is may be
-followed by the rest of the same write(), so the checkpoint stops before it
+larger than a request (here 1 MiB, 256 pages), and also cuts it after a first
+page that it only partly fills and does not hold in its cache (seen here: a
+3 KiB request, then the rest); the kernel holds the file's lock for the whole
+write(), so no other write() comes between them.  Every request but the last
+of one write() ends on a page boundary (or, cut at ``max_write``, is a whole
+number of pages).  A request that does not ends its write(); one that does may
+be followed by the rest of the same write(), so a checkpoint stops before it
 until the next request, or until it has been alone for ``IDLE_WHOLE`` seconds.
 
 Crash safety of the append in place (:func:`append_in_place`).  Extending a
@@ -75,11 +76,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PAGE = 4096
-PARTIAL_MIN = 32 << 10  # a WRITE request this long ending on a page may be part of a write()
+PARTIAL_MIN = 32 << 10  # a request of whole pages this long may be cut at max_write
 IDLE_WHOLE = 1.0  # seconds after which such a request, alone, is taken as a whole write()
 # A session that is not a log and stays open longer than this is logged once
 # (env: a test knob; docs/semantics.md §10).
 LONG_SESSION = float(os.environ.get("ATOMICFS_LONG_SESSION", 3600))
+SETTLE_WAIT = 5.0  # seconds a checkpoint waits for journal records to settle
+RESCAN = 60.0  # seconds between looks at idle sessions (the warning's precision)
 RECORD_PREFIX = "append-"
 MAGIC = b"AFSA0001"
 HEADER = struct.Struct("<8sI")  # magic, crc32 of the body
@@ -87,10 +90,10 @@ BODY = struct.Struct("<QQqII")  # st_ino, committed size, mtime_ns, handle type,
 
 
 def is_whole(offset: int, length: int) -> bool:
-    """Does a WRITE request of ``length`` bytes at ``offset`` end its write()?"""
-    if length < PARTIAL_MIN:
-        return True
-    return bool((offset + length) % PAGE) and bool(length % PAGE)
+    """Does a WRITE request of ``length`` bytes at ``offset`` surely end its write()?"""
+    if (offset + length) % PAGE == 0:
+        return False
+    return length < PARTIAL_MIN or bool(length % PAGE)
 
 
 @dataclass
@@ -310,7 +313,6 @@ class Appends:
     # -- what happens to a session -------------------------------------------------
     def start(self, session: Session, log: bool) -> None:
         self.states[session] = AppendState.new(session.size, log)
-        self._wake.set()
 
     def forget(self, session: Session) -> None:
         self.states.pop(session, None)
@@ -360,6 +362,14 @@ class Appends:
         upto = state.whole_upto(time.monotonic())
         return upto if upto > state.base else None
 
+    def whole_writes(self, session: Session) -> int | None:
+        """At unmount: the end of the log's whole writes, if not committed yet (the
+        writer is gone, so a request that may be cut is not waited for)."""
+        state = self.states.get(session)
+        if state is None or not state.log or session.failed or session.abandoned:
+            return None
+        return state.boundary if state.boundary > state.base else None
+
     async def checkpoint(self, session: Session, upto: int) -> bool:
         """Commit the session's appends up to ``upto`` (a write boundary); the
         caller holds ``session.lock``.  Raises OSError with nothing changed."""
@@ -380,10 +390,14 @@ class Appends:
                 log.warning("append sessions are not checkpointed: the daemon cannot reopen "
                             "files by handle (not root); logs are committed at close")
             return False
-        if self.committer.housekeeper.unsettled:
-            # A redo record not yet settled would, replayed after a crash, cut the file
-            # back to its size; wait for it to settle (the timer comes back).
-            return False
+        # A redo record not yet settled would, replayed after a crash, cut the file back
+        # to its size: let the housekeeper settle it first (a few ms: an fsync, an unlink).
+        waited = 0.0
+        while self.committer.housekeeper.unsettled:
+            if waited > SETTLE_WAIT:
+                return False  # tried again later
+            await trio.sleep(0.002)
+            waited += 0.002
         inode = session.inode
         if inode.ino in self.committer.staged:  # durability=batch: publish it first
             await self.committer.persist(inode)
@@ -451,7 +465,9 @@ class Appends:
         while True:
             self._wake = trio.Event()  # set by what happens while this round runs
             now = time.monotonic()
-            wake_at: float | None = None
+            # a look at least this often for the long-rewrite warning (a new session
+            # does not wake the task: thousands of saves would each cost a scan)
+            wake_at = now + min(RESCAN, LONG_SESSION)
             for session in sessions():
                 state = self.states.get(session)
                 if state is None:
@@ -459,14 +475,11 @@ class Appends:
                 if (not state.log and not state.warned and session.dirty
                         and now - session.created_at > LONG_SESSION):
                     state.warned = True
-                    log.warning("%s has been written for %.0f s without a commit; it is not "
-                                "an append session, so nothing of it is committed before "
-                                "its close or fsync (docs/semantics.md §10)",
+                    log.warning("%s: a write session open for %.0f s that is not an append "
+                                "session: what it wrote since its last commit is committed "
+                                "only at a close or fsync (docs/semantics.md §10)",
                                 self.committer.describe(session.inode),
                                 now - session.created_at)
-                if not state.log and not state.warned and session.dirty:
-                    at = session.created_at + LONG_SESSION
-                    wake_at = at if wake_at is None else min(wake_at, at)
                 upto = self.due(session)
                 if upto is not None and not session.lock.locked():
                     async with session.lock:
@@ -475,13 +488,10 @@ class Appends:
                             await self.try_checkpoint(session, upto, "timer")
                 due_at = state.wake_at(self.interval, self.max_bytes)
                 if due_at is not None:
-                    wake_at = due_at if wake_at is None else min(wake_at, due_at)
-            if wake_at is None:
+                    wake_at = min(wake_at, due_at)
+            # at least a short sleep: a checkpoint that could not be made now (a lock
+            # held, a record settling) is tried again soon, not in a spin
+            with trio.move_on_after(max(0.05, wake_at - time.monotonic())):
                 await self._wake.wait()
-            else:
-                # at least a short sleep: a checkpoint that could not be made now
-                # (a lock held, a record settling) is tried again soon, not in a spin
-                with trio.move_on_after(max(0.05, wake_at - time.monotonic())):
-                    await self._wake.wait()
-                if wake_at <= now:
-                    await trio.sleep(0.05)
+            if wake_at <= now:
+                await trio.sleep(0.05)

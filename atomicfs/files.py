@@ -407,11 +407,16 @@ class Files:
         When the connection ends, the kernel drops requests it had not delivered,
         RELEASE among them. A session none of whose handles holds unflushed writes
         (every descriptor passed a close: new empty files, truncations) is committed
-        as its release would have; one still being written is dropped.
+        as its release would have; one still being written is dropped, except the
+        whole writes of a log (a last checkpoint, docs/semantics.md §10).
         """
         for session in list(self.sessions.values()):
             if session.abandoned or any(h.wrote for h in self.handles.values()
                                         if h.session is session):
+                upto = self.appends.whole_writes(session)
+                if upto is not None:  # a log keeps its whole appends (§10)
+                    async with session.lock:
+                        await self.appends.try_checkpoint(session, upto, "unmount")
                 continue
             try:
                 async with session.lock:

@@ -9,8 +9,11 @@ last interval.  Sessions that are not appends are never committed part way.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -18,8 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
+import scratchfs
 from appendkit import Logger, line, lines_of, parse
-from conftest import Mount, MountFactory, run_cli
+from conftest import Mount, MountFactory, needs_root, run_cli
 from sessionkit import assert_no_debris, status_of, wait_for
 
 CHECKPOINT = 5.0  # the default checkpoint= interval
@@ -84,6 +88,23 @@ def test_reader_open_sees_every_append_before_it(mount: Mount) -> None:
     finally:
         logger.close()
     assert parse(mount.src("app.log").read_bytes()) == list(range(111))
+
+
+@pytest.mark.mount_options("checkpoint=3600")
+def test_unmount_keeps_a_held_logs_appends(mount: Mount) -> None:
+    """SIGTERM while a logger holds its log: the unmount makes a last checkpoint (a
+    rewrite held open would be dropped)."""
+    logger = Logger(mount.path("app.log"))
+    try:
+        logger.write(20)
+        assert mount.proc is not None
+        mount.proc.send_signal(signal.SIGTERM)
+        assert mount.proc.wait(timeout=30) == 0
+        mount.proc = None
+    finally:
+        logger.kill()
+    assert parse(mount.src("app.log").read_bytes()) == list(range(20))
+    assert "checkpoint of" not in mount.log()  # no failure logged
 
 
 # -- rotation --------------------------------------------------------------------------
@@ -226,6 +247,29 @@ def test_checkpoint_never_splits_a_large_write(mount: Mount) -> None:
     assert records(mount.src("big.log").read_bytes()) == sizes
 
 
+@pytest.mark.mount_options("checkpoint_bytes=1", "debug")
+def test_checkpoints_fall_on_write_boundaries(mount: Mount) -> None:
+    """A checkpoint after every write (checkpoint_bytes=1): each one ends where a
+    line ends, also for lines that cross a page, which the kernel sends as two
+    requests (the first ending on the page boundary)."""
+    logger = Logger(mount.path("app.log"))
+    try:
+        logger.write(600)
+        data = read_via_mount(mount, "app.log")
+    finally:
+        logger.close()
+    ends, pos = set(), 0
+    for raw in data.splitlines(keepends=True):
+        pos += len(raw)
+        ends.add(pos)
+    assert len(ends) == 600
+    sizes = [int(x) for x in re.findall(r"checkpoint of inode \d+: \d+ bytes appended, "
+                                        r"size (\d+)", mount.log())]
+    assert len(sizes) > 300, f"only {len(sizes)} checkpoints"
+    cut = sorted(set(sizes) - ends)
+    assert not cut, f"checkpoints inside a line, at sizes {cut[:10]}"
+
+
 # -- crashes ---------------------------------------------------------------------------
 def test_daemon_kill_loses_at_most_one_interval(mount_factory: MountFactory) -> None:
     """kill -9 of the daemon during a long append: SOURCE keeps a prefix of the lines,
@@ -248,6 +292,53 @@ def test_daemon_kill_loses_at_most_one_interval(mount_factory: MountFactory) -> 
     m.start()
     assert lines_of(read_via_mount(m, "app.log")) == found
     assert_no_debris(m.source)
+
+
+GOINGDOWN = 0x8004587D  # XFS_IOC_GOINGDOWN == EXT4_IOC_SHUTDOWN
+NOLOGFLUSH = 2
+
+
+@needs_root
+def test_power_cut_during_a_long_append_loses_at_most_one_interval(
+        mount_factory: MountFactory, tmp_path: Path) -> None:
+    """A power cut (ext4 shut down without flushing its log) during a long append:
+    after the filesystem's recovery and the daemon's, the log is a prefix of the
+    lines, all whole, up to at most one interval before the cut (checkpoint=1)."""
+    image, point = tmp_path / "ext4.img", tmp_path / "fs"
+    interval = 1.0
+    with scratchfs.loop_fs(image, point, ["mkfs.ext4", "-q", "-F"]):
+        (point / "src").mkdir()
+        m = mount_factory(source=point / "src", options=[f"checkpoint={interval:g}"])
+        logger = Logger(m.path("app.log"))
+        try:
+            logger.write(5000, every=0.005, wait=False)
+            time.sleep(4 * interval + 0.5)
+            fd = os.open(point, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.ioctl(fd, GOINGDOWN, struct.pack("I", NOLOGFLUSH))
+            finally:
+                os.close(fd)
+            cut_at = time.time()
+        finally:
+            logger.kill()
+            m.kill()
+    res = scratchfs.sh("mount", "-o", "loop", str(image), str(point))  # the disk's recovery
+    assert res.returncode == 0, res.stderr
+    try:
+        m.start()  # the daemon's recovery
+        found = lines_of(m.src("app.log").read_bytes())
+        assert [s for _, s, _ in found] == list(range(len(found)))
+        assert found, "nothing of the log survived the power cut"
+        assert cut_at - found[-1][2] <= interval + SLACK, \
+            f"the last line kept was written {cut_at - found[-1][2]:.1f}s before the cut"
+        assert lines_of(read_via_mount(m, "app.log")) == found
+        m.unmount()
+        assert_no_debris(m.source)
+    finally:
+        m.force_cleanup()
+        scratchfs.unmount(point)
+        for dev in scratchfs.loop_devices_of(image):
+            scratchfs.sh("losetup", "-d", dev)
 
 
 @pytest.mark.parametrize(("point", "recovered"), [
@@ -324,9 +415,9 @@ def test_rewrites_are_never_checkpointed(mount_factory: MountFactory) -> None:
         assert "rewrite" in text and "append (1 checkpoints)" in text, text
         for name in ("data", "empty", "new"):
             warned = [ln for ln in m.log().splitlines()
-                      if f"/{name} has been written for" in ln]
+                      if f"/{name}: a write session open for" in ln]
             assert len(warned) == 1, f"{name}: {warned}"
-        assert "/log has been written for" not in m.log()
+        assert "/log: a write session open for" not in m.log()
         holder.stdin.write("\n")
         holder.stdin.flush()
         assert holder.wait(timeout=30) == 0

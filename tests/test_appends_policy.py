@@ -18,12 +18,13 @@ MIB = 1 << 20
 
 @pytest.mark.parametrize(("offset", "length", "whole"), [
     (0, 10, True),  # a line
-    (5, PARTIAL_MIN - 1, True),  # short: no write() is cut below a full request
+    (4000, 96, False),  # ends on a page: the short first request of a longer write()
     (0, MIB, False),  # a full request ending on a page: maybe more of the same write()
     (100, MIB - 100, False),  # the first request of an unaligned write
     (100, MIB - 99, True),  # ends inside a page: the last request of its write()
     (0, MIB + 1, True),
-    (3, 64 * PAGE, False),  # a whole number of pages, even unaligned (max_write reached)
+    (3, 64 * PAGE, False),  # a whole number of pages, unaligned: cut at max_write?
+    (3, PARTIAL_MIN - PAGE, True),  # too short for that
 ])
 def test_is_whole(offset: int, length: int, whole: bool) -> None:
     assert is_whole(offset, length) is whole

@@ -108,6 +108,7 @@ class AppendState:
     unsaved_since: float | None = None  # the first append not committed yet was made then
     checkpoints: int = 0
     warned: bool = False  # the long-session warning was logged
+    retry_at: float = 0.0  # a checkpoint that could not be made: none tried before this
 
     @classmethod
     def new(cls, size: int, log: bool) -> AppendState:
@@ -144,7 +145,7 @@ class AppendState:
 
     def due(self, now: float, interval: float, max_bytes: int) -> int | None:
         """The size to checkpoint up to now, or None."""
-        if not self.log or self.unsaved_since is None:
+        if not self.log or self.unsaved_since is None or now < self.retry_at:
             return None
         upto = self.whole_upto(now)
         if upto <= self.base:
@@ -162,7 +163,7 @@ class AppendState:
             at = self.last_write + IDLE_WHOLE
         elif self.end > self.boundary:
             at = max(at, self.last_write + IDLE_WHOLE)
-        return at
+        return max(at, self.retry_at)
 
     def checkpointed(self, upto: int) -> None:
         self.base = upto
@@ -402,6 +403,8 @@ class Appends:
         if inode.ino in self.committer.staged:  # durability=batch: publish it first
             await self.committer.persist(inode)
         committed = os.stat(inode.fd)
+        if committed.st_nlink == 0:
+            return False  # unlinked while written: nothing to commit into
         if committed.st_size != session.base_size or session.base_size != state.base:
             log.debug("%s: committed size %d, session base %d, log base %d: no checkpoint",
                       self.committer.describe(inode), committed.st_size, session.base_size,
@@ -446,19 +449,48 @@ class Appends:
                   upto - base, upto)
         return True
 
+    async def commit_log(self, session: Session) -> bool:
+        """A whole commit (close, fsync) of a log: append in place instead of a copy
+        or a journal record, so its cost follows the appended bytes too.  False: not
+        done, nothing changed (the caller commits the usual way).  Not under
+        durability=batch, whose commits are staged without an fsync each, nor when
+        commit= names a strategy."""
+        state = self.states.get(session)
+        if (state is None or not state.log or session.pending or self.committer.batch
+                or self.committer.strategy != "auto" or session.size <= state.base):
+            return False
+        started = time.monotonic()
+        try:
+            if not await self.checkpoint(session, session.size):
+                return False
+        except OSError as exc:  # the file is as it was: the usual commit tells the error
+            log.debug("append commit of %s not made (%s); committing by copy",
+                      self.committer.describe(session.inode), exc)
+            return False
+        stats = self.committer.stats
+        stats.commits["append"] = stats.commits.get("append", 0) + 1
+        stats.latencies.append(time.monotonic() - started)
+        return True
+
     async def try_checkpoint(self, session: Session, upto: int, why: str) -> None:
         """A checkpoint nobody waits for: a failure is logged and counted, the appends
         stay in the session (committed at its next commit point, or retried later)."""
         try:
-            await self.checkpoint(session, upto)
+            if not await self.checkpoint(session, upto):
+                # not possible now (an unlinked file, no file handles, records still
+                # settling...): the timer tries again one interval later, not at once
+                self._later(session)
         except OSError as exc:
             self.failures += 1
-            state = self.states.get(session)
-            if state is not None and state.unsaved_since is not None:
-                state.unsaved_since = time.monotonic()  # retry one interval later
+            self._later(session)
             log.warning("checkpoint of %s (%s) failed: %s; its appends stay uncommitted "
                         "and are retried", self.committer.describe(session.inode), why,
                         os.strerror(exc.errno or 0))
+
+    def _later(self, session: Session) -> None:
+        state = self.states.get(session)
+        if state is not None:
+            state.retry_at = time.monotonic() + self.interval
 
     async def run(self, sessions: Callable[[], list[Session]]) -> None:
         """Background task: checkpoint logs when due; warn of long rewrites."""

@@ -137,7 +137,9 @@ class Files:
         if session.failed and session.dirty:  # SEMANTICS §8.2: the committed version stays
             raise OSError(session.failed, "not committed: an earlier write to this file "
                           f"failed ({os.strerror(session.failed)})")
-        made = await self.committer.commit(session, self.table.data, at)
+        # a log is committed by appending in place (§10); else as usual
+        made = (await self.appends.commit_log(session)
+                or await self.committer.commit(session, self.table.data, at))
         self.appends.committed(session)  # a whole commit: a log again from here (§10)
         return made
 

@@ -107,6 +107,48 @@ def test_unmount_keeps_a_held_logs_appends(mount: Mount) -> None:
     assert "checkpoint of" not in mount.log()  # no failure logged
 
 
+def test_closing_an_append_commits_in_place(mount: Mount) -> None:
+    """`cmd >> f` on a large file: its close commits by appending in place (the
+    file in SOURCE is the same inode, nothing is copied), and so does an fsync."""
+    big = b"".join(line("L", n) for n in range(20000))  # ~1.6 MiB
+    mount.path("big.log").write_bytes(big)
+    ino = os.stat(mount.src("big.log")).st_ino
+    more = line("L", 20000)
+    subprocess.run(["sh", "-c", f"printf '%s' '{more.decode()}' >> '{mount.path('big.log')}'"],
+                   check=True, timeout=60)
+    assert mount.src("big.log").read_bytes() == big + more
+    fd = os.open(mount.path("big.log"), os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, line("L", 20001))
+        os.fsync(fd)
+        assert parse(mount.src("big.log").read_bytes()) == list(range(20002))
+    finally:
+        os.close(fd)
+    assert os.stat(mount.src("big.log")).st_ino == ino
+    commits = status_of(mount.mountpoint)["commits"]
+    assert commits.get("append") == 2, commits
+
+
+@pytest.mark.mount_options("checkpoint=0.2")
+def test_an_unlinked_log_is_not_checkpointed(mount: Mount) -> None:
+    """rm of a log its logger still holds: its appends go nowhere, quietly (no
+    failure, no spin: the timer comes back one interval later)."""
+    logger = Logger(mount.path("app.log"))
+    try:
+        logger.write(3)
+        assert wait_for(lambda: mount.src("app.log").exists(), timeout=5)
+        os.unlink(mount.path("app.log"))
+        logger.write(3, every=0.2)
+        time.sleep(1)
+        doc = status_of(mount.mountpoint)
+        assert doc["checkpoints"]["failed"] == 0, doc["checkpoints"]
+        assert [s["checkpoints"] for s in doc["sessions"]] == [1], doc["sessions"]
+    finally:
+        logger.close()
+    assert not mount.src("app.log").exists()
+    assert "WARNING" not in mount.log()
+
+
 # -- rotation --------------------------------------------------------------------------
 def logrotate(tmp_path: Path, body: str) -> None:
     conf = tmp_path / "logrotate.conf"

@@ -72,6 +72,14 @@ def test_overwrite_and_truncate_end_a_log_until_a_whole_commit() -> None:
     assert st.due(100.0, 5, 1) is None
 
 
+def test_a_failed_checkpoint_is_retried_one_interval_later() -> None:
+    st = AppendState.new(0, log=True)
+    st.wrote(0, 10, 0, now=1.0)
+    st.retry_at = 7.0  # what Appends sets when a checkpoint could not be made at 2.0
+    assert st.due(6.9, 5, 1) is None and st.wake_at(5, 1) == 7.0
+    assert st.due(7.0, 5, 1) == 10
+
+
 def test_a_write_past_the_end_is_an_append() -> None:
     st = AppendState.new(10, log=True)
     st.wrote(20, 5, 10, now=1.0)  # leaves a hole: still at or beyond the end

@@ -92,7 +92,10 @@ FAULT_POINTS = ["commit.before_fsync", "commit.after_fsync", "commit.after_link"
                 "commit.after_rename", "commit.after_dir_fsync",
                 "journal.before_header", "journal.before_record_fsync", "journal.after_record",
                 "journal.mid_apply", "journal.after_apply", "journal.after_target_fsync",
-                "journal.after_retire"]
+                "journal.after_retire",
+                # a log's commit by appending in place (atomicfs/appends.py): L files
+                "append.after_record", "append.after_copy", "append.before_fsync",
+                "append.before_retire"]
 ABSENT = "-"  # the digest of "no file"
 VERSION_STEP = 10**7  # versions of round r are r * VERSION_STEP + n
 DEAD_ERRNOS = {errno.ENOTCONN, errno.ECONNABORTED}

@@ -81,6 +81,10 @@ IDLE_WHOLE = 1.0  # seconds after which such a request, alone, is taken as a who
 # A session that is not a log and stays open longer than this is logged once
 # (env: a test knob; docs/semantics.md §10).
 LONG_SESSION = float(os.environ.get("ATOMICFS_LONG_SESSION", 3600))
+# A whole commit of a log appends in place when the committed file is at least this
+# large (or hard-linked): below it, copying the file costs less than the append's
+# extra fsyncs (a record, its removal).  env: a test knob (the torture sets 0).
+APPEND_MIN_COPY = int(os.environ.get("ATOMICFS_APPEND_MIN_COPY", 1 << 20))
 SETTLE_WAIT = 5.0  # seconds a checkpoint waits for journal records to settle
 RESCAN = 60.0  # seconds between looks at idle sessions (the warning's precision)
 RECORD_PREFIX = "append-"
@@ -452,12 +456,16 @@ class Appends:
     async def commit_log(self, session: Session) -> bool:
         """A whole commit (close, fsync) of a log: append in place instead of a copy
         or a journal record, so its cost follows the appended bytes too.  False: not
-        done, nothing changed (the caller commits the usual way).  Not under
-        durability=batch, whose commits are staged without an fsync each, nor when
-        commit= names a strategy."""
+        done, nothing changed (the caller commits the usual way).  Only for files of
+        APPEND_MIN_COPY bytes or more, or hard-linked ones (journalled otherwise);
+        not under durability=batch, whose commits are staged without an fsync each,
+        nor when commit= names a strategy."""
         state = self.states.get(session)
         if (state is None or not state.log or session.pending or self.committer.batch
                 or self.committer.strategy != "auto" or session.size <= state.base):
+            return False
+        if (session.base_size < APPEND_MIN_COPY
+                and self.committer.source_links(session.inode) < 2):
             return False
         started = time.monotonic()
         try:

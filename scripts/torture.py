@@ -602,7 +602,7 @@ class Daemon:
         env.pop("ATOMICFS_FAULTS", None)
         # the logs (L) are small: with this knob their closes commit by appending in
         # place too (atomicfs/appends.py), so the append.* crash points are reached
-        env.setdefault("ATOMICFS_APPEND_MIN_COPY", "0")
+        env.setdefault("ATOMICFS_APPEND_MIN", "0")
         if faults:
             env["ATOMICFS_FAULTS"] = faults
         with open(log, "ab") as logf:

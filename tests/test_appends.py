@@ -107,26 +107,35 @@ def test_unmount_keeps_a_held_logs_appends(mount: Mount) -> None:
     assert "checkpoint of" not in mount.log()  # no failure logged
 
 
-def test_closing_an_append_commits_in_place(mount: Mount) -> None:
-    """`cmd >> f` on a large file: its close commits by appending in place (the
-    file in SOURCE is the same inode, nothing is copied), and so does an fsync."""
-    big = b"".join(line("L", n) for n in range(20000))  # ~1.6 MiB
+def test_closing_a_large_append_commits_in_place(mount_factory: MountFactory,
+                                                 tmp_path: Path) -> None:
+    """`cat more >> f` of a large append onto a large file (over APPEND_MIN: 1 MiB
+    here by the test knob, 8 MiB by default): its close commits by appending in place
+    (the file in SOURCE stays the same inode, its content is not copied), and so does
+    an fsync; a small append goes the usual way (here a copy: the file is under
+    commit=auto's journal threshold)."""
+    mount = mount_factory(env={"ATOMICFS_APPEND_MIN": str(1 << 20)})
+    big = b"".join(line("L", n) for n in range(30000))  # ~2.4 MiB
     mount.path("big.log").write_bytes(big)
     ino = os.stat(mount.src("big.log")).st_ino
-    more = line("L", 20000)
-    subprocess.run(["sh", "-c", f"printf '%s' '{more.decode()}' >> '{mount.path('big.log')}'"],
+    more = b"".join(line("L", n) for n in range(30000, 45000))  # ~1.2 MiB
+    (tmp_path / "more").write_bytes(more)
+    subprocess.run(["sh", "-c", f"cat '{tmp_path / 'more'}' >> '{mount.path('big.log')}'"],
                    check=True, timeout=60)
     assert mount.src("big.log").read_bytes() == big + more
     fd = os.open(mount.path("big.log"), os.O_WRONLY | os.O_APPEND)
     try:
-        os.write(fd, line("L", 20001))
+        os.write(fd, b"".join(line("L", n) for n in range(45000, 60000)))
         os.fsync(fd)
-        assert parse(mount.src("big.log").read_bytes()) == list(range(20002))
+        assert parse(mount.src("big.log").read_bytes()) == list(range(60000))
+        assert os.stat(mount.src("big.log")).st_ino == ino
+        os.write(fd, line("L", 60000))
     finally:
         os.close(fd)
-    assert os.stat(mount.src("big.log")).st_ino == ino
+    assert parse(mount.src("big.log").read_bytes()) == list(range(60001))
     commits = status_of(mount.mountpoint)["commits"]
     assert commits.get("append") == 2, commits
+    assert (commits["new"], commits["rename"]) == (1, 1), commits  # the first, the last line
 
 
 @pytest.mark.mount_options("checkpoint=0.2")

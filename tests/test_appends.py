@@ -338,6 +338,7 @@ def test_daemon_kill_loses_at_most_one_interval(mount_factory: MountFactory) -> 
     assert [s for _, s, _ in found] == list(range(len(found)))
     assert found, "nothing of the log survived the crash"
     lost_for = killed_at - found[-1][2]
+    print(f"kill -9: {len(found)} lines kept, the last written {lost_for:.2f}s before")
     assert lost_for <= CHECKPOINT + SLACK, \
         f"the last line kept was written {lost_for:.1f}s before the crash"
     m.start()
@@ -380,6 +381,8 @@ def test_power_cut_during_a_long_append_loses_at_most_one_interval(
         found = lines_of(m.src("app.log").read_bytes())
         assert [s for _, s, _ in found] == list(range(len(found)))
         assert found, "nothing of the log survived the power cut"
+        print(f"power cut: {len(found)} lines kept, the last written "
+              f"{cut_at - found[-1][2]:.2f}s before; recovery: {m.log().count('undid')} undone")
         assert cut_at - found[-1][2] <= interval + SLACK, \
             f"the last line kept was written {cut_at - found[-1][2]:.1f}s before the cut"
         assert lines_of(read_via_mount(m, "app.log")) == found

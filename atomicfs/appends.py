@@ -16,10 +16,10 @@ writing a new file the ordinary way keeps §1.4: the file appears whole or not
 at all).  An ``O_TRUNC`` open, a truncate, or a write below the end makes the
 session a rewrite until its next commit.
 
-Rotation: a truncate to zero of a log while another writer holds it
-(logrotate's ``copytruncate``, ``: > log``) is committed at once, as the
-truncation the rotating program asked for, and the session goes on as a log
-of the empty file.
+Rotation: a truncate to zero of a log that was appended to, while another writer
+holds it (logrotate's ``copytruncate``, ``: > log``), is committed at once, as
+the truncation the rotating program asked for, and the session goes on as a log
+of the empty file.  (A truncate to zero of an empty log changes nothing.)
 
 Write boundaries.  FUSE sends one write() as several WRITE requests when it is
 larger than a request (here 1 MiB, 256 pages), and also cuts it after a first
@@ -118,6 +118,7 @@ class AppendState:
     checkpoints: int = 0
     warned: bool = False  # the long-session warning was logged
     retry_at: float = 0.0  # a checkpoint that could not be made: none tried before this
+    appended: bool = False  # appended as a log at least once (what a rotation rotates)
 
     @classmethod
     def new(cls, size: int, log: bool) -> AppendState:
@@ -130,6 +131,7 @@ class AppendState:
             self.log = False
             return
         self.end = offset + length
+        self.appended = True
         if is_whole(offset, length):
             self.boundary = self.end
         self.last_write = now
@@ -348,9 +350,14 @@ class Appends:
         state = self.states.get(session)
         if state is None:
             return False
-        rotation = state.log and size == 0 and others > 0
+        if state.log and size == 0 and others > 0:
+            if session.size == 0:
+                return False  # nothing to drop: changes nothing, the log goes on
+            if state.appended:  # a log that was written to, held by its logger
+                state.stop()
+                return True
         state.stop()
-        return rotation
+        return False
 
     def committed(self, session: Session) -> None:
         state = self.states.get(session)

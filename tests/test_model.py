@@ -26,6 +26,13 @@ the namespace operations that need a new file in the source (link of a new
 file, rename of a new file over an existing name).  A file with no name left
 is never committed.
 
+Append sessions (docs/semantics.md §10): a session that only appended since its
+last commit is a log; a reader's open (isolated) first checkpoints its appends
+(the model's writes are whole and short: every append is a write boundary), and
+a truncate to zero of a log that was appended to, while another handle holds it,
+is committed at once (rotation).  The mounts use checkpoint=3600, so no timer
+checkpoint comes between two steps.
+
 One corner is left out: a file unlinked while written whose last writer then
 closed with uncommitted changes, read through a descriptor that still holds
 it (the contract does not say what such a reader sees).
@@ -49,7 +56,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import HAVE_FUSE, Mount
+from conftest import HAVE_FUSE, IS_ROOT, Mount
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -90,6 +97,11 @@ class MFile:
     # what readers still holding the file see is not specified (SEMANTICS 5.5 says
     # only that the data vanishes at release); reads and sizes are not compared.
     unspecified: bool = False
+    # docs/semantics.md §10: the session is a log; it appended as one (ever; since
+    # its last commit)
+    log: bool = False
+    appended: bool = False
+    unsaved: bool = False
 
     def view(self) -> bytes:
         """What the file's writers (and non-isolated readers) see."""
@@ -101,6 +113,43 @@ class MFile:
         """Commit the session (a file with no name left is never committed)."""
         if self.session is not None and self.names:
             self.committed = bytes(self.session)
+
+    def whole_commit(self) -> None:
+        """A commit point of the session: committed, and a log again from here."""
+        self.commit()
+        if self.session is not None:
+            self.log, self.unsaved = True, False
+
+    def start(self, log: bool) -> None:
+        self.log, self.appended, self.unsaved = log, False, False
+
+    def truncating(self, size: int, others: int) -> bool:
+        """Before a truncate of the session: is it a rotation, committed at once?"""
+        assert self.session is not None
+        if self.log and size == 0 and others > 0:
+            if not self.session:
+                return False  # changes nothing
+            if self.appended:
+                self.log = False
+                return True
+        self.log = False
+        return False
+
+    def rotate(self) -> None:
+        """After a rotation's truncate: committed if that changed anything."""
+        assert self.session is not None
+        if self.committed is None or bytes(self.session) != self.committed:
+            self.whole_commit()
+
+    def reader_open(self) -> None:
+        """An isolated reader's open: the log's appends are checkpointed first."""
+        if self.session is None or not self.log or not self.unsaved:
+            return
+        if self.committed is None:  # a new log: its first checkpoint publishes it
+            self.whole_commit()
+        elif IS_ROOT and self.names:  # in place (needs file handles); never unlinked
+            self.committed = bytes(self.session)
+            self.unsaved = False
 
 
 @dataclass(eq=False)
@@ -162,7 +211,7 @@ class Model(RuleBasedStateMachine):
     def publish(self, f: MFile) -> None:
         """A new file made real in the source (before a namespace operation needs it)."""
         if f.committed is None:
-            f.commit()
+            f.whole_commit()
 
     def expect_errno(self, what: str, got: int, want: int) -> None:
         assert got == want, f"{what}: errno {errno.errorcode.get(got, got)}, model says " \
@@ -186,17 +235,24 @@ class Model(RuleBasedStateMachine):
         label = f"h{next(self.labels)}:{name}:{flags}"
         if f is None:  # created: a new file with a session of its own
             f = MFile(None, bytearray(), {name})
+            f.start(log=bool(fl & os.O_APPEND))  # a new file is a log if created to append
             self.names[name] = f
             h = MHandle([fd], f, fl, label, member=True, isolated=False)
         elif can_modify(fl):
             if f.session is None:
                 f.session = bytearray(f.committed or b"")
+                f.start(log=True)
             if fl & os.O_TRUNC:
+                rotation = f.truncating(0, f.members)
                 del f.session[:]
+                if rotation:
+                    f.rotate()
             h = MHandle([fd], f, fl, label, member=True, isolated=False)
         else:
-            h = MHandle([fd], f, fl, label, member=False,
-                        isolated=f.session is not None and self.isolation == "committed")
+            isolated = f.session is not None and self.isolation == "committed"
+            if isolated:
+                f.reader_open()
+            h = MHandle([fd], f, fl, label, member=False, isolated=isolated)
         if h.member:
             f.members += 1
         self.handles.append((fd, h))
@@ -242,6 +298,10 @@ class Model(RuleBasedStateMachine):
         assert s is not None and h.member
         if h.flags & os.O_APPEND:
             off = len(s)
+        if off < len(s):  # an overwrite: a rewrite until the next commit
+            h.file.log = False
+        elif h.file.log:
+            h.file.appended = h.file.unsaved = True
         if off > len(s):
             s.extend(bytes(off - len(s)))
         s[off:off + len(data)] = data
@@ -257,11 +317,14 @@ class Model(RuleBasedStateMachine):
             return
         s = h.file.session
         assert s is not None
+        rotation = h.file.truncating(size, h.file.members - 1)
         if size < len(s):
             del s[size:]
         else:
             s.extend(bytes(size - len(s)))
         h.wrote = True
+        if rotation:
+            h.file.rotate()
 
     @precondition(lambda self: self.handles)
     @rule(i=st.integers(0, MAX_HANDLES), data=st.booleans())
@@ -269,7 +332,7 @@ class Model(RuleBasedStateMachine):
         fd, h = self.handle(i)
         _, got = errno_of(os.fdatasync if data else os.fsync, fd)
         self.expect_errno(f"fsync({h.label})", got, 0)
-        h.file.commit()
+        h.file.whole_commit()
         h.wrote = False
 
     @precondition(lambda self: self.handles)
@@ -283,7 +346,7 @@ class Model(RuleBasedStateMachine):
         f = h.file
         if h.member:
             if h.wrote:  # flush (every close): commits if this handle wrote
-                f.commit()
+                f.whole_commit()
                 h.wrote = False
             if h.fds:  # other descriptors of the open file remain: no release yet
                 return
@@ -332,6 +395,8 @@ class Model(RuleBasedStateMachine):
             os.close(fd)
         assert f is not None
         isolated = f.session is not None and self.isolation == "committed"
+        if isolated:
+            f.reader_open()
         want = (f.committed or b"") if isolated else f.view()
         assert data == want, f"fresh reader of {name}: {data!r}, model says {want!r}"
 
@@ -364,8 +429,11 @@ class Model(RuleBasedStateMachine):
             return
         assert f is not None
         alone = f.session is None
+        rotation = False
         if alone:
             f.session = bytearray(f.committed or b"")
+        else:
+            rotation = f.truncating(size, f.members)
         if size < len(f.session):
             del f.session[size:]
         else:
@@ -373,6 +441,8 @@ class Model(RuleBasedStateMachine):
         if alone:  # committed at once
             f.commit()
             f.session = None
+        elif rotation:
+            f.rotate()
 
     @rule(name=st.sampled_from(NAMES))
     def unlink(self, name: str) -> None:
@@ -469,7 +539,9 @@ def shared_mount(request: pytest.FixtureRequest,
     base = tmp_path_factory.mktemp("model")
     (base / "src").mkdir()
     (base / "mnt").mkdir()
-    options = [] if request.param == "committed" else [f"isolation={request.param}"]
+    options = ["checkpoint=3600"]  # no timer checkpoint between two steps
+    if request.param != "committed":
+        options.append(f"isolation={request.param}")
     m = Mount(base / "src", base / "mnt", options, base / "daemon.log")
     m.start()
     try:

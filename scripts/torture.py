@@ -1344,18 +1344,21 @@ class Appender(Worker):
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__(cfg)
-        path = self.mnt / APPLOG
-        self.n = applog_lines(read_all(path) or b"")  # what is committed: a prefix
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.fd = -1
+        self.n = 0
 
     def step(self) -> None:
+        if self.fd < 0:  # in main: a daemon that died meanwhile ends it quietly (E)
+            path = self.mnt / APPLOG
+            self.n = applog_lines(read_all(path) or b"")  # what is committed: a prefix
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.write(self.fd, applog_line(self.n))
         self.n += 1
         if self.n % APPLOG_SYNC == 0:
             os.fsync(self.fd)
             self.event("F", n=self.n)
             os.fsync(self.log_fd)
-        time.sleep(0.002)
+        time.sleep(0.01)  # light: the writers' load stays what it was
 
 
 WORKERS = {"_spin": SpinWriter, "_reader": Reader, "_mover": Mover, "_appender": Appender}

@@ -904,19 +904,23 @@ class Committer:
                 if done is not None:
                     done.set()
 
-    async def _apply(self, session: Session, work: Callable[[int], None],
-                     target: int) -> None:
-        """Run ``work(target)`` in a thread while isolated readers of the file wait
-        (``target``: the file open for writing, the caller's to close)."""
-        inode = session.inode
+    async def exclusive(self, inode: Inode, work: Callable[[], None]) -> None:
+        """Run ``work`` (a change of the committed file in place) in a thread while
+        isolated readers of the file wait, after the threaded reads begun before it."""
         done = self.applying[inode.ino] = trio.Event()
         try:
             while inode.ino in self.reading:  # reads begun before: let them finish
                 await self._read_done.setdefault(inode.ino, trio.Event()).wait()
-            await trio.to_thread.run_sync(work, target)
+            await trio.to_thread.run_sync(work)
         finally:
             del self.applying[inode.ino]
             done.set()
+
+    async def _apply(self, session: Session, work: Callable[[int], None],
+                     target: int) -> None:
+        """Run ``work(target)`` in a thread while isolated readers of the file wait
+        (``target``: the file open for writing, the caller's to close)."""
+        await self.exclusive(session.inode, lambda: work(target))
         if session.shadow is not None:
             os.ftruncate(session.shadow, 0)
         session.emap.reset(session.size)

@@ -29,6 +29,10 @@ Policy (SEMANTICS §2, §4):
   housekeeper.
 - Opens wait for a commit in progress on the same file, so an open after a
   close() returned sees what that close committed.
+- A session that only appends is a log, committed in steps (checkpoints,
+  :mod:`atomicfs.appends`, docs/semantics.md §10); a reader's open
+  checkpoints it first, so an isolated reader sees every append made before
+  its open, and every checkpoint after.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import pyfuse3
 import trio
 
 from . import metadata, processes, syscalls
+from .appends import Appends
 from .commit import Committer
 from .extents import ExtentMap
 from .inodes import Inode, InodeTable
@@ -74,7 +79,8 @@ class FileHandle:
 
 class Files:
     def __init__(self, table: InodeTable, namespace: Namespace, committer: Committer,
-                 isolation: str = "committed", mountpoint: str | None = None) -> None:
+                 isolation: str = "committed", mountpoint: str | None = None,
+                 checkpoint: float = 5.0, checkpoint_bytes: int = 64 << 20) -> None:
         self.table = table
         self.mountpoint = mountpoint  # None: closes are not told apart (processes.py)
         self.namespace = namespace
@@ -87,6 +93,7 @@ class Files:
         self.unseen: dict[int, int] = {}  # inode -> errno of a lost version no handle saw
         self._next_fh = 1
         committer.lost = self._lost
+        self.appends = Appends(committer, self._commit, checkpoint, checkpoint_bytes)
 
     def get(self, fh: int) -> FileHandle:
         try:
@@ -112,6 +119,7 @@ class Files:
         session = Session(inode, ExtentMap(size), base_size=size)
         self.sessions[inode.ino] = session
         inode.holders += 1
+        self.appends.start(session, log=True)
         return session
 
     def _end_session(self, session: Session) -> None:
@@ -130,6 +138,7 @@ class Files:
                 self.namespace.remove_pending(parent_ino, name)
                 self.committer.housekeeper.forget_entry(parent_ino, name)
             session.inode.gone = True
+        self.appends.forget(session)
         session.close()
         session.inode.holders -= 1
         self.table.maybe_drop(session.inode)
@@ -174,8 +183,12 @@ class Files:
                 return False  # unlinked: nothing to keep, nothing lost (semantics §2.5)
             raise OSError(session.failed, "not committed: an earlier write to this file "
                           f"failed ({os.strerror(session.failed)})")
+        # a log is committed by appending in place (§10); else as usual
         with self.table.critical():  # may use the descriptors kept for commits
-            return await self.committer.commit(session, self.table.data, at)
+            made = (await self.appends.commit_log(session)
+                    or await self.committer.commit(session, self.table.data, at))
+        self.appends.committed(session)  # a whole commit: a log again from here (§10)
+        return made
 
     async def publish(self, inode: Inode) -> None:
         """Make the file real in the source tree now (before a namespace operation
@@ -216,15 +229,21 @@ class Files:
                 session = self._start_session(inode)
             session.writers += 1
             handle = self._register(inode, flags, session, isolated=False, pid=pid)
-            if flags & os.O_TRUNC and session.size:
-                async with session.lock:
-                    session.truncate(0)
+            if flags & os.O_TRUNC:
+                await self._truncate_open(session)
             return handle, pyfuse3.FileInfo(fh=handle.fh, keep_cache=self._keep_cache(inode))
         isolated = session is not None and self._isolated(session, pid)
         if session is not None:
             log.debug("read-only open of %s by pid %d during a session: %s",
                       self.committer.describe(inode), pid,
                       "isolated" if isolated else "page cache")
+        if isolated and session is not None:
+            upto = self.appends.unsaved(session)
+            if upto is not None:  # the reader sees every append made before its open
+                async with session.lock:
+                    upto = self.appends.unsaved(session)
+                    if upto is not None:
+                        await self.appends.try_checkpoint(session, upto, "a reader's open")
         handle = self._register(inode, flags, None, isolated, pid)
         keep = isolated or self._keep_cache(inode)  # direct_io: the cache is not used
         return handle, pyfuse3.FileInfo(fh=handle.fh, direct_io=isolated, keep_cache=keep)
@@ -264,6 +283,16 @@ class Files:
                     return False
         return True
 
+    async def _truncate_open(self, session: Session) -> None:
+        """An open with O_TRUNC joins the session: it empties it.  A rewrite from here
+        (never checkpointed), unless it rotates a log another writer holds (§10)."""
+        async with session.lock:
+            rotation = self.appends.truncating(session, 0, session.writers - 1)
+            if session.size:
+                session.truncate(0)
+            if rotation and session.dirty:
+                await self._commit(session, "rotation")
+
     def create(self, parent: Inode, name: bytes, mode: int, flags: int,
                ctx: pyfuse3.RequestContext) -> tuple[FileHandle, pyfuse3.EntryAttributes]:
         """A new file: an unnamed shadow that gets its name at its first commit."""
@@ -287,6 +316,8 @@ class Files:
         session.mtime_ns = st.st_mtime_ns
         self.sessions[inode.ino] = session
         inode.holders += 1
+        # a new file is a log only if its creator appends (§10); else it appears whole
+        self.appends.start(session, log=bool(flags & os.O_APPEND))
         session.writers += 1
         handle = self._register(inode, flags, session, isolated=False, pid=ctx.pid)
         return handle, self.attributes(inode)
@@ -336,6 +367,12 @@ class Files:
                 written = self._write(handle, session, off, buf)
         if len(session.emap) > session.spill_at:
             await self._spill(session)
+        upto = self.appends.due(session)
+        if upto is not None:  # checkpoint_bytes appended (or the interval passed)
+            async with session.lock:
+                upto = self.appends.due(session)
+                if upto is not None:
+                    await self.appends.try_checkpoint(session, upto, "bytes appended")
         return written
 
     async def _spill(self, session: Session) -> None:
@@ -360,8 +397,10 @@ class Files:
     def _write(self, handle: FileHandle, session: Session, off: int, buf: bytes) -> int:
         if handle.flags & os.O_APPEND:
             off = session.size
+        size_before = session.size
         written = session.write(self._make_shadow, off, buf)
         handle.wrote = True
+        self.appends.wrote(session, off, written, size_before)
         return written
 
     async def truncate(self, inode: Inode, size: int, handle: FileHandle | None) -> None:
@@ -370,9 +409,13 @@ class Files:
             async with session.lock:
                 # by path: the session may have ended (last release) while we waited
                 if handle is not None or self.sessions.get(inode.ino) is session:
+                    others = session.writers - (handle is not None)
+                    rotation = self.appends.truncating(session, size, others)
                     session.truncate(size)
                     if handle is not None:
                         handle.wrote = True
+                    if rotation and session.dirty:
+                        await self._commit(session, "rotation")
                     return
             session = self.sessions.get(inode.ino)
         # truncate(2) by path with no session open: a session of its own, committed now.
@@ -468,11 +511,16 @@ class Files:
         When the connection ends, the kernel drops requests it had not delivered,
         RELEASE among them. A session none of whose handles holds unflushed writes
         (every descriptor passed a close: new empty files, truncations) is committed
-        as its release would have; one still being written is dropped.
+        as its release would have; one still being written is dropped, except the
+        whole writes of a log (a last checkpoint, docs/semantics.md §10).
         """
         for session in list(self.sessions.values()):
             if session.abandoned or any(h.wrote for h in self.handles.values()
                                         if h.session is session):
+                upto = self.appends.whole_writes(session)
+                if upto is not None:  # a log keeps its whole appends (§10)
+                    async with session.lock:
+                        await self.appends.try_checkpoint(session, upto, "unmount")
                 continue
             try:
                 async with session.lock:

@@ -85,10 +85,18 @@ OPTIONS
             made durable in groups within 50 ms; fsync() is always durable.
         isolation=committed|shared
             committed (default): a read-only handle opened while the file is
-            being written reads the last committed version. shared: readers
-            see writes in progress, as on ext4 (tail -f on logs).
+            being written reads the last committed version (for a file only
+            appended to, its open first commits the appends, and it sees
+            each checkpoint: tail -F follows logs). shared: readers see
+            writes in progress, as on ext4.
         commit=auto|rename|journal
             how commits are made; auto chooses per file.
+        checkpoint=SECONDS, checkpoint_bytes=BYTES
+            a file that is only appended to (a log held open) is committed
+            in steps: every SECONDS (default 5, 0.1 to 3600) and every BYTES
+            appended (default 64M; units k, M, G), at a write() boundary,
+            by appending to the committed file in place. A crash loses at
+            most the last step. Other sessions are committed only whole.
         entry_timeout=SECONDS, attr_timeout=SECONDS
             how long the kernel trusts a cached name / a file's attributes
             (default 10 each, 0 to 3600). Changes made through the mount are
@@ -189,10 +197,12 @@ SYNOPSIS
 DESCRIPTION
     Asks the daemon serving MOUNTPOINT for its status and prints it: its pid,
     source and uptime; the open write sessions (path, bytes buffered, extents
-    of the extent map, age, writers); counters since mount (commits per
-    strategy, bytes committed, failed commits by errno, commits in flight,
-    recovery actions at mount); and commit latency percentiles over the most
-    recent commits.
+    of the extent map, age, writers, and KIND: "append" for a log committed
+    in checkpoints, with their number, or "rewrite" for a session committed
+    only whole); counters since mount (commits per strategy, "append" for
+    logs committed by appending in place; checkpoints; bytes committed,
+    failed commits by errno, commits in flight, recovery actions at mount);
+    and commit latency percentiles over the most recent commits.
 
     The daemon serves this as the extended attribute user.atomicfs.status of
     the mount's root (a JSON document); no file in the tree is involved.

@@ -99,7 +99,9 @@ class AtomicOperations(pyfuse3.Operations):
         self.options_summary = {"durability": options.durability,
                                 "isolation": options.isolation, "commit": options.commit,
                                 "entry_timeout": f"{options.entry_timeout:g}",
-                                "attr_timeout": f"{options.attr_timeout:g}"}
+                                "attr_timeout": f"{options.attr_timeout:g}",
+                                "checkpoint": f"{options.checkpoint:g}",
+                                "checkpoint_bytes": str(options.checkpoint_bytes)}
         metadata.Timeouts.entry = options.entry_timeout
         metadata.Timeouts.attr = options.attr_timeout
         self.options = options
@@ -125,7 +127,8 @@ class AtomicOperations(pyfuse3.Operations):
                                    self.namespace.published, options.commit,
                                    options.durability, self.housekeeper)
         self.files = Files(self.table, self.namespace, self.committer, options.isolation,
-                           self.info.mountpoint or None)
+                           self.info.mountpoint or None, options.checkpoint,
+                           options.checkpoint_bytes)
 
     def _attrs(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         if inode.is_reg:
@@ -420,6 +423,8 @@ class AtomicOperations(pyfuse3.Operations):
         persist of durability=batch."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.housekeeper.run)
+            nursery.start_soon(self.files.appends.run,
+                               lambda: list(self.files.sessions.values()))
             if self.committer.batch:
                 nursery.start_soon(self.committer.run_batches)
 

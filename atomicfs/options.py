@@ -1,7 +1,8 @@
 """Parsing of ``-o`` mount options (pure logic, no FUSE needed).
 
 Options are of three sorts:
-- atomicfs's own (``durability=``, ``isolation=``, ``commit=``), checked here;
+- atomicfs's own (``durability=``, ``isolation=``, ``commit=``, ``checkpoint=``,
+  ``checkpoint_bytes=``...), checked here;
 - standard FUSE/mount options, passed to libfuse unchanged;
 - fstab-only words that mount(8) or systemd use and that mean nothing to a
   FUSE daemon (``defaults``, ``_netdev``, ``nofail``, ``x-systemd.*``...),
@@ -17,6 +18,12 @@ from dataclasses import dataclass, field
 
 MAX_TIMEOUT = 3600.0  # seconds; entry_timeout= and attr_timeout= accept 0..MAX_TIMEOUT
 OWN_TIMEOUTS = ("entry_timeout", "attr_timeout")
+# Append sessions (docs/semantics.md §10): committed in steps every checkpoint= seconds
+# and every checkpoint_bytes= bytes appended.
+MAX_CHECKPOINT = 3600.0
+MIN_CHECKPOINT = 0.1
+MAX_CHECKPOINT_BYTES = 1 << 40
+UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 OWN_CHOICES: dict[str, tuple[str, ...]] = {
     "durability": ("full", "batch"),
     "isolation": ("committed", "shared"),
@@ -58,6 +65,8 @@ class MountOptions:
     # cached (README "Performance").
     entry_timeout: float = 10.0
     attr_timeout: float = 10.0
+    checkpoint: float = 5.0  # seconds between checkpoints of an append session
+    checkpoint_bytes: int = 64 << 20  # bytes appended that make a checkpoint at once
     debug: bool = False
     fuse: set[str] = field(default_factory=set)
 
@@ -88,6 +97,28 @@ def _seconds(key: str, value: str) -> float:
     return seconds
 
 
+def _checkpoint_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not MIN_CHECKPOINT <= seconds <= MAX_CHECKPOINT:  # also NaN
+        raise OptionError(f"bad value for option checkpoint: {value!r} (expected seconds "
+                          f"from {MIN_CHECKPOINT:g} to {MAX_CHECKPOINT:g})")
+    return seconds
+
+
+def _bytes(key: str, value: str) -> int:
+    """``65536``, ``64k``, ``64M``, ``1G`` (binary units, case-insensitive)."""
+    digits = value.rstrip("kKmMgG")
+    unit = value[len(digits):].lower()
+    n = int(digits) * UNITS[unit] if digits.isdigit() and unit in UNITS else 0
+    if 1 <= n <= MAX_CHECKPOINT_BYTES:
+        return n
+    raise OptionError(f"bad value for option {key}: {value!r} (expected a number of bytes "
+                      f"from 1 to 1T, with an optional unit k, M or G)")
+
+
 def parse_options(items: Iterable[str], *, source: str, is_root: bool) -> MountOptions:
     opts = MountOptions()
     fuse: set[str] = set()
@@ -101,6 +132,10 @@ def parse_options(items: Iterable[str], *, source: str, is_root: bool) -> MountO
             setattr(opts, key, value)
         elif key in OWN_TIMEOUTS:
             setattr(opts, key, _seconds(key, value if eq else ""))
+        elif key == "checkpoint":
+            opts.checkpoint = _checkpoint_seconds(value if eq else "")
+        elif key == "checkpoint_bytes":
+            opts.checkpoint_bytes = _bytes(key, value if eq else "")
         elif key == "debug" and not eq:
             opts.debug = True
         elif item in NEGATIONS:

@@ -1,9 +1,10 @@
 """The daemon's own directory in SOURCE, and recovery of what a crash left there.
 
 ``SOURCE/.atomicfs`` (invisible through the mount) holds the journal records
-of in-place commits and the temporary names that a rename commit uses between
-linking its shadow and renaming it over the target.  A temporary name left
-there means the commit did not reach its rename: the committed version is
+of in-place commits, the rollback records of checkpoints in progress
+(:mod:`atomicfs.appends`) and the temporary names that a rename commit uses
+between linking its shadow and renaming it over the target.  A temporary name
+left there means the commit did not reach its rename: the committed version is
 still the old one, so recovery removes the leftover.
 Shadows are unnamed (O_TMPFILE): the filesystem frees them after a crash.
 At a clean unmount the directory is removed when empty.
@@ -16,7 +17,7 @@ import logging
 import os
 import stat
 
-from . import journal
+from . import appends, journal
 from .namespace import DAEMON_DIR
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,12 @@ def recover(root_fd: int, daemon_dir: int) -> list[str]:
     """Resolve what interrupted commits left; returns one line per action taken.
 
     Complete journal records are replayed (their commit finishes), torn ones
-    discarded (their commit never started changing the file); temporary names
+    discarded (their commit never started changing the file); checkpoints of
+    append sessions that a crash interrupted are undone; temporary names
     of rename commits are removed (the rename never happened).
     """
     done = journal.replay(daemon_dir, root_fd)
+    done += appends.recover(daemon_dir, root_fd)  # after the redo records (appends.py)
     listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=daemon_dir)
     try:
         names = os.listdir(listing)

@@ -52,9 +52,11 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 def snapshot(ops: AtomicOperations) -> dict[str, Any]:
     now = time.monotonic()
     sessions = []
+    appends = ops.files.appends
     for session in ops.files.sessions.values():
         inode = session.inode
         where = ops.committer.describe(inode)
+        state = appends.states.get(session)
         sessions.append({
             "inode": inode.ino,
             "path": where,
@@ -66,6 +68,9 @@ def snapshot(ops: AtomicOperations) -> dict[str, Any]:
             "new_file": session.pending,
             "dirty": session.dirty,
             "spilled_bytes": session.spilled,
+            # docs/semantics.md §10: a log is checkpointed; any other session is not
+            "append": state is not None and state.log,
+            "checkpoints": state.checkpoints if state is not None else 0,
         })
     stats = ops.committer.stats
     info = ops.info
@@ -82,6 +87,8 @@ def snapshot(ops: AtomicOperations) -> dict[str, Any]:
         "inodes": len(ops.table),
         "commits": dict(stats.commits),
         "commits_in_flight": ops.committer.in_flight,
+        "checkpoints": {"made": appends.checkpoints, "bytes": appends.bytes,
+                        "failed": appends.failures},
         "staged": len(ops.committer.staged),
         "bytes_committed": stats.bytes_committed,
         "failures": dict(stats.failures),
@@ -172,17 +179,23 @@ def format_text(doc: dict[str, Any]) -> str:
                  f"commits in flight {doc.get('commits_in_flight', 0)}, "
                  f"staged {doc.get('staged', 0)})")
     if sessions:
-        rows = [("WRITERS", "BUFFERED", "EXTENTS", "AGE", "PATH")]
+        rows = [("WRITERS", "BUFFERED", "EXTENTS", "AGE", "KIND", "PATH")]
         for s in sessions:
             path = s["path"] + (" (new file)" if s.get("new_file") else "")
+            kind = (f"append ({s.get('checkpoints', 0)} checkpoints)" if s.get("append")
+                    else "rewrite")
             rows.append((str(s["writers"]), human_bytes(s["buffered_bytes"]), str(s["extents"]),
-                         human_duration(s["age_s"]), path))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+                         human_duration(s["age_s"]), kind, path))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
         for r in rows:
             lines.append("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=False))
-                         + "  " + r[4])
+                         + "  " + r[5])
     lines.append(f"commits: {counts_text(doc.get('commits', {}))}; "
                  f"{human_bytes(doc.get('bytes_committed', 0))} committed")
+    cp = doc.get("checkpoints")
+    if cp:
+        lines.append(f"checkpoints of append sessions: {cp['made']} "
+                     f"({human_bytes(cp['bytes'])} appended), {cp['failed']} failed")
     failures = doc.get("failures", {})
     lines.append("failed commits: " + (counts_text(failures) if failures else "none"))
     recoveries = doc.get("recoveries", [])

@@ -14,7 +14,9 @@ handle, against a reference bytearray.  Besides every read and every size
   reach the content (waiting up to a few seconds for the asynchronous release);
 - a fresh read-only handle opened while the file is open for writing reads the
   last committed version (``isolation=committed``; with ``--isolation shared``
-  it reads the current content);
+  it reads the current content); when the session only appended since its last
+  commit (a log, docs/semantics.md §10), the reader's open first commits those
+  appends, up to the last write known to be whole (``atomicfs.appends``);
 - at the end, after unmounting, SOURCE holds the reference.
 
 Usage:
@@ -38,6 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from atomicfs.appends import IDLE_WHOLE, is_whole
 
 SETTLE = 5.0  # seconds an asynchronous release commit may take to reach SOURCE
 PAGE = mmap.PAGESIZE
@@ -117,6 +121,9 @@ class Fsx:
         self.counts: collections.Counter[str] = collections.Counter()
         self.fd = -1
         self.opno = 0
+        self.appending = False  # the session is a log (docs/semantics.md §10)
+        self.boundary = 0  # the end of its last whole append
+        self.last_write = 0.0
 
     # -- reporting ----------------------------------------------------------------
     def fail(self, msg: str) -> None:
@@ -174,7 +181,16 @@ class Fsx:
 
     # -- operations --------------------------------------------------------------------
     def open(self) -> None:
+        # a new file written without O_APPEND is no log; an existing one starts as one
+        self.appending = self.committed is not None
+        self.boundary = len(self.committed or b"")
         self.fd = os.open(self.mnt_path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def commit_point(self) -> None:
+        """The model of a whole commit: the committed content, a log again from it."""
+        self.committed = bytes(self.ref)
+        self.appending = True
+        self.boundary = len(self.ref)
 
     def rand_range(self, limit: int) -> tuple[int, int]:
         off = self.rng.randrange(0, max(1, limit))
@@ -199,6 +215,11 @@ class Fsx:
         done = os.pwrite(self.fd, data, off)
         if done != n:
             self.fail(f"pwrite returned {done}, want {n}")
+        if off < len(self.ref):  # an overwrite: no log until the next commit
+            self.appending = False
+        elif is_whole(off, n):  # (one FUSE request: n <= 1 MiB)
+            self.boundary = off + n
+        self.last_write = time.monotonic()
         if off > len(self.ref):
             self.ref.extend(bytes(off - len(self.ref)))
         self.ref[off:off + n] = data
@@ -207,6 +228,7 @@ class Fsx:
         size = self.rng.randrange(0, self.maxlen + 1)
         self.note(f"truncate {len(self.ref):#x} -> {size:#x}")
         os.ftruncate(self.fd, size)
+        self.appending = False
         if size < len(self.ref):
             del self.ref[size:]
         else:
@@ -218,6 +240,7 @@ class Fsx:
         if off + n > len(self.ref):  # as fsx: extend the file first, a mapping cannot
             self.note(f"truncate {len(self.ref):#x} -> {off + n:#x} (for mapwrite)")
             os.ftruncate(self.fd, off + n)
+            self.appending = False
             self.ref.extend(bytes(off + n - len(self.ref)))
         data = self.rng.randbytes(n)
         start = off - off % PAGE
@@ -232,13 +255,14 @@ class Fsx:
         finally:
             m.close()
         self.ref[off:off + n] = data
+        self.appending = False  # written back as WRITEs inside the file
         self.mmap_closed()
 
     def mmap_closed(self) -> None:
         """Python's mmap holds a dup() of the descriptor and closes it with the map:
         a close() of the written file (FLUSH, after the kernel wrote the dirty
         pages back), so a commit point like any other close()."""
-        self.committed = bytes(self.ref)
+        self.commit_point()
         self.check_source(self.committed, wait=self.batch)
 
     def op_mapread(self) -> None:
@@ -262,14 +286,14 @@ class Fsx:
         data = self.rng.random() < 0.3
         self.note("fdatasync" if data else "fsync")
         (os.fdatasync if data else os.fsync)(self.fd)
-        self.committed = bytes(self.ref)
+        self.commit_point()
         self.check_source(self.committed, wait=False)  # fsync commits before returning
 
     def op_closeopen(self) -> None:
         self.note("close + open")
         os.close(self.fd)
         self.fd = -1
-        self.committed = bytes(self.ref)
+        self.commit_point()
         self.check_source(self.committed, wait=True)  # the last release commits
         self.open()
 
@@ -290,10 +314,25 @@ class Fsx:
         if self.committed is None and self.isolation == "committed":
             return  # a new file not yet committed: its reader sees an empty file
         want = bytes(self.ref) if self.isolation == "shared" else self.committed
+        also = want
+        checkpoints = self.isolation == "committed" and self.appending
+        if checkpoints and self.committed is not None:
+            # the open checkpoints the appends, up to the last whole write (or, once
+            # that last write has been alone IDLE_WHOLE seconds, through it)
+            if self.boundary > len(self.committed):
+                want = bytes(self.ref[:self.boundary])
+            also = want
+            if (len(self.ref) > len(want)
+                    and time.monotonic() - self.last_write > IDLE_WHOLE * 0.9):
+                also = bytes(self.ref)
         self.note(f"peek     (fresh reader in another process, {self.isolation} view)")
         got = self.reader.read(self.mnt_path)
-        if got != want:
+        if got != want and got != also:
             self.fail(f"fresh reader in another process: {self.diff(got, want or b'')}")
+        if checkpoints:
+            self.committed = got  # a checkpoint: the committed version now
+            self.boundary = max(self.boundary, len(got))
+            self.check_source(self.committed, wait=self.batch)
 
     OPS = {"read": 20, "write": 20, "mapread": 10, "mapwrite": 12, "truncate": 8,
            "fsync": 6, "closeopen": 4, "peek": 6}

@@ -32,6 +32,12 @@ File kinds (the first letter of a file's name), every version verifiable:
 - ``B``: a 10 MiB P file (one, shared): small patches of a large file, which
   ``commit=auto`` journals in place.
 
+A long-lived appender holds ``applog`` open for the whole round and appends
+numbered lines, one write() each, with an fsync every 25 lines (logged once it
+returned): after the crash the file must be whole lines numbered from 0 (a
+prefix of all it ever wrote, across rounds: checkpoints, docs/semantics.md §10)
+holding at least every line fsync'ed.
+
 Writers log to a side file outside the mount (fsync'ed): ``S`` before an
 operation starts (with the digest the new version will have), ``F`` when an
 fsync returned, ``K`` before closing a temporary file, ``T`` when a temporary
@@ -92,7 +98,10 @@ FAULT_POINTS = ["commit.before_fsync", "commit.after_fsync", "commit.after_link"
                 "commit.after_rename", "commit.after_dir_fsync",
                 "journal.before_header", "journal.before_record_fsync", "journal.after_record",
                 "journal.mid_apply", "journal.after_apply", "journal.after_target_fsync",
-                "journal.after_retire"]
+                "journal.after_retire",
+                # a log's commit by appending in place (atomicfs/appends.py): L files
+                "append.after_record", "append.after_copy", "append.before_fsync",
+                "append.before_retire"]
 ABSENT = "-"  # the digest of "no file"
 VERSION_STEP = 10**7  # versions of round r are r * VERSION_STEP + n
 DEAD_ERRNOS = {errno.ENOTCONN, errno.ECONNABORTED}
@@ -597,6 +606,9 @@ class Daemon:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(CODE) + os.pathsep + env.get("PYTHONPATH", "")
         env.pop("ATOMICFS_FAULTS", None)
+        # the logs (L) are small: with this knob their closes commit by appending in
+        # place too (atomicfs/appends.py), so the append.* crash points are reached
+        env.setdefault("ATOMICFS_APPEND_MIN", "0")
         if faults:
             env["ATOMICFS_FAULTS"] = faults
         with open(log, "ab") as logf:
@@ -710,7 +722,8 @@ class Torture:
         self.round_violations = 0
         self.batch = False  # this round mounts with durability=batch
         self.linked: set[str] = set()  # Q files whose second name was made
-        self.foreign: set[str] = set()  # top-level names check_tree leaves to others
+        self.foreign: set[str] = {APPLOG}  # top-level names check_tree leaves to others
+        self.applog_lines = 0
 
     def check_out(self, log: Path, who: str) -> None:
         """A writer's or worker's stdout/stderr (``.out`` beside its log) must be empty."""
@@ -765,6 +778,7 @@ class Torture:
                  f"versions_verified={s.versions_verified} live_reads_verified={s.live_reads} "
                  f"ops_started={s.ops_started} ops_completed={s.ops_done} fsyncs={s.fsyncs} "
                  f"app_tmp_files_kept={s.tmp_kept} recovery_leftovers={s.leftovers} "
+                 f"applog_lines={self.applog_lines} "
                  f"violations={len(self.violations)} time={time.monotonic() - t0:.1f}s")
         if s.missed_faults:
             self.say("note: fault points not reached (killed instead): "
@@ -831,6 +845,9 @@ class Torture:
                     writers: list[subprocess.Popen[bytes]]) -> float:
         a = self.args
         self.start_writers(rdir, vbase, 60, writers)
+        writers.append(self.spawn(rdir, "appender", 0, {
+            "seed": self.rng.randrange(2**32), "mnt": str(self.mnt), "seconds": 60,
+            "log": str(rdir / "appender-0.log")}))
         start = time.monotonic()
         how = ""
         if mode == "kill":
@@ -883,6 +900,7 @@ class Torture:
         # recovery: mount, look through the mount, clean unmount
         rec = Daemon(self.src, self.mnt, rdir / "recovery.log", a.options)
         through_mount = {f: read_all(self.mnt / f) for f in self.all_files}
+        applog_via_mount = read_all(self.mnt / APPLOG)
         rc = rec.unmount()
         if rc != 0:
             self.violations.append(f"round {r + 1}: recovery daemon exited with {rc}")
@@ -891,6 +909,7 @@ class Torture:
         ops, events = self.load_logs(rdir, death)
         n_violations = self.round_violations
         checked, kept = self.check_tree(r, ops, through_mount)
+        self.check_applog(r, rdir, applog_via_mount)
         self.stats.rounds += 1
         if len(self.violations) == n_violations:
             self.stats.crashes += 1
@@ -899,6 +918,36 @@ class Torture:
                  f"leftovers {len(leftovers)} | tmp kept {kept}"
                  + ("" if len(self.violations) == n_violations
                     else f" | {len(self.violations) - n_violations} VIOLATION(S)"))
+
+    def check_applog(self, r: int, rdir: Path, via_mount: bytes | None) -> None:
+        """The appender's file: whole lines, a prefix, every fsync'ed line kept."""
+        data = read_all(self.src / APPLOG)
+        if data is None:
+            return  # the appender never got to create it
+        if via_mount != data:
+            self.violations.append(f"round {r + 1}: {APPLOG}: read through the recovery "
+                                   "mount differs from SOURCE")
+        try:
+            n = applog_lines(data)
+        except Torn as exc:
+            self.stats.torn += 1
+            self.violations.append(f"round {r + 1}: TORN {APPLOG}: {exc}")
+            return
+        log = rdir / "appender-0.log"
+        synced = 0
+        for line in (log.read_text().splitlines() if log.exists() else []):
+            with contextlib.suppress(json.JSONDecodeError):
+                ev = json.loads(line)
+                if ev.get("e") == "F":
+                    synced = max(synced, ev["n"])
+        if n < synced:
+            self.violations.append(f"round {r + 1}: {APPLOG} has {n} lines, but {synced} "
+                                   "were fsync'ed")
+        if n < self.applog_lines:
+            self.violations.append(f"round {r + 1}: {APPLOG} shrank from "
+                                   f"{self.applog_lines} lines to {n}")
+        self.applog_lines = n
+        self.check_out(log, "appender")
 
     def check_log(self, r: int, who: str, text: str) -> None:
         bad = [line for line in text.splitlines()
@@ -1270,7 +1319,49 @@ class Mover(Worker):
         time.sleep(self.rng.uniform(0, 0.004))
 
 
-WORKERS = {"_spin": SpinWriter, "_reader": Reader, "_mover": Mover}
+APPLOG = "applog"  # the appender's file, at the top of SOURCE
+APPLOG_SYNC = 25  # lines between the appender's fsyncs
+
+
+def applog_line(n: int) -> bytes:
+    return b"A %d %s\n" % (n, b"x" * (n % 61))
+
+
+def applog_lines(data: bytes) -> int:
+    """The number of lines of the appender's file; raises Torn unless every line is
+    whole and they are numbered 0, 1, 2... (a prefix of what it wrote)."""
+    if data and not data.endswith(b"\n"):
+        raise Torn(f"ends inside a line: ...{data[-60:]!r}")
+    for n, line in enumerate(data.splitlines(keepends=True)):
+        if line != applog_line(n):
+            raise Torn(f"line {n} is not the appender's line {n}: {line[:60]!r}")
+    return len(data.splitlines())
+
+
+class Appender(Worker):
+    """Holds the applog open for the whole round and appends a line per write(); every
+    APPLOG_SYNC lines an fsync, logged (``F`` with the line count) once it returned."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__(cfg)
+        self.fd = -1
+        self.n = 0
+
+    def step(self) -> None:
+        if self.fd < 0:  # in main: a daemon that died meanwhile ends it quietly (E)
+            path = self.mnt / APPLOG
+            self.n = applog_lines(read_all(path) or b"")  # what is committed: a prefix
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(self.fd, applog_line(self.n))
+        self.n += 1
+        if self.n % APPLOG_SYNC == 0:
+            os.fsync(self.fd)
+            self.event("F", n=self.n)
+            os.fsync(self.log_fd)
+        time.sleep(0.01)  # light: the writers' load stays what it was
+
+
+WORKERS = {"_spin": SpinWriter, "_reader": Reader, "_mover": Mover, "_appender": Appender}
 
 
 def worker_main(role: str, cfg_path: str) -> int:

@@ -30,6 +30,13 @@ the namespace operations that need a new file in the source (link of a new
 file, rename of a new file over an existing name).  A file with no name left
 is never committed.
 
+Append sessions (docs/semantics.md §10): a session that only appended since its
+last commit is a log; a reader's open (isolated) first checkpoints its appends
+(the model's writes are whole and short: every append is a write boundary), and
+a truncate to zero of a log that was appended to, while another handle holds it,
+is committed at once (rotation).  The mounts use checkpoint=3600, so no timer
+checkpoint comes between two steps.
+
 One corner is left out: a file unlinked while written whose last writer then
 closed with uncommitted changes, read through a descriptor that still holds
 it (the contract does not say what such a reader sees).
@@ -53,7 +60,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import HAVE_FUSE, Mount
+from conftest import HAVE_FUSE, IS_ROOT, Mount
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -95,6 +102,11 @@ class MFile:
     # what readers still holding the file see is not specified (SEMANTICS 5.5 says
     # only that the data vanishes at release); reads and sizes are not compared.
     unspecified: bool = False
+    # docs/semantics.md §10: the session is a log; it appended as one (ever; since
+    # its last commit)
+    log: bool = False
+    appended: bool = False
+    unsaved: bool = False
 
     def view(self) -> bytes:
         """What the file's writers (and non-isolated readers) see."""
@@ -106,6 +118,43 @@ class MFile:
         """Commit the session (a file with no name left is never committed)."""
         if self.session is not None and self.names:
             self.committed = bytes(self.session)
+
+    def whole_commit(self) -> None:
+        """A commit point of the session: committed, and a log again from here."""
+        self.commit()
+        if self.session is not None:
+            self.log, self.unsaved = True, False
+
+    def start(self, log: bool) -> None:
+        self.log, self.appended, self.unsaved = log, False, False
+
+    def truncating(self, size: int, others: int) -> bool:
+        """Before a truncate of the session: is it a rotation, committed at once?"""
+        assert self.session is not None
+        if self.log and size == 0 and others > 0:
+            if not self.session:
+                return False  # changes nothing
+            if self.appended:
+                self.log = False
+                return True
+        self.log = False
+        return False
+
+    def rotate(self) -> None:
+        """After a rotation's truncate: committed if that changed anything."""
+        assert self.session is not None
+        if self.committed is None or bytes(self.session) != self.committed:
+            self.whole_commit()
+
+    def reader_open(self) -> None:
+        """An isolated reader's open: the log's appends are checkpointed first."""
+        if self.session is None or not self.log or not self.unsaved:
+            return
+        if self.committed is None:  # a new log: its first checkpoint publishes it
+            self.whole_commit()
+        elif IS_ROOT and self.names:  # in place (needs file handles); never unlinked
+            self.committed = bytes(self.session)
+            self.unsaved = False
 
 
 @dataclass(eq=False)
@@ -168,7 +217,7 @@ class Model(RuleBasedStateMachine):
     def publish(self, f: MFile) -> None:
         """A new file made real in the source (before a namespace operation needs it)."""
         if f.committed is None:
-            f.commit()
+            f.whole_commit()
 
     def isolated_open(self, f: MFile) -> bool:
         """Is a read-only open of ``f`` by this process isolated?  Not while this
@@ -198,16 +247,24 @@ class Model(RuleBasedStateMachine):
         label = f"h{next(self.labels)}:{name}:{flags}"
         if f is None:  # created: a new file with a session of its own
             f = MFile(None, bytearray(), {name})
+            f.start(log=bool(fl & os.O_APPEND))  # a new file is a log if created to append
             self.names[name] = f
             h = MHandle([fd], f, fl, label, member=True, isolated=False)
         elif can_modify(fl):
             if f.session is None:
                 f.session = bytearray(f.committed or b"")
+                f.start(log=True)
             if fl & os.O_TRUNC:
+                rotation = f.truncating(0, f.members)
                 del f.session[:]
+                if rotation:
+                    f.rotate()
             h = MHandle([fd], f, fl, label, member=True, isolated=False)
         else:
-            h = MHandle([fd], f, fl, label, member=False, isolated=self.isolated_open(f))
+            isolated = self.isolated_open(f)
+            if isolated:
+                f.reader_open()
+            h = MHandle([fd], f, fl, label, member=False, isolated=isolated)
         if h.member:
             f.members += 1
         self.handles.append((fd, h))
@@ -253,6 +310,10 @@ class Model(RuleBasedStateMachine):
         assert s is not None and h.member
         if h.flags & os.O_APPEND:
             off = len(s)
+        if off < len(s):  # an overwrite: a rewrite until the next commit
+            h.file.log = False
+        elif h.file.log:
+            h.file.appended = h.file.unsaved = True
         if off > len(s):
             s.extend(bytes(off - len(s)))
         s[off:off + len(data)] = data
@@ -268,11 +329,14 @@ class Model(RuleBasedStateMachine):
             return
         s = h.file.session
         assert s is not None
+        rotation = h.file.truncating(size, h.file.members - 1)
         if size < len(s):
             del s[size:]
         else:
             s.extend(bytes(size - len(s)))
         h.wrote = True
+        if rotation:
+            h.file.rotate()
 
     @precondition(lambda self: self.handles)
     @rule(i=st.integers(0, MAX_HANDLES), data=st.booleans())
@@ -280,7 +344,7 @@ class Model(RuleBasedStateMachine):
         fd, h = self.handle(i)
         _, got = errno_of(os.fdatasync if data else os.fsync, fd)
         self.expect_errno(f"fsync({h.label})", got, 0)
-        h.file.commit()
+        h.file.whole_commit()
         h.wrote = False
 
     @precondition(lambda self: self.handles)
@@ -294,7 +358,7 @@ class Model(RuleBasedStateMachine):
         f = h.file
         if h.member:
             if h.wrote:  # flush (every close): commits if this handle wrote
-                f.commit()
+                f.whole_commit()
                 h.wrote = False
             if h.fds:  # other descriptors of the open file remain: no release yet
                 return
@@ -359,6 +423,8 @@ class Model(RuleBasedStateMachine):
         if got or f is None or f.unspecified:
             return
         isolated = f.session is not None and self.isolation == "committed"
+        if isolated:
+            f.reader_open()
         want = (f.committed or b"") if isolated else f.view()
         assert data == want, f"reader process of {name}: {data!r}, model says {want!r}"
 
@@ -391,8 +457,11 @@ class Model(RuleBasedStateMachine):
             return
         assert f is not None
         alone = f.session is None
+        rotation = False
         if alone:
             f.session = bytearray(f.committed or b"")
+        else:
+            rotation = f.truncating(size, f.members)
         if size < len(f.session):
             del f.session[size:]
         else:
@@ -400,6 +469,8 @@ class Model(RuleBasedStateMachine):
         if alone:  # committed at once
             f.commit()
             f.session = None
+        elif rotation:
+            f.rotate()
 
     @rule(name=st.sampled_from(NAMES))
     def unlink(self, name: str) -> None:
@@ -496,7 +567,9 @@ def shared_mount(request: pytest.FixtureRequest,
     base = tmp_path_factory.mktemp("model")
     (base / "src").mkdir()
     (base / "mnt").mkdir()
-    options = [] if request.param == "committed" else [f"isolation={request.param}"]
+    options = ["checkpoint=3600"]  # no timer checkpoint between two steps
+    if request.param != "committed":
+        options.append(f"isolation={request.param}")
     m = Mount(base / "src", base / "mnt", options, base / "daemon.log")
     m.start()
     try:

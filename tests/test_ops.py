@@ -197,7 +197,8 @@ def test_fstab_line_mounts_with_mount_T(dirs: Path, cleanup: Cleanup) -> None:
     (mnt / "new.txt").write_text("via fstab\n")
     doc = status_of(mnt)
     assert doc["options"] == {"durability": "batch", "isolation": "shared", "commit": "auto",
-                              "entry_timeout": "10", "attr_timeout": "10"}
+                              "entry_timeout": "10", "attr_timeout": "10", "checkpoint": "5",
+                              "checkpoint_bytes": str(64 << 20)}
     assert doc["pid"] != os.getpid()
     # umount(8) works on it too; the daemon finishes and removes SOURCE/.atomicfs
     res = subprocess.run(["umount", str(mnt)], capture_output=True, text=True, timeout=60)
@@ -430,8 +431,9 @@ def test_status_shows_open_sessions_and_counters(mount: Mount,
         text = cli_output(capsys, "status", mnt)
         assert f"on {mnt} (source {mount.source}), pid {doc['pid']}, up " in text
         assert "open sessions: 2 (open handles 3, commits in flight 0, staged 0)" in text
-        assert re.search(r"\n +1 +9\.9 KiB +3 +\S+s +/new\.txt \(new file\)\n", text), text
-        assert re.search(r"\n +2 +4\.0 KiB +3 +\S+s +/old\.txt\n", text), text
+        assert re.search(r"\n +1 +9\.9 KiB +3 +\S+s +rewrite +/new\.txt \(new file\)\n",
+                         text), text
+        assert re.search(r"\n +2 +4\.0 KiB +3 +\S+s +rewrite +/old\.txt\n", text), text
         assert "commit latency: no commits yet" in text
     finally:
         for fd in (new, old, old2):

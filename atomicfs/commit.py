@@ -641,22 +641,25 @@ class Committer:
         """Call after a change of a committed file's mode, owner, times or xattrs,
         before replying.
 
-        durability=full (§9.1): the file is fsync'ed now, so the change is durable
-        before the call returns (a new file's changes go with its first commit, and
-        under batch the ordering of :meth:`before_change` is the promise).  A
-        symlink cannot be opened to be fsync'ed: the filesystem is synced instead.
+        durability=full (§9.1): the change is made durable now: a regular file or a
+        directory is fsync'ed.  Anything else (a symlink, a fifo, a device) cannot
+        be opened to be fsync'ed (a fifo's open would wait for a writer): its
+        parent directory is fsync'ed instead, which on a filesystem whose journal
+        commits in order (ext4, XFS) carries the change too.  A new file's changes
+        go with its first commit; under batch, :meth:`before_change` orders them.
         """
         if self.batch or not PREFIX:
             return
-        try:
+        if inode.is_reg or inode.is_dir:
             fd = syscalls.reopen(inode.fd, os.O_RDONLY | (os.O_DIRECTORY if inode.is_dir else 0))
-        except OSError:  # a symlink (ELOOP), or no read access for an unprivileged daemon
-            await trio.to_thread.run_sync(os.sync)
+            try:
+                await trio.to_thread.run_sync(_fsync_all, [fd], "metadata.before_fsync")
+            finally:
+                os.close(fd)
             return
-        try:
-            await trio.to_thread.run_sync(_fsync_all, [fd], "metadata.before_fsync")
-        finally:
-            os.close(fd)
+        parent = self.table.by_ino.get(min(inode.names)[0]) if inode.names else None
+        await sync_dirs([parent if parent is not None else self.table.root],
+                        "metadata.before_fsync")
 
     def _must_persist_before_staging(self, inode: Inode) -> bool:
         """Would staging a new version of ``inode`` break the acknowledged order?

@@ -325,8 +325,12 @@ def test_metadata_changes_survive_a_power_cut_under_full(
         for name in ("mode", "owner", "times", "xattr", "gone"):
             (src / name).write_bytes(b"x\n")
         os.setxattr(src / "gone", "user.k", b"v")
+        os.mkfifo(src / "fifo")
+        os.symlink("mode", src / "link")
         os.sync()
         m = d.mount(mount_factory, src)
+        os.chmod(m.path("fifo"), 0o640)  # a fifo cannot be opened to be fsync'ed
+        os.utime(m.path("link"), ns=(1_000_000_000, 3_000_000_000), follow_symlinks=False)
         os.chmod(m.path("mode"), 0o600)
         os.chmod(m.path("dir"), 0o700)
         os.chown(m.path("owner"), 1234, 5678)
@@ -345,6 +349,8 @@ def test_metadata_changes_survive_a_power_cut_under_full(
             ("setxattr", os.getxattr(src / "xattr", "user.k") == b"new"
              if "user.k" in os.listxattr(src / "xattr") else False),
             ("removexattr", "user.k" not in os.listxattr(src / "gone")),
+            ("chmod of a fifo", os.stat(src / "fifo").st_mode & 0o777 == 0o640),
+            ("utimes of a symlink", os.lstat(src / "link").st_mtime_ns == 3_000_000_000),
         ] if not ok]
         assert not lost, f"acknowledged and lost: {lost}"
 

@@ -292,7 +292,7 @@ class AtomicOperations(pyfuse3.Operations):
 
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await _in_thread(os.fsync, self.dirs[fh].fd)
+        await _in_thread(syscalls.fsync_dir_fd, self.dirs[fh].fd)  # EIO if SOURCE went down
 
     # -- files -----------------------------------------------------------
     @_handler

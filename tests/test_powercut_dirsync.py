@@ -40,14 +40,17 @@ NEW = b"new version, acknowledged\n" * 200
 HOLD = 3.0  # seconds the commit waits at the fault point: the test cuts meanwhile
 
 
-def save(path: Path, data: bytes) -> int | None:
-    """open(O_TRUNC), write, close: the errno of the first failing call, or None."""
+def save(path: Path, data: bytes, fsync: bool = False) -> int | None:
+    """open(O_TRUNC), write, [fsync,] close: the errno of the first failing call,
+    or None."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     except OSError as exc:
         return exc.errno
     try:
         os.write(fd, data)
+        if fsync:
+            os.fsync(fd)
     except OSError as exc:
         with contextlib.suppress(OSError):  # the mount may be gone
             os.close(fd)
@@ -71,15 +74,17 @@ def wait_for(cond: Callable[[], bool], timeout: float = 20) -> bool:
     return False
 
 
-def cut_during_commit(pc: powercutkit.PowerCutFs, fault: str,
-                      reached: Callable[[], bool]) -> tuple[int | None, bytes, str]:
-    """Save NEW over f through the mount, the commit held at ``fault``; cut the power
-    once ``reached()`` (the step before the fault point is visible in SOURCE).
-    Returns close()'s errno (None: 0), f's content after remount and recovery, and
-    the daemon's log."""
-    m = pc.mount_atomicfs(env={"ATOMICFS_FAULTS": f"sleep:{fault}:{HOLD}"})
+def cut_during_commit(pc: powercutkit.PowerCutFs, fault: str, reached: Callable[[], bool],
+                      options: tuple[str, ...] = (), fsync: bool = False
+                      ) -> tuple[int | None, bytes, str]:
+    """Save NEW over f through the mount (``fsync``: and fsync it), the commit held at
+    ``fault``; cut the power once ``reached()`` (the step before the fault point is
+    visible in SOURCE).  Returns the save's errno (None: every call returned 0),
+    f's content after remount and recovery, and the daemon's log."""
+    m = pc.mount_atomicfs(options, env={"ATOMICFS_FAULTS": f"sleep:{fault}:{HOLD}"})
     result: dict[str, int | None] = {}
-    saver = threading.Thread(target=lambda: result.update(err=save(m.path("f"), NEW)))
+    saver = threading.Thread(
+        target=lambda: result.update(err=save(m.path("f"), NEW, fsync)))
     saver.start()
     try:
         assert wait_for(reached), "the commit never reached the fault point"
@@ -97,10 +102,10 @@ def cut_during_commit(pc: powercutkit.PowerCutFs, fault: str,
 def check(err: int | None, got: bytes, log: str) -> None:
     assert got in (OLD, NEW), "the file is torn"
     if err is None:
-        assert got == NEW, ("close() returned 0, and the power cut brought back the "
+        assert got == NEW, ("the save returned 0, and the power cut brought back the "
                             f"older version; daemon log:\n{log}")
     else:
-        assert err == errno.EIO, f"close() failed with {errno.errorcode.get(err, err)}"
+        assert err == errno.EIO, f"the save failed with {errno.errorcode.get(err, err)}"
 
 
 @pytest.mark.parametrize("kind", ["xfs", "ext4"])
@@ -115,6 +120,19 @@ def test_a_cut_before_the_directory_fsync_of_a_rename_commit(tmp_path: Path,
         err, got, log = cut_during_commit(
             pc, "commit.before_dir_fsync",
             lambda: (pc.source / "f").read_bytes() == NEW)
+        check(err, got, log)
+
+
+def test_batch_an_fsync_caught_before_its_directory_fsync(tmp_path: Path) -> None:
+    """durability=batch: fsync() publishes the staged version (rename) and syncs its
+    directory; the power goes between the two.  The fsync must not return 0
+    unless the new version survives."""
+    with powercutkit.powercut_fs(tmp_path / "pc", "xfs") as pc:
+        (pc.source / "f").write_bytes(OLD)
+        pc.sync()
+        err, got, log = cut_during_commit(
+            pc, "commit.before_dir_fsync", lambda: (pc.source / "f").read_bytes() == NEW,
+            options=("durability=batch",), fsync=True)
         check(err, got, log)
 
 

@@ -89,6 +89,15 @@ class Staged:
     version: int = 0
 
 
+@dataclass(eq=False)
+class Round:
+    """A group persist that published files and is syncing their directories: an
+    fsync() of one of them waits for it (batch)."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    durable: bool = False
+
+
 @dataclass
 class CommitStats:
     commits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STRATEGIES, 0))
@@ -165,6 +174,9 @@ class Committer:
         self.staged: dict[int, Staged] = {}
         self.wakeup = trio.Event()
         self._persist_lock = trio.Lock()
+        # inode -> the round that published it, while it syncs the directories, and
+        # after it if that failed (until an fsync() of the file has been told)
+        self.publishing: dict[int, Round] = {}
 
     def describe(self, inode: Inode) -> str:
         """A path of the file relative to the mount, for messages (best effort)."""
@@ -585,8 +597,12 @@ class Committer:
         durable (an fsync() must not succeed then).
         """
         if inode is not None and inode.ino not in self.staged:
+            await self._published(inode)  # a round may be syncing it right now
             return
         async with self._persist_lock:
+            if inode is not None and inode.ino not in self.staged:
+                await self._published(inode)  # by the round this one waited for
+                return
             items = [(item, item.version, os.dup(item.inode.data_fd or -1))
                      for item in self.staged.values() if item.inode.data_fd is not None]
             if not items:
@@ -596,6 +612,7 @@ class Committer:
                 for _, _, fd in items:
                     os.fsync(fd)
 
+            rnd = Round()
             try:
                 await trio.to_thread.run_sync(sync_data)
                 faults.point("commit.after_fsync")
@@ -608,6 +625,7 @@ class Committer:
                         parent = self._publish(item.inode, fd, item.new_file, item.old_key)
                         parents[parent.ino] = parent
                         published.append(item.inode)
+                        self.publishing[item.inode.ino] = rnd
                     except OSError as exc:
                         if exc.errno != errno.EIO or item.inode.names:
                             self.stats.failed(exc)
@@ -626,14 +644,32 @@ class Committer:
                         os.sync()  # needs no descriptor
                 if published:
                     with trio.CancelScope(shield=True):
-                        durable = await trio.to_thread.run_sync(self._sync_dirs, dir_fds,
-                                                                published)
-                    if not durable and inode is not None:  # an fsync() waits for this
+                        rnd.durable = await trio.to_thread.run_sync(
+                            self._sync_dirs, dir_fds, published)
+                    if (inode is not None and not rnd.durable  # an fsync() waits for this
+                            and self.publishing.get(inode.ino) is rnd):
+                        del self.publishing[inode.ino]
                         raise NotDurable(f"{self.describe(inode)} is published but not "
                                          "known durable")
             finally:
                 for _, _, fd in items:
                     os.close(fd)
+                if rnd.durable:  # a failure stays until an fsync() of the file is told
+                    for ino in [i for i, r in self.publishing.items() if r is rnd]:
+                        del self.publishing[ino]
+                rnd.done.set()
+
+    async def _published(self, inode: Inode) -> None:
+        """Wait until the round that published ``inode`` (if one is syncing its
+        directories) is done; raise :class:`NotDurable` if it could not make them
+        durable (reported once).  An fsync() must not return 0 before."""
+        rnd = self.publishing.get(inode.ino)
+        if rnd is None:
+            return
+        await rnd.done.wait()
+        if not rnd.durable and self.publishing.get(inode.ino) is rnd:
+            del self.publishing[inode.ino]
+            raise NotDurable(f"{self.describe(inode)} is published but not known durable")
 
     def _unstage(self, item: Staged) -> None:
         del self.staged[item.inode.ino]

@@ -136,6 +136,44 @@ def test_batch_an_fsync_caught_before_its_directory_fsync(tmp_path: Path) -> Non
         check(err, got, log)
 
 
+def test_batch_an_fsync_while_the_group_persist_syncs_the_directory(tmp_path: Path) -> None:
+    """durability=batch: a save (close, staged) is published by the background
+    group persist, which is held before its directory fsync; an fsync() of the
+    file then must wait for that round (it returned 0 at once), and the power goes.
+    The fsync must not return 0 unless the new version survives."""
+    with powercutkit.powercut_fs(tmp_path / "pc", "xfs") as pc:
+        (pc.source / "f").write_bytes(OLD)
+        pc.sync()
+        m = pc.mount_atomicfs(("durability=batch",),
+                              env={"ATOMICFS_FAULTS": f"sleep:commit.before_dir_fsync:{HOLD}"})
+        assert save(m.path("f"), NEW) is None
+        assert wait_for(lambda: (pc.source / "f").read_bytes() == NEW), "never published"
+        result: dict[str, int | None] = {}
+
+        def fsync() -> None:
+            fd = os.open(m.path("f"), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                result["err"] = None
+            except OSError as exc:
+                result["err"] = exc.errno
+            finally:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+        syncer = threading.Thread(target=fsync)
+        syncer.start()
+        time.sleep(0.3)  # the fsync reaches the daemon (before the fix: and returned)
+        pc.cut()
+        syncer.join(60)
+        assert not syncer.is_alive(), "fsync() never returned"
+        log = m.log()
+        pc.release()
+        pc.remount()
+        pc.recover()
+        check(result["err"], (pc.source / "f").read_bytes(), log)
+
+
 def test_a_directory_fsync_through_the_mount_after_a_cut_fails(tmp_path: Path) -> None:
     """fsync() of a directory through the mount after XFS went down: EIO, not 0
     (the daemon's fsyncdir used XFS's answer as it was)."""

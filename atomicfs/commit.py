@@ -107,6 +107,16 @@ class CommitStats:
         self.failures[name] = self.failures.get(name, 0) + 1
 
 
+class NotDurable(OSError):
+    """A commit that happened (visible, in SOURCE) but is not known durable: its
+    directory could be neither fsync'ed nor synced, or the filesystem went down
+    before that was known.  The call that made the commit gets EIO (§1.5 of the
+    contract: acknowledged means durable); the new version stays."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(errno.EIO, f"{os.strerror(errno.EIO)}: {what}")
+
+
 def errno_name(exc: OSError) -> str:
     """ENOSPC, EIO...: the symbolic name of an OSError's errno (EIO when it has none)."""
     return errno.errorcode.get(exc.errno or errno.EIO, str(exc.errno))
@@ -124,7 +134,7 @@ _DROPPED_AT = ("last close", "unmount")
 def _fsync_all(fds: list[int], point: str) -> None:
     faults.point(point)  # in the worker thread: the loop goes on
     for fd in fds:
-        os.fsync(fd)
+        syscalls.fsync_dir_fd(fd)  # EIO if the filesystem went down (XFS answers 0)
 
 
 async def sync_dirs(dirs: list[Inode], point: str = "dirs.before_fsync") -> None:
@@ -250,6 +260,8 @@ class Committer:
                     await self._in_place(session)
                 else:
                     await self._rename(session, committed, data_fd(inode), kind == "reflink")
+        except NotDurable:
+            raise  # the commit happened; logged and counted by _sync_dirs
         except OSError as exc:
             if self.nameless(session):
                 # Unlinked (or replaced by a rename) while the commit ran: the file is
@@ -479,10 +491,16 @@ class Committer:
         return dir_fd
 
     async def _sync_dir(self, dir_fd: int | None, inode: Inode) -> None:
-        """fsync the directory of a commit that happened (``dir_fd``: ours, closed here)."""
+        """fsync the directory of a commit that happened (``dir_fd``: ours, closed here).
+
+        Raises :class:`NotDurable` (EIO) if that could not be made sure of: the
+        commit stands, but the call must not report it durable (docs/semantics.md §11)."""
         if dir_fd is not None:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._sync_dirs, [dir_fd], [inode])
+                durable = await trio.to_thread.run_sync(self._sync_dirs, [dir_fd], [inode])
+            if not durable:
+                raise NotDurable(f"the commit of {self.describe(inode)} is done but not "
+                                 "known durable")
 
     def _publish(self, inode: Inode, fd: int, new_file: bool, old_key: Key | None,
                  where: tuple[Inode, bytes] | None = None) -> Inode:
@@ -520,26 +538,34 @@ class Committer:
             log.warning("commit of %s: a step after its point of no return failed (%s); "
                         "the commit stands", self.describe(inode), exc)
 
-    def _sync_dirs(self, dir_fds: list[int], inodes: list[Inode]) -> None:
+    def _sync_dirs(self, dir_fds: list[int], inodes: list[Inode]) -> bool:
         """fsync directories (fds of ours, closed here) after commits that happened.
 
-        Never raises: a failure cannot undo the commits, so it is not reported as
-        theirs; a syncfs is tried instead, then logged and counted (docs/semantics.md
-        §11).  Runs in a worker thread: it touches no table state but counters."""
+        Returns whether they are known durable.  Never raises: the commits happened
+        and a failure here cannot undo them.  A failed fsync is retried as a syncfs;
+        if that fails too, or the filesystem went down meanwhile (XFS answers a
+        directory fsync after a shutdown with success: syscalls.fsync_dir_fd), it is
+        logged and counted, and the caller fails the call that asked for the commit
+        with EIO (docs/semantics.md §11).  Runs in a worker thread: it touches no
+        table state but counters."""
+        durable = True
         for dir_fd in dir_fds:
             try:
                 try:
                     faults.point("commit.before_dir_fsync")  # a slow disk: sleep:...
                     faults.point("commit.dir_fsync")
-                    os.fsync(dir_fd)
+                    syscalls.fsync_dir_fd(dir_fd)
                 except OSError as exc:
                     try:
                         syscalls.syncfs(dir_fd)
+                        syscalls.check_up(dir_fd)
                     except OSError:
+                        durable = False
                         self.stats.not_durable += 1
                         log.error("commits of %s are done and visible, but their directory "
                                   "could not be synced (%s): a power cut may bring back the "
-                                  "previous versions", ", ".join(self.describe(i) for i in inodes),
+                                  "previous versions; the call gets EIO",
+                                  ", ".join(self.describe(i) for i in inodes),
                                   failure_text(exc))
                     else:
                         log.warning("directory fsync failed (%s); synced by syncfs instead",
@@ -547,6 +573,7 @@ class Committer:
             finally:
                 os.close(dir_fd)
         self._past_no_return(inodes[0], "commit.after_dir_fsync")
+        return durable
 
     def _become(self, inode: Inode, fd: int, new_file: bool, keep_fd: bool,
                 backing: Backing | None) -> None:

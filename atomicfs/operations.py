@@ -354,7 +354,7 @@ class AtomicOperations(pyfuse3.Operations):
         # batch: the commits acknowledged before are published and durable first
         # (docs/semantics.md §3.3): a name appears only with its content
         await self.committer.persist()
-        await _in_thread(os.fsync, handle.fd)
+        await _in_thread(syscalls.fsync_dir_fd, handle.fd)  # EIO if SOURCE went down
 
     # -- files -----------------------------------------------------------
     @_handler

@@ -450,6 +450,33 @@ class Verdict:
         self.lines.append(f"{kind}: {msg}")
 
 
+def last_ack_time(path: Path) -> float | None:
+    """When the worker logged its last acknowledgement (time.monotonic(), which the
+    driver's cut time shares), or None."""
+    t = None
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                rec = json.loads(line)
+                if "a" in rec:
+                    t = rec["t"]
+    return t
+
+
+def late_acks(logs: dict[int, Path], t_cut: float) -> str:
+    """``w1 +2.1 ms``...: the workers whose last acknowledgement came after the cut
+    began.  A real power cut answers nothing after it; here a call may still
+    return, and one that returns 0 must be durable: an ack just after the cut on
+    a file that came back older is the signature of a sync that answered 0 on a
+    filesystem already down (XFS's directory fsync: docs/verification-powercuts.md)."""
+    out = []
+    for w, path in logs.items():
+        t = last_ack_time(path)
+        if t is not None and t > t_cut:
+            out.append(f"w{w} +{(t - t_cut) * 1000:.1f} ms")
+    return ", ".join(out)
+
+
 def load_log(path: Path) -> tuple[list[dict[str, Any]], int, dict[str, Any] | None]:
     """(operations in order, index of the last acknowledged one, the error record)."""
     ops: list[dict[str, Any]] = []
@@ -672,6 +699,9 @@ class PowerCuts:
             tally["tracebacks"] += cut.daemon_log.count("Traceback")
             found = self.check(pc, r, models, logs, t_cut, rdir, tally)
             status = "ok" if not found else f"{len(found)} violation(s)"
+            late = late_acks(logs, t_cut)
+            if late:
+                status += f" (acknowledged after the cut: {late})"
             self.say(f"{pc.kind} cut {r}: after {delay:.2f} s, recovered by {cut.recovered_by}: "
                      f"{status}")
             for line in found[:10]:

@@ -101,10 +101,12 @@ class PowerCutFs:
         scratchfs.sh("sync", "-f", str(self.point), check=True)
 
     # -- the steps ---------------------------------------------------------------
-    def mount_atomicfs(self, options: Sequence[str] = (), log: Path | None = None) -> Mount:
+    def mount_atomicfs(self, options: Sequence[str] = (), log: Path | None = None,
+                       env: dict[str, str] | None = None) -> Mount:
+        """Mount atomicfs over SOURCE (``env``: extra environment, e.g. ATOMICFS_FAULTS)."""
         self.mnt.mkdir(parents=True, exist_ok=True)
         m = Mount(self.source, self.mnt, list(options),
-                  log or self.work / f"daemon-{self.cycles}.log")
+                  log or self.work / f"daemon-{self.cycles}.log", env)
         self.mounts.append(m)
         m.start()
         return m

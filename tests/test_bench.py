@@ -130,10 +130,10 @@ def test_bench_explain_splits_each_operation_into_phases(tmp_path: Path) -> None
     # a durable save: the commit's steps inside close(), each a phase of its own
     for phase in ("open(): open() called → OPEN handler starts",
                   "close(): commit.before_fsync → commit.after_fsync",
-                  "close(): handoff:fsync_dir → thread:fsync_dir",
+                  "close(): handoff:_sync_dirs → thread:_sync_dirs",
                   "close(): FLUSH handler returns → close() returns"):
         assert f"| {phase} |" in save, phase
-    assert "| fsync dir(): FSYNCDIR handler starts → handoff:fsync |" in sections[1]
+    assert "| fsync dir(): FSYNCDIR handler starts → handoff:fsync_dir_fd |" in sections[1]
     for section in sections:
         rows = [ln for ln in section.splitlines() if ln.startswith("| ") and "µs" not in ln
                 and not ln.startswith("|---")]

@@ -67,7 +67,8 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("rename", "reflink", "journal", "inplace", "new")
 # auto: a journalled commit when the unchanged data to copy exceeds this many bytes
-# and is more than JOURNAL_RATIO times the changed bytes (README, "Commit strategies").
+# and is more than JOURNAL_RATIO times the changed bytes (docs/semantics.md §1,
+# "How a commit is made").
 JOURNAL_MIN_COPY = 8 << 20
 JOURNAL_RATIO = 4
 
@@ -213,7 +214,7 @@ class Committer:
         return f"<inode {inode.ino}>"
 
     def choose(self, session: Session, committed: os.stat_result, links: int) -> str:
-        """The commit strategy for this session (the cost model; README)."""
+        """The commit strategy for this session (the cost model; docs/semantics.md §1)."""
         if links > 1:
             return "journal" if self.journal_ok else "inplace"
         if self.strategy == "journal" and self.journal_ok:

@@ -1,6 +1,6 @@
 """Open regular files: handles, write sessions, and the commit points.
 
-Policy (SEMANTICS §2, §4):
+Policy (docs/semantics.md §2, §4):
 - An open that can modify the file (write access, O_TRUNC) joins the inode's
   write session, creating it if needed; O_TRUNC empties the session, never the
   committed file.  A create makes a *pending* file with a session.
@@ -178,7 +178,7 @@ class Files:
         return self.committer.make_shadow(session.inode)
 
     async def _commit(self, session: Session, at: str) -> bool:
-        if session.failed and session.dirty:  # SEMANTICS §8.2: the committed version stays
+        if session.failed and session.dirty:  # docs/semantics.md §8: the committed version stays
             if self.committer.nameless(session):
                 return False  # unlinked: nothing to keep, nothing lost (semantics §2.5)
             raise OSError(session.failed, "not committed: an earlier write to this file "

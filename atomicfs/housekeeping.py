@@ -3,7 +3,7 @@ invalidation of the kernel's page cache, and the end of journalled commits
 (fsync of the target, removal of the record, fsync of the directory).
 
 Two costs measured on ext4 sit on the path of every small save if done in the
-request handler (see README, "Performance"):
+request handler (see docs/performance.md):
 
 - creating an ``O_TMPFILE`` (~0.3 ms: an inode allocated and put on the orphan
   list in the journal), needed for the first write of a session;
@@ -48,7 +48,7 @@ class Housekeeper:
     futex wake; the thread never reports back to trio (ready shadows go into a
     deque the loop pops from).  A ``trio.to_thread`` job per save cost the loop a
     wake-up through trio's socketpair, an iteration and two ``prctl`` calls (the
-    saves' wall time did not measurably change: README, "Performance").
+    saves' wall time did not measurably change: docs/performance.md).
     """
 
     def __init__(self, daemon_dir: int, pool_size: int = POOL_SIZE,

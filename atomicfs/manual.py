@@ -134,7 +134,7 @@ EXAMPLES
     atomicfs mount /srv/db /mnt/db -o durability=batch,isolation=shared --log /var/log/afs.log
     mount -t fuse.atomicfs /srv/data /srv/data -o nofail
 
-    fstab (see README, "Operations"):
+    fstab (see docs/operations.md):
     /srv/data  /srv/data  fuse.atomicfs  nofail  0  0
 """
 

@@ -62,7 +62,7 @@ class MountOptions:
     # invalidates the kernel's caches; these bound how late a change made directly
     # in SOURCE shows through the mount.  A save into an existing file saves a
     # round trip (LOOKUP, or GETATTR for the permission check) while both are
-    # cached (README "Performance").
+    # cached (docs/performance.md).
     entry_timeout: float = 10.0
     attr_timeout: float = 10.0
     checkpoint: float = 5.0  # seconds between checkpoints of an append session

@@ -2,7 +2,7 @@
 
 pyfuse3 hands ``flush`` no pid and no lock owner, so a FLUSH cannot tell who is
 closing.  What /proc says about the *opener* (the pid of the OPEN request)
-decides what a close after writes means (SEMANTICS §1.3, §2.1; README "Commit
+decides what a close after writes means (docs/semantics.md §1.3, §2.1; docs/semantics.md §2 "Commit
 points"):
 
 - the opener is being killed by a signal: the program died mid-write, so its

@@ -97,7 +97,7 @@ class Session:
     def write(self, make_shadow: Callable[[Session], int], offset: int, data: bytes) -> int:
         """Write into the shadow.  A write that fails for want of space or by an I/O
         error marks the session ``failed``: its content is not what the program
-        meant, so it is not committed (SEMANTICS §8.2) until truncated to zero."""
+        meant, so it is not committed (docs/semantics.md §8) until truncated to zero."""
         try:
             if self.shadow is None:
                 self.shadow = make_shadow(self)

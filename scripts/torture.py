@@ -558,7 +558,7 @@ class Writer:
         finally:
             os.close(fd)
         if use_mmap:
-            # mmap writes are committed by the last release (SEMANTICS 2.3), which
+            # mmap writes are committed by the last release (docs/semantics.md §2.3), which
             # comes after close() returned: not a durability point of its own.
             self.event("c", fid, v)
             return [current[0], (v, digest)]
@@ -852,7 +852,8 @@ class Torture:
         how = ""
         if mode == "kill":
             delay = self.rng.uniform(a.min_delay, a.max_delay)
-            if a.kill_writers:  # a program dying mid-write, the daemon alive (SEMANTICS 1.3)
+            # a program dying mid-write, the daemon alive (docs/semantics.md §1.3)
+            if a.kill_writers:
                 time.sleep(delay / 2)
                 victim = self.rng.randrange(len(writers))
                 writers[victim].kill()
@@ -1543,7 +1544,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-going", action="store_true", help="go on after a violation")
     p.add_argument("--kill-writers", action="store_true",
                    help="in kill -9 rounds, first kill one writer process mid-round while the "
-                   "daemon runs: what it was writing must stay intact (SEMANTICS 1.3)")
+                   "daemon runs: what it was writing must stay intact (docs/semantics.md §1.3)")
     p.add_argument("--batch-every", type=int, default=3, metavar="K",
                    help="every K-th round mounts with durability=batch (0: never; default 3)")
     p.add_argument("--stress", type=float, metavar="SECONDS", default=None,

@@ -1,4 +1,4 @@
-"""Odd names and deep trees through the mount (SEMANTICS §8.1, §1.2).
+"""Odd names and deep trees through the mount (docs/semantics.md §8, §1.2).
 
 Names with spaces, newlines, tabs, backslashes, non-UTF-8 bytes, a leading
 dash, shell wildcards, 255 bytes; a tree 150 levels deep whose paths are far

@@ -1,4 +1,4 @@
-"""The command line: bad input (SEMANTICS §8.1), --help/--version, the mount.fuse3 forms.
+"""The command line: bad input (docs/semantics.md §8), --help/--version, the mount.fuse3 forms.
 
 Every refusal is checked the same way: ``python -m atomicfs ...`` as a
 subprocess exits non-zero, prints exactly one line on stderr that names the

@@ -1,4 +1,4 @@
-"""Crashes of the daemon at the worst moment, then a remount: SEMANTICS §1.2-1.4, §7.1.
+"""Crashes of the daemon at the worst moment, then a remount: docs/semantics.md §1.2-1.4, §7.
 
 A crash is either ``Mount.kill()`` (kill -9 of the daemon, lazy detach of the
 dead mount) while a program is in the middle of writing, or an exact step of a
@@ -64,7 +64,8 @@ REDIRECT_CASES = [
     pytest.param("echo part1; /bin/true; sleep 30; echo part2", id="external-cmd-exits"),
     pytest.param("echo part1; /bin/echo part1b; sleep 30; echo part2", id="external-cmd-writes",
                  marks=pytest.mark.xfail(strict=True, reason=(
-                     "LIMIT (§1.3, README): pyfuse3's flush gets no pid, so the exit of a "
+                     "LIMIT (docs/semantics.md §1.3, docs/verification.md): pyfuse3's flush "
+                     "gets no pid, so the exit of a "
                      "child that wrote something (here /bin/echo, sharing the subshell's "
                      "descriptor) stays a commit point: it may have written the file, and "
                      "its close must get the commit's error (§2.1). 'part1 part1b' is "

@@ -1,4 +1,4 @@
-"""Durability order, from the daemon's real system calls (SEMANTICS §1.5, §2.1-2.2, §3).
+"""Durability order, from the daemon's real system calls (docs/semantics.md §1.5, §2.1-2.2, §3).
 
 strace is attached to a live daemon while writers make a burst of commits
 (tests/stracekit.py records and checks the calls).  For every commit:

@@ -1,4 +1,4 @@
-"""Faults from the filesystem below a live mount (SEMANTICS §2.1, §8.2).
+"""Faults from the filesystem below a live mount (docs/semantics.md §2.1, §8.2).
 
 - EROFS: the source filesystem (a tmpfs) is remounted read-only under the
   mount, then read-write again;
@@ -299,7 +299,7 @@ def test_enospc_while_a_journalled_commit_is_applied(tmpfs_source: Path,
 # -- a write that fails, then close() ------------------------------------------------------
 def test_failed_write_then_close_keeps_the_committed_version(mount_factory: MountFactory,
                                                              tmp_path: Path) -> None:
-    """SEMANTICS §8.2: after a write() fails (ENOSPC), the session is not committed:
+    """docs/semantics.md §8: after a write() fails (ENOSPC), the session is not committed:
     close() returns the error and the committed version stays, until the file is
     truncated to zero (a rewrite from scratch)."""
     with scratchfs.tmpfs(tmp_path / "small", "4m") as src:

@@ -284,7 +284,7 @@ def test_isolated_readers_never_see_a_half_applied_journal_commit(
     (cold; here forced by ATOMICFS_THREADED_READS) in a worker thread; an
     in-place (journalled) apply waits for the threaded reads of its file, and
     reads wait for the apply, so an isolated reader sees one version or the next,
-    never a mix (SEMANTICS §4.4)."""
+    never a mix (docs/semantics.md §4.4)."""
     blocks = [k * 64 * KiB for k in range(16)]
     src = tmp_path / "src"
     src.mkdir()

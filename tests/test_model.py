@@ -1,4 +1,4 @@
-"""Model-based test: random operations on a real mount against a model of SEMANTICS.
+"""Model-based test: random operations on a real mount against a model of docs/semantics.md.
 
 Operations: open (O_RDONLY/O_WRONLY/O_RDWR with O_CREAT, O_EXCL, O_TRUNC,
 O_APPEND), dup (a second descriptor of one open file, as the shell's dup2),
@@ -7,7 +7,7 @@ reader (open-read-close) in this process and in another, truncate(2) by path,
 rename, unlink, link, on three names, with up to six descriptors open at once
 (several on the same file).
 
-The model (SEMANTICS §1, §2, §4, §5) keeps, per file:
+The model (docs/semantics.md §1, §2, §4, §5) keeps, per file:
 - ``committed``: the content stored in the source tree (None: a new file that
   was never committed, which must not exist in the source);
 - ``session``: the uncommitted content shared by every handle that can write
@@ -99,7 +99,7 @@ class MFile:
     names: set[str] = field(default_factory=set)
     members: int = 0  # open handles in the session
     # Unlinked while written, and the session ended with changes never committed:
-    # what readers still holding the file see is not specified (SEMANTICS 5.5 says
+    # what readers still holding the file see is not specified (docs/semantics.md §5 says
     # only that the data vanishes at release); reads and sizes are not compared.
     unspecified: bool = False
     # docs/semantics.md §10: the session is a log; it appended as one (ever; since

@@ -99,7 +99,8 @@ def test_entry_timeout_bounds_how_late_a_change_made_in_source_shows(
         mount_factory: MountFactory, tmp_path, entry_timeout: int) -> None:
     """A name replaced directly in SOURCE (not through the mount) shows through the
     mount once the kernel stops trusting its cached entry: at once with
-    entry_timeout=0, not within the 30 s of entry_timeout=30 (README, Options)."""
+    entry_timeout=0, not within the 30 s of entry_timeout=30 (README, Options;
+    docs/semantics.md §13)."""
     src = tmp_path / "data"
     src.mkdir()
     (src / "f").write_bytes(b"first\n")

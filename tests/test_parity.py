@@ -6,7 +6,7 @@ outcome: its result (only values that do not depend on where the directory
 is) or the errno's name.  The case runs once inside a real atomicfs mount and
 once inside a plain directory of the same filesystem; the two records must be
 equal.  Nothing is hard-coded: the plain directory is the reference, except
-where SEMANTICS.md says what must happen.
+where docs/semantics.md says what must happen.
 
 Calls as another user run in a forked child (``p.as_user``) that drops to
 ``nobody`` (or another uid) and returns its own record.  The mount and the
@@ -566,7 +566,7 @@ def seek_data_and_holes(p: Probe, w: Path) -> None:
 
 @case()
 def sparse_allocation(p: Probe, w: Path) -> None:
-    """st_blocks tells holes from data (du, cp --sparse=auto; SEMANTICS 6.3)."""
+    """st_blocks tells holes from data (du, cp --sparse=auto; docs/semantics.md §6)."""
     fd = os.open(w / "sparse", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         os.pwrite(fd, b"x" * 8192, 1 << 20)
@@ -753,7 +753,7 @@ def hard_link_of_open_new_file(p: Probe, w: Path) -> None:
     os.write(fd, b" more")
     p.do("read back through the writer", os.pread, fd, 100, 0)
     os.close(fd)
-    # (another reader opened before the close sees the committed version: SEMANTICS 4.2)
+    # (another reader opened before the close sees the committed version: docs/semantics.md §4.2)
     p.do("n2 content", read, w / "n2")
     p.do("n content", read, w / "n")
     p.stat("n closed", w / "n")
@@ -1277,7 +1277,8 @@ def posix_acls(p: Probe, w: Path) -> None:
     p.run("getfacl after -k", ["getfacl", "--omit-header", "--numeric", "d"])
 
 
-ACL_OFF = ("README: FUSE's posix_acl mode is not enabled (enable_acl=False), so the kernel "
+ACL_OFF = ("docs/semantics.md §13: FUSE's posix_acl mode is not enabled (enable_acl=False), "
+           "so the kernel "
            "applies the umask before the daemon sees the mode and ignores ACLs in permission "
            "checks; fixable by enable_acl plus ctx.umask in the daemon")
 

@@ -1,4 +1,4 @@
-"""Write sessions through a live mount: SEMANTICS §1, §2, §4, §5, §6.1-6.3, §8.2.
+"""Write sessions through a live mount: docs/semantics.md §1, §2, §4, §5, §6.1-6.3, §8.2.
 
 Every test drives a real atomicfs mount and checks the *source tree* (what is
 committed) as well as what the mount shows.  Crash behaviour is in test_crash.py.

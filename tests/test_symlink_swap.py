@@ -1,4 +1,4 @@
-"""Symlink swaps in the source under a live mount never lead the daemon out (SEMANTICS §5.4).
+"""Symlink swaps in the source under a live mount never lead the daemon out (docs/semantics.md §5).
 
 Someone with write access to SOURCE (not through the mount) renames a
 directory the kernel and the daemon already know and puts a symlink in its

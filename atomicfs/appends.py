@@ -260,12 +260,7 @@ def append_in_place(target: int, shadow: int | None, base: int, upto: int,
 def recover(daemon_dir: int, root_fd: int) -> list[str]:
     """Undo every checkpoint a crash interrupted; one line per record."""
     lines = []
-    listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=daemon_dir)
-    try:
-        names = sorted(n for n in os.listdir(listing) if n.startswith(RECORD_PREFIX))
-    finally:
-        os.close(listing)
-    for name in names:
+    for name in journal.record_names(daemon_dir, RECORD_PREFIX):
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=daemon_dir)
         try:
             record = decode(os.read(fd, 1 << 16))

@@ -361,15 +361,20 @@ def retire(daemon_dir: int, name: str, sync: bool = True) -> None:
     faults.point("journal.after_retire")
 
 
+def record_names(daemon_dir: int, prefix: str) -> list[str]:
+    """The names in the daemon's directory that start with ``prefix``, in order
+    (records are named with zero-padded sequence numbers)."""
+    listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=daemon_dir)
+    try:
+        return sorted(n for n in os.listdir(listing) if n.startswith(prefix))
+    finally:
+        os.close(listing)
+
+
 def replay(daemon_dir: int, root_fd: int) -> list[str]:
     """Apply every complete record, discard torn ones; one line per record."""
     lines = []
-    listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=daemon_dir)
-    try:
-        names = sorted(n for n in os.listdir(listing) if n.startswith(RECORD_PREFIX))
-    finally:
-        os.close(listing)
-    for name in names:
+    for name in record_names(daemon_dir, RECORD_PREFIX):
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=daemon_dir)
         try:
             lines.append(_replay_one(fd, root_fd, name))

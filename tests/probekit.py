@@ -9,12 +9,10 @@ Commands and answers are JSON lines; an OSError comes back as its errno.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from sessionkit import TIMEOUT
+from sessionkit import ChildProcess
 
 _PROBE = r"""
 import json, mmap, os, sys
@@ -51,10 +49,9 @@ for fd in held:
 """
 
 
-class ProbeProcess:
+class ProbeProcess(ChildProcess):
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", _PROBE], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+        super().__init__(_PROBE)
 
     def ask(self, **cmd: Any) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -78,21 +75,3 @@ class ProbeProcess:
 
     def mapped(self, mid: int) -> bytes:
         return bytes.fromhex(self.ask(op="mapped", id=mid)["data"])
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=TIMEOUT)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-    def __enter__(self) -> ProbeProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from atomicfs.status import STATUS_XATTR
 
@@ -236,26 +236,13 @@ for line in sys.stdin:
 """
 
 
-class ReaderProcess:
-    """Another process that opens, reads and closes a file on request.
+class ChildProcess:
+    """A Python child driven line by line through its stdin and stdout (``script``:
+    its code); closed (and killed if it does not end) on close or at ``with`` exit."""
 
-    Start it *before* a test opens a file for writing: every fork+exec while a
-    written descriptor is open closes the child's copy at exec, which sends a
-    FLUSH for the writer's open file (a commit point).
-    """
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", _READER], stdin=subprocess.PIPE,
+    def __init__(self, script: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
-
-    def read(self, path: Path) -> bytes:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{path}\n")
-        self.proc.stdin.flush()
-        answer = self.proc.stdout.readline()
-        if not answer.startswith("ok "):
-            raise OSError(int(answer.split()[1]) if answer else 5, f"reader: {answer!r}")
-        return bytes.fromhex(answer[3:].strip())
 
     def close(self) -> None:
         if self.proc.stdin is not None:
@@ -269,8 +256,29 @@ class ReaderProcess:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 
-    def __enter__(self) -> ReaderProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ReaderProcess(ChildProcess):
+    """Another process that opens, reads and closes a file on request.
+
+    Start it *before* a test opens a file for writing: every fork+exec while a
+    written descriptor is open closes the child's copy at exec, which sends a
+    FLUSH for the writer's open file (a commit point).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_READER)
+
+    def read(self, path: Path) -> bytes:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{path}\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer.startswith("ok "):
+            raise OSError(int(answer.split()[1]) if answer else 5, f"reader: {answer!r}")
+        return bytes.fromhex(answer[3:].strip())

@@ -201,6 +201,8 @@ class Housekeeper:
               settle: list[tuple[int, str]], want: int) -> None:
         try:  # each kind of work goes on whatever the others do (closes above all)
             self._settle(settle)
+        except OSError as exc:  # the disk (EIO after a shutdown): nothing to debug here
+            log.error("settling journal records failed (%s); the next mount replays them", exc)
         except Exception:
             log.exception("settling journal records failed; the next mount replays them")
         for fd in closing:

@@ -255,6 +255,10 @@ class Committer:
                 if links == 0:
                     return False  # unlinked while written: its data vanishes at release
                 kind = self.choose(session, committed, links)
+                if kind in ("journal", "inplace"):
+                    # straight to SOURCE, durable at once: under batch, after what was
+                    # staged before it (docs/semantics.md §9.2)
+                    await self.before_change()
                 if kind == "journal":
                     await self._journalled(session)
                 elif kind == "inplace":

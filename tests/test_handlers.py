@@ -257,3 +257,29 @@ def test_a_request_on_an_unknown_handle_is_an_errno_not_a_crash(harness: Harness
             assert caught.value.errno == errno.EBADF
 
     harness.run(body)
+
+
+@pytest.mark.ops_options(durability="batch")
+def test_batch_journalled_commit_comes_after_what_was_staged_before(harness: Harness) -> None:
+    """A hard-linked file is committed in place (journal), straight to SOURCE and
+    durable at once: the commits acknowledged before it are published first, or a
+    crash could keep it without them (docs/semantics.md §9.2)."""
+    (harness.source / "linked").write_bytes(b"old\n")
+    os.link(harness.source / "linked", harness.source / "other-name")
+    (harness.source / "earlier").write_bytes(b"old\n")
+
+    async def body() -> None:
+        earlier = await harness.lookup("earlier")
+        fh = (await harness.open(earlier, os.O_WRONLY | os.O_TRUNC)).fh
+        await harness.write(fh, b"acknowledged first\n")
+        await harness.close(fh)
+        assert earlier in harness.ops.committer.staged  # visible, not yet in SOURCE
+        linked = await harness.lookup("linked")
+        fh = (await harness.open(linked, os.O_WRONLY | os.O_TRUNC)).fh
+        await harness.write(fh, b"in place, second\n")
+        await harness.close(fh)
+        assert harness.on_disk("linked") == b"in place, second\n"
+        assert harness.on_disk("earlier") == b"acknowledged first\n"
+        assert not harness.ops.committer.staged
+
+    harness.run(body)

@@ -451,7 +451,9 @@ def test_a_source_shut_down_under_writers_gets_errors_and_no_descriptor_mixup(
             (src / f"f{i}").write_bytes(b"0" * 3000)
         os.sync()
         m = d.mount(mount_factory, src, options=[f"durability={durability}"])
-        m.expect_log(r"WARNING")  # failed commits are logged as warnings
+        # failed commits are logged as warnings; a commit done but not known durable
+        # (its directory could not be synced once SOURCE went down) as an error
+        m.expect_log(r"WARNING|could not be synced")
         stop = threading.Event()
         errors: list[int] = []
 

@@ -4,6 +4,7 @@ parametrizable tools."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -282,3 +283,36 @@ class ReaderProcess(ChildProcess):
         if not answer.startswith("ok "):
             raise OSError(int(answer.split()[1]) if answer else 5, f"reader: {answer!r}")
         return bytes.fromhex(answer[3:].strip())
+
+
+def git_env(home: Path) -> dict[str, str]:
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(HOME=str(home), GIT_CONFIG_NOSYSTEM="1", GIT_AUTHOR_NAME="A U Thor",
+               GIT_AUTHOR_EMAIL="author@example.com", GIT_COMMITTER_NAME="C O Mitter",
+               GIT_COMMITTER_EMAIL="committer@example.com",
+               GIT_AUTHOR_DATE="2005-04-07T22:13:13+0000",
+               GIT_COMMITTER_DATE="2005-04-07T22:13:13+0000")
+    return env
+
+
+def save(path: Path, data: bytes, flags: int = os.O_WRONLY | os.O_TRUNC,
+         fsync: bool = False) -> int | None:
+    """open, write, [fsync,] close: the errno of the first failing call, or None."""
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        return exc.errno
+    try:
+        os.write(fd, data)
+        if fsync:
+            os.fsync(fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # the mount may be gone (ENOTCONN)
+            os.close(fd)
+        return exc.errno
+    try:
+        os.close(fd)
+    except OSError as exc:
+        return exc.errno
+    return None

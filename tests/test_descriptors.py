@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import re
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount, MountFactory, run_cli
-from sessionkit import assert_no_debris, status_of, wait_for
+from sessionkit import assert_no_debris, save, status_of, wait_for
 
 OLD, NEW = b"OLD\n", b"NEW\n"
 MODES = {"handles": {}, "paths": {"ATOMICFS_INODE_HANDLES": "0"}}
@@ -39,25 +38,6 @@ def nofile(limit: int) -> list[str]:
 def daemon_fds(m: Mount) -> int:
     assert m.proc is not None
     return len(os.listdir(f"/proc/{m.proc.pid}/fd"))
-
-
-def save(path: Path, data: bytes, flags: int = os.O_WRONLY | os.O_TRUNC) -> int | None:
-    """open, write, close: the errno of the first failing call, or None."""
-    try:
-        fd = os.open(path, flags, 0o644)
-    except OSError as exc:
-        return exc.errno
-    try:
-        os.write(fd, data)
-    except OSError as exc:
-        with contextlib.suppress(OSError):  # the mount may be gone (ENOTCONN)
-            os.close(fd)
-        return exc.errno
-    try:
-        os.close(fd)
-    except OSError as exc:
-        return exc.errno
-    return None
 
 
 def assert_agree(m: Mount, name: str, err: int | None, before: bytes | None) -> None:

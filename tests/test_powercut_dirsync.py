@@ -30,6 +30,7 @@ from pathlib import Path
 import powercutkit
 import pytest
 from conftest import needs_fuse
+from sessionkit import save
 
 from atomicfs import syscalls
 
@@ -38,28 +39,6 @@ pytestmark = needs_fuse
 OLD = b"old version\n" * 300
 NEW = b"new version, acknowledged\n" * 200
 HOLD = 3.0  # seconds the commit waits at the fault point: the test cuts meanwhile
-
-
-def save(path: Path, data: bytes, fsync: bool = False) -> int | None:
-    """open(O_TRUNC), write, [fsync,] close: the errno of the first failing call,
-    or None."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
-    except OSError as exc:
-        return exc.errno
-    try:
-        os.write(fd, data)
-        if fsync:
-            os.fsync(fd)
-    except OSError as exc:
-        with contextlib.suppress(OSError):  # the mount may be gone
-            os.close(fd)
-        return exc.errno
-    try:
-        os.close(fd)
-    except OSError as exc:
-        return exc.errno
-    return None
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 20) -> bool:
@@ -84,7 +63,7 @@ def cut_during_commit(pc: powercutkit.PowerCutFs, fault: str, reached: Callable[
     m = pc.mount_atomicfs(options, env={"ATOMICFS_FAULTS": f"sleep:{fault}:{HOLD}"})
     result: dict[str, int | None] = {}
     saver = threading.Thread(
-        target=lambda: result.update(err=save(m.path("f"), NEW, fsync)))
+        target=lambda: result.update(err=save(m.path("f"), NEW, fsync=fsync)))
     saver.start()
     try:
         assert wait_for(reached), "the commit never reached the fault point"

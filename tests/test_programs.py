@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import IS_ROOT, ROOT, MountFactory, mounted_fstype
+from sessionkit import git_env
 
 MiB = 1 << 20
 
@@ -384,17 +385,6 @@ def test_rsync_round_trip(mount_factory: MountFactory, tmp_path: Path,
 
 
 # -- git ---------------------------------------------------------------------------------
-
-def git_env(home: Path) -> dict[str, str]:
-    home.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    env.update(HOME=str(home), GIT_CONFIG_NOSYSTEM="1", GIT_AUTHOR_NAME="A U Thor",
-               GIT_AUTHOR_EMAIL="author@example.com", GIT_COMMITTER_NAME="C O Mitter",
-               GIT_COMMITTER_EMAIL="committer@example.com",
-               GIT_AUTHOR_DATE="2005-04-07T22:13:13+0000",
-               GIT_COMMITTER_DATE="2005-04-07T22:13:13+0000")
-    return env
-
 
 def git_session(repo: Path, env: dict[str, str]) -> dict[str, bytes]:
     """init, two commits, gc, fsck; returns what to compare between the two runs."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount, MountFactory
-from sessionkit import status_of, wait_for
+from sessionkit import git_env, status_of, wait_for
 
 TIMEOUT = 120
 
@@ -33,17 +33,6 @@ def need(tool: str) -> None:
 
 
 # -- git -----------------------------------------------------------------------------
-
-def git_env(home: Path) -> dict[str, str]:
-    home.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    env.update(HOME=str(home), GIT_CONFIG_NOSYSTEM="1", GIT_AUTHOR_NAME="A U Thor",
-               GIT_AUTHOR_EMAIL="author@example.com", GIT_COMMITTER_NAME="C O Mitter",
-               GIT_COMMITTER_EMAIL="committer@example.com",
-               GIT_AUTHOR_DATE="2005-04-07T22:13:13+0000",
-               GIT_COMMITTER_DATE="2005-04-07T22:13:13+0000")
-    return env
-
 
 def git(args: Sequence[str | Path], cwd: Path, env: dict[str, str]) -> str:
     res = subprocess.run(["git", "-c", "safe.directory=*", "-c", "init.defaultBranch=main",

@@ -21,8 +21,9 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from . import faults, metadata, recovery, status, syscalls, timing
+from . import commit, faults, metadata, recovery, status, syscalls, timing
 from .commit import Committer, name_finder
+from .dirsync import DirSyncs, fine_grained_ctime
 from .files import Files
 from .housekeeping import Housekeeper
 from .inodes import EXHAUSTED, Inode, InodeTable
@@ -129,6 +130,7 @@ class AtomicOperations(pyfuse3.Operations):
         self.files = Files(self.table, self.namespace, self.committer, options.isolation,
                            self.info.mountpoint or None, options.checkpoint,
                            options.checkpoint_bytes)
+        self.dirsyncs = DirSyncs(fine_grained_ctime(self.daemon_dir))
 
     def _attrs(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         if inode.is_reg:
@@ -234,7 +236,7 @@ class AtomicOperations(pyfuse3.Operations):
         parent = self.table.get(parent_inode)
         await self.committer.before_change()
         inode, st = self.namespace.mknod(parent, name, mode, rdev, ctx)
-        await self.committer.after_change([parent])
+        await self._after_change([parent])
         return self._attrs(inode, st)
 
     @_handler
@@ -243,7 +245,7 @@ class AtomicOperations(pyfuse3.Operations):
         parent = self.table.get(parent_inode)
         await self.committer.before_change()
         inode, st = self.namespace.mkdir(parent, name, mode, ctx)
-        await self.committer.after_change([parent])
+        await self._after_change([parent])
         return self._attrs(inode, st)
 
     @_handler
@@ -252,7 +254,7 @@ class AtomicOperations(pyfuse3.Operations):
         parent = self.table.get(parent_inode)
         await self.committer.before_change()
         inode, st = self.namespace.symlink(parent, name, target, ctx)
-        await self.committer.after_change([parent])
+        await self._after_change([parent])
         return self._attrs(inode, st)
 
     @_handler
@@ -263,7 +265,7 @@ class AtomicOperations(pyfuse3.Operations):
         await self.files.publish(node)  # a new file gets its first name before a second
         await self.committer.before_change()
         node, st = self.namespace.link(node, parent, new_name)
-        await self.committer.after_change([parent])
+        await self._after_change([parent])
         return self._attrs(node, st)
 
     @_handler
@@ -274,14 +276,14 @@ class AtomicOperations(pyfuse3.Operations):
             return
         await self.committer.before_change()
         self.namespace.unlink(parent, name)
-        await self.committer.after_change([parent])
+        await self._after_change([parent])
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self.table.get(parent_inode)
         await self.committer.before_change()
         self.namespace.rmdir(parent, name)
-        await self.committer.after_change([parent])
+        await self._after_change([parent])
 
     @_handler
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -296,8 +298,18 @@ class AtomicOperations(pyfuse3.Operations):
         if self.namespace.pending_at(old_parent, name_old) is None:  # else: pending names only
             await self.committer.before_change()
         if self.namespace.rename(old_parent, name_old, new_parent, name_new, flags):
-            await self.committer.after_change(
+            await self._after_change(
                 [old_parent] if old_parent is new_parent else [old_parent, new_parent])
+
+    async def _after_change(self, dirs: list[Inode]) -> None:
+        """After a namespace operation changed ``dirs``: durable before the reply
+        (:meth:`Committer.after_change`).  Under durability=full that fsyncs them:
+        their ctimes, read before the fsync, are recorded, so a program's fsync of
+        the directory right after returns at once (atomicfs/dirsync.py)."""
+        snaps = [self.dirsyncs.snapshot(d.fd) for d in dirs] \
+            if self.dirsyncs.enabled and not self.committer.batch and commit.PREFIX else []
+        await self.committer.after_change(dirs)
+        self.dirsyncs.synced(snaps)
 
     def _rename_needs_real(self, old_parent: Inode, old: bytes, new_parent: Inode, new: bytes,
                            flags: int) -> bool:
@@ -354,7 +366,13 @@ class AtomicOperations(pyfuse3.Operations):
         # batch: the commits acknowledged before are published and durable first
         # (docs/semantics.md §3.3): a name appears only with its content
         await self.committer.persist()
+        if self.dirsyncs.clean(handle.fd):  # nothing new since the daemon's last fsync of it
+            self.dirsyncs.stats.skipped += 1
+            return
+        snap = self.dirsyncs.snapshot(handle.fd)
         await _in_thread(syscalls.fsync_dir_fd, handle.fd)  # EIO if SOURCE went down
+        self.dirsyncs.synced([snap])
+        self.dirsyncs.stats.done += 1
 
     # -- files -----------------------------------------------------------
     @_handler

@@ -225,11 +225,17 @@ class Files:
             if os.statvfs(inode.fd).f_flag & os.ST_RDONLY:
                 # as ext4 would: else `: > f` would succeed and its commit be dropped
                 raise OSError(errno.EROFS, "the source filesystem is read-only")
+            fresh = session is None
             if session is None:
                 session = self._start_session(inode)
             session.writers += 1
             handle = self._register(inode, flags, session, isolated=False, pid=pid)
-            if flags & os.O_TRUNC:
+            if flags & os.O_TRUNC and fresh:
+                # made just now, with no await since: nobody holds its lock or writes
+                # it, and with no other writer it is no log rotation.  Emptied at once:
+                # taking a trio lock is a checkpoint, a pass of the scheduler (~50 us)
+                self._empty_at_open(session, others=0)
+            elif flags & os.O_TRUNC:
                 await self._truncate_open(session)
             return handle, pyfuse3.FileInfo(fh=handle.fh, keep_cache=self._keep_cache(inode))
         isolated = session is not None and self._isolated(session, pid)
@@ -287,11 +293,17 @@ class Files:
         """An open with O_TRUNC joins the session: it empties it.  A rewrite from here
         (never checkpointed), unless it rotates a log another writer holds (§10)."""
         async with session.lock:
-            rotation = self.appends.truncating(session, 0, session.writers - 1)
-            if session.size:
-                session.truncate(0)
+            rotation = self._empty_at_open(session, session.writers - 1)
             if rotation and session.dirty:
                 await self._commit(session, "rotation")
+
+    def _empty_at_open(self, session: Session, others: int) -> bool:
+        """Empty ``session`` at an O_TRUNC open (its lock held, or nobody else can have
+        it); returns whether it rotates a log (``others``: its other writers)."""
+        rotation = self.appends.truncating(session, 0, others)
+        if session.size:
+            session.truncate(0)
+        return rotation
 
     def create(self, parent: Inode, name: bytes, mode: int, flags: int,
                ctx: pyfuse3.RequestContext) -> tuple[FileHandle, pyfuse3.EntryAttributes]:

@@ -188,9 +188,13 @@ def category(label: str) -> str:
         return CATEGORIES[3]
     if a.startswith("thread-end:") and b.startswith("resumed:"):
         return CATEGORIES[4]
-    if (a, b) == ("commit.before_fsync", "commit.after_fsync"):
+    if (a, b) in (("commit.before_fsync", "commit.after_fsync"),
+                  ("thread:sync_data", "thread-end:sync_data")):  # batch: the group's
         return CATEGORIES[5]
-    if a.startswith("thread:fsync") and b.startswith("thread-end:fsync"):
+    if ((a.startswith("thread:fsync") and b.startswith("thread-end:fsync"))
+            or (a, b) == ("commit.dir_fsync", "commit.after_dir_fsync")
+            or (a in ("dirs.before_fsync", "persist.before_dir_fsync")
+                and b.startswith("thread-end:"))):
         return CATEGORIES[6]
     if a.endswith("() called") and b.endswith("handler starts"):
         return CATEGORIES[1]

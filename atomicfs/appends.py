@@ -49,7 +49,7 @@ Concurrency (trio): a checkpoint holds ``session.lock`` from its first step to
 the update of the session's map, so writes, truncates and commits of the file
 wait for it; reads of the session's content read the shadow, which stays as it
 was until the map says the bytes are committed; isolated readers of the
-committed file wait for the append in place (:meth:`Committer.exclusive`).
+committed file wait for the append in place (:meth:`Reads.exclusive`).
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ from . import faults, journal, syscalls
 from .extents import ExtentMap, Kind
 
 if TYPE_CHECKING:
+    from .batch import Batch
     from .commit import Committer
+    from .reads import Reads
     from .sessions import Session
 
 log = logging.getLogger(__name__)
@@ -302,10 +304,12 @@ class Appends:
     checkpoint and a rotation.
     """
 
-    def __init__(self, committer: Committer, commit_whole: Callable[[Session, str],
-                                                                     Awaitable[bool]],
+    def __init__(self, committer: Committer, batch: Batch, reads: Reads,
+                 commit_whole: Callable[[Session, str], Awaitable[bool]],
                  interval: float = 5.0, max_bytes: int = 64 << 20) -> None:
         self.committer = committer
+        self.batch = batch
+        self.reads = reads
         self.commit_whole = commit_whole
         self.interval = interval
         self.max_bytes = max_bytes
@@ -414,7 +418,7 @@ class Appends:
         # durability=batch: what was staged before (this file's version too) is
         # published first, so a crash never keeps this checkpoint without an earlier
         # commit (docs/semantics.md §9.2)
-        await self.committer.before_change()
+        await self.batch.before_change()
         committed = os.stat(inode.fd)
         if committed.st_nlink == 0:
             return False  # unlinked while written: nothing to commit into
@@ -431,7 +435,7 @@ class Appends:
         shadow, mtime = session.shadow, session.mtime_ns
         target = syscalls.reopen(inode.fd, os.O_RDWR)
         try:
-            await self.committer.exclusive(inode, lambda: append_in_place(
+            await self.reads.exclusive(inode, lambda: append_in_place(
                 target, shadow, base, upto, mtime, self.committer.daemon_dir, name, record))
         finally:
             os.close(target)
@@ -470,12 +474,12 @@ class Appends:
         durability=batch, whose commits are staged without an fsync each, nor when
         commit= names a strategy."""
         state = self.states.get(session)
-        if (state is None or not state.log or session.pending or self.committer.batch
+        if (state is None or not state.log or session.pending or self.batch.enabled
                 or self.committer.strategy != "auto" or session.size <= state.base):
             return False
         if session.size - state.base < APPEND_MIN or (
                 session.base_size < APPEND_MIN
-                and self.committer.source_links(session.inode) < 2):
+                and self.batch.source_links(session.inode) < 2):
             return False
         started = time.monotonic()
         try:

@@ -48,11 +48,15 @@ import trio
 
 from . import metadata, processes, syscalls
 from .appends import Appends
+from .batch import Batch
 from .commit import Committer
 from .extents import ExtentMap
+from .housekeeping import Housekeeper
 from .inodes import Inode, InodeTable
 from .namespace import Namespace
+from .reads import Reads
 from .sessions import Session
+from .shadows import Shadows
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +83,17 @@ class FileHandle:
 
 class Files:
     def __init__(self, table: InodeTable, namespace: Namespace, committer: Committer,
+                 shadows: Shadows, batch: Batch, reads: Reads, housekeeper: Housekeeper,
                  isolation: str = "committed", mountpoint: str | None = None,
                  checkpoint: float = 5.0, checkpoint_bytes: int = 64 << 20) -> None:
         self.table = table
         self.mountpoint = mountpoint  # None: closes are not told apart (processes.py)
         self.namespace = namespace
         self.committer = committer
+        self.shadows = shadows
+        self.batch = batch
+        self.reads = reads
+        self.housekeeper = housekeeper
         self.isolation = isolation
         self.handles: dict[int, FileHandle] = {}
         self.writer_handles: dict[int, set[FileHandle]] = {}  # inode -> its handles that write
@@ -92,8 +101,8 @@ class Files:
         self.stale_cache: set[int] = set()  # inodes whose page cache may hold dropped data
         self.unseen: dict[int, int] = {}  # inode -> errno of a lost version no handle saw
         self._next_fh = 1
-        committer.lost = self._lost
-        self.appends = Appends(committer, self._commit, checkpoint, checkpoint_bytes)
+        batch.lost = self._lost
+        self.appends = Appends(committer, batch, reads, self._commit, checkpoint, checkpoint_bytes)
 
     def get(self, fh: int) -> FileHandle:
         try:
@@ -132,11 +141,11 @@ class Files:
             # inside a handler); the cached pages go from the housekeeper's thread.
             with contextlib.suppress(OSError):  # ENOENT: the kernel forgot the inode
                 pyfuse3.invalidate_inode(session.inode.ino, attr_only=True)
-            self.committer.housekeeper.invalidate(session.inode.ino)
+            self.housekeeper.invalidate(session.inode.ino)
         if session.pending:  # never committed: the new file goes with its session
             for parent_ino, name in list(session.inode.names):
                 self.namespace.remove_pending(parent_ino, name)
-                self.committer.housekeeper.forget_entry(parent_ino, name)
+                self.housekeeper.forget_entry(parent_ino, name)
             session.inode.gone = True
         self.appends.forget(session)
         session.close()
@@ -168,14 +177,14 @@ class Files:
         if how == "new":
             for parent_ino, name in list(inode.names):
                 if self.namespace.remove_pending(parent_ino, name) is not None:
-                    self.committer.housekeeper.forget_entry(parent_ino, name)
+                    self.housekeeper.forget_entry(parent_ino, name)
             inode.gone = True
         else:  # the kernel's pages hold the lost version
             self.stale_cache.add(inode.ino)
-            self.committer.housekeeper.invalidate(inode.ino)
+            self.housekeeper.invalidate(inode.ino)
 
     def _make_shadow(self, session: Session) -> int:
-        return self.committer.make_shadow(session.inode)
+        return self.shadows.make(session.inode)
 
     async def _commit(self, session: Session, at: str) -> bool:
         if session.failed and session.dirty:  # docs/semantics.md §8: the committed version stays
@@ -198,7 +207,7 @@ class Files:
             async with session.lock:
                 if session.pending:
                     await self._commit(session, "link or rename")
-        await self.committer.persist(inode)
+        await self.batch.persist(inode)
 
     # -- open, create ----------------------------------------------------------
     def _keep_cache(self, inode: Inode) -> bool:
@@ -300,7 +309,7 @@ class Files:
         if self.namespace.exists(parent, name):
             raise OSError(errno.EEXIST, "file exists")
         parent_st = os.stat(parent.fd)
-        shadow = self.committer.new_file_shadow(parent, parent_st, mode)
+        shadow = self.shadows.for_new_file(parent, parent_st, mode)
         try:
             metadata.give_to_caller(shadow, ctx, parent_st, mode)
             path_fd = syscalls.reopen(shadow, os.O_PATH)
@@ -327,10 +336,10 @@ class Files:
         """The file's attributes through the mount: the session's, if it has one."""
         st = os.stat(inode.fd)
         attr = metadata.entry_attributes(inode.ino, st)
-        staged = self.committer.staged.get(inode.ino)
+        staged = self.batch.staged.get(inode.ino)
         if staged is not None:  # the visible version is an unnamed file until persisted
             attr.st_nlink = (self.namespace.pending_links(inode) if staged.new_file
-                             else self.committer.source_links(inode))
+                             else self.batch.source_links(inode))
         session = self.sessions.get(inode.ino)
         if session is None:
             return attr
@@ -351,7 +360,7 @@ class Files:
         if session is None or handle.isolated:
             if session is not None and session.pending:
                 return b""  # a new file has no committed version yet
-            return await self.committer.read_committed(handle.inode, size, off)
+            return await self.reads.read_committed(handle.inode, size, off)
         committed_fd = None if session.pending else self.table.data(handle.inode)
         return session.read(committed_fd, off, size)
 
@@ -465,7 +474,7 @@ class Files:
                 await self._commit(session, "fsync")
                 session.abandoned = 0
             handle.wrote = False
-        await self.committer.persist(handle.inode)  # batch: fsync is durable all the same
+        await self.batch.persist(handle.inode)  # batch: fsync is durable all the same
         if handle.lost:  # batch: a version staged earlier was lost (docs/semantics.md §3)
             err, handle.lost = handle.lost, 0
             raise OSError(err, "an earlier commit of this file was not made durable "

@@ -22,12 +22,16 @@ import pyfuse3
 import trio
 
 from . import faults, metadata, recovery, status, syscalls, timing
-from .commit import Committer, name_finder
+from .batch import Batch
+from .commit import Committer
 from .files import Files
 from .housekeeping import Housekeeper
 from .inodes import EXHAUSTED, Inode, InodeTable
 from .namespace import DirHandle, Namespace
 from .options import MountOptions
+from .publish import CommitStats, Publisher, name_finder
+from .reads import Reads
+from .shadows import Shadows
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +126,18 @@ class AtomicOperations(pyfuse3.Operations):
         self.recovered = recovery.recover(root_fd, self.daemon_dir)
         self.housekeeper = Housekeeper(self.daemon_dir)
         self.table.closer = self.housekeeper.close_later
-        self.committer = Committer(self.table, self.daemon_dir,
-                                   name_finder(self.table, self.namespace.pending_name),
-                                   self.namespace.published, options.commit,
-                                   options.durability, self.housekeeper)
-        self.files = Files(self.table, self.namespace, self.committer, options.isolation,
+        find_name = name_finder(self.table, self.namespace.pending_name)
+        stats = CommitStats()
+        self.publisher = Publisher(self.table, self.daemon_dir, find_name,
+                                   self.namespace.published, stats)
+        self.shadows = Shadows(self.table, self.housekeeper, self.daemon_dir, find_name)
+        self.reads = Reads(self.table)
+        self.batch = Batch(self.table, self.publisher, stats, options.durability)
+        self.committer = Committer(self.table, self.daemon_dir, self.publisher, self.shadows,
+                                   self.batch, self.reads, self.housekeeper, stats,
+                                   options.commit)
+        self.files = Files(self.table, self.namespace, self.committer, self.shadows,
+                           self.batch, self.reads, self.housekeeper, options.isolation,
                            self.info.mountpoint or None, options.checkpoint,
                            options.checkpoint_bytes)
 
@@ -168,7 +179,7 @@ class AtomicOperations(pyfuse3.Operations):
         if node.is_dir and (fields.update_atime or fields.update_mtime):
             # durability=batch publishes staged names into directories later, which
             # would move the times set now (tar sets them last): publish them first
-            await self.committer.persist()
+            await self.batch.persist()
         if not fields.update_size and (fields.update_mode or fields.update_uid
                                        or fields.update_gid or fields.update_atime
                                        or fields.update_mtime):
@@ -196,14 +207,14 @@ class AtomicOperations(pyfuse3.Operations):
         yet is not in SOURCE: its change goes with its first commit."""
         session = self.files.sessions.get(node.ino)
         if session is None or not session.pending:
-            await self.committer.before_change(node)
+            await self.batch.before_change(node)
 
     async def _after_metadata_change(self, node: Inode) -> None:
         """durability=full: the change is durable before the reply (§9.1); a new file
         not committed yet gets it with its first commit."""
         session = self.files.sessions.get(node.ino)
         if session is None or not session.pending:
-            await self.committer.after_metadata_change(node)
+            await self.batch.after_metadata_change(node)
 
     @_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -232,27 +243,27 @@ class AtomicOperations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
-        await self.committer.before_change()
+        await self.batch.before_change()
         inode, st = self.namespace.mknod(parent, name, mode, rdev, ctx)
-        await self.committer.after_change([parent])
+        await self.batch.after_change([parent])
         return self._attrs(inode, st)
 
     @_handler
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
-        await self.committer.before_change()
+        await self.batch.before_change()
         inode, st = self.namespace.mkdir(parent, name, mode, ctx)
-        await self.committer.after_change([parent])
+        await self.batch.after_change([parent])
         return self._attrs(inode, st)
 
     @_handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
-        await self.committer.before_change()
+        await self.batch.before_change()
         inode, st = self.namespace.symlink(parent, name, target, ctx)
-        await self.committer.after_change([parent])
+        await self.batch.after_change([parent])
         return self._attrs(inode, st)
 
     @_handler
@@ -261,9 +272,9 @@ class AtomicOperations(pyfuse3.Operations):
         node = self.table.get(inode)
         parent = self.table.get(new_parent_inode)
         await self.files.publish(node)  # a new file gets its first name before a second
-        await self.committer.before_change()
+        await self.batch.before_change()
         node, st = self.namespace.link(node, parent, new_name)
-        await self.committer.after_change([parent])
+        await self.batch.after_change([parent])
         return self._attrs(node, st)
 
     @_handler
@@ -272,16 +283,16 @@ class AtomicOperations(pyfuse3.Operations):
         if self.namespace.pending_at(parent, name) is not None:
             self.namespace.unlink(parent, name)  # never in SOURCE: nothing to order or sync
             return
-        await self.committer.before_change()
+        await self.batch.before_change()
         self.namespace.unlink(parent, name)
-        await self.committer.after_change([parent])
+        await self.batch.after_change([parent])
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self.table.get(parent_inode)
-        await self.committer.before_change()
+        await self.batch.before_change()
         self.namespace.rmdir(parent, name)
-        await self.committer.after_change([parent])
+        await self.batch.after_change([parent])
 
     @_handler
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -294,9 +305,9 @@ class AtomicOperations(pyfuse3.Operations):
                                                                 new_parent, name_new, flags):
                 await self.files.publish(pending)
         if self.namespace.pending_at(old_parent, name_old) is None:  # else: pending names only
-            await self.committer.before_change()
+            await self.batch.before_change()
         if self.namespace.rename(old_parent, name_old, new_parent, name_new, flags):
-            await self.committer.after_change(
+            await self.batch.after_change(
                 [old_parent] if old_parent is new_parent else [old_parent, new_parent])
 
     def _rename_needs_real(self, old_parent: Inode, old: bytes, new_parent: Inode, new: bytes,
@@ -353,7 +364,7 @@ class AtomicOperations(pyfuse3.Operations):
         handle = self.dirs[fh]
         # batch: the commits acknowledged before are published and durable first
         # (docs/semantics.md §3.3): a name appears only with its content
-        await self.committer.persist()
+        await self.batch.persist()
         await _in_thread(syscalls.fsync_dir_fd, handle.fd)  # EIO if SOURCE went down
 
     # -- files -----------------------------------------------------------
@@ -425,14 +436,14 @@ class AtomicOperations(pyfuse3.Operations):
             nursery.start_soon(self.housekeeper.run)
             nursery.start_soon(self.files.appends.run,
                                lambda: list(self.files.sessions.values()))
-            if self.committer.batch:
-                nursery.start_soon(self.committer.run_batches)
+            if self.batch.enabled:
+                nursery.start_soon(self.batch.run_batches)
 
     async def finish(self) -> None:
         """After the kernel let go: lost last releases, then every staged commit."""
         with self.table.scope():
             await self.files.release_remaining()
-            await self.committer.persist()
+            await self.batch.persist()
 
     def shutdown(self) -> None:
         """Close every fd the daemon holds (after the main loop ended)."""

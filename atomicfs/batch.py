@@ -53,6 +53,7 @@ class Batch:
     """Staged versions and their group persist (``enabled``: durability=batch)."""
 
     def __init__(self, table: InodeTable, publisher: Publisher, stats: CommitStats,
+                 lost: Callable[[Inode, OSError, str], None],
                  durability: str = "full") -> None:
         self.table = table
         self.publisher = publisher
@@ -63,8 +64,8 @@ class Batch:
         self._persist_lock = trio.Lock()
         self._changed_dirs: dict[int, Inode] = {}  # batch: to fsync in the next group
         # told of a staged version that was lost ("new", "rewrite") or published but
-        # maybe not durable ("unsynced"): set by OpenFiles, which reports it to fsync()
-        self.lost: Callable[[Inode, OSError, str], None] = lambda inode, exc, how: None
+        # maybe not durable ("unsynced"): files.LostVersions, which reports it to fsync()
+        self.lost = lost
 
     def stage(self, inode: Inode, fd: int, new_file: bool) -> None:
         item = self.staged.get(inode.ino)

@@ -41,7 +41,7 @@ import contextlib
 import errno
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
@@ -81,9 +81,68 @@ class FileHandle:
     lost: int = 0  # errno of a staged version lost since this handle's last fsync (batch)
 
 
+@dataclass(eq=False)
+class OpenState:
+    """What is open: handles, write sessions, and what a lost staged version left for
+    them.  Built before the components that report into it (the group persist,
+    through :class:`LostVersions`) and shared with :class:`Files`, which owns the
+    lifecycle of handles and sessions."""
+
+    handles: dict[int, FileHandle] = field(default_factory=dict)
+    writer_handles: dict[int, set[FileHandle]] = field(default_factory=dict)  # inode -> writers
+    sessions: dict[int, Session] = field(default_factory=dict)
+    stale_cache: set[int] = field(default_factory=set)  # inodes whose page cache may be stale
+    unseen: dict[int, int] = field(default_factory=dict)  # inode -> errno no handle saw yet
+
+
+class LostVersions:
+    """Where the group persist reports a staged version it lost (durability=batch).
+
+    Built before :class:`atomicfs.batch.Batch` (which is handed :meth:`report`) and
+    before :class:`Files` (which uses the batch): this breaks that cycle."""
+
+    def __init__(self, state: OpenState, namespace: Namespace,
+                 housekeeper: Housekeeper) -> None:
+        self.state = state
+        self.namespace = namespace
+        self.housekeeper = housekeeper
+
+    def report(self, inode: Inode, exc: OSError, how: str) -> None:
+        """A staged version of ``inode`` (durability=batch) was not made durable
+        (docs/semantics.md §3): the next fsync() of every descriptor open on it
+        reports the error once, as Linux reports a writeback error; with none open,
+        the next descriptor opened.
+
+        ``how``: "rewrite" (the inode is back on SOURCE's version), "new" (the new
+        file never reached SOURCE: its name goes, as an unlinked file's would) or
+        "unsynced" (published and visible, its directory not synced).
+        """
+        err = exc.errno or errno.EIO
+        handles = [h for h in self.state.handles.values() if h.inode is inode]
+        for handle in handles:
+            handle.lost = err
+        if not handles:
+            self.state.unseen[inode.ino] = err
+        if how == "unsynced":
+            return
+        session = self.state.sessions.get(inode.ino)
+        if session is not None and not session.failed:
+            # its content was built on the lost version: never commit it (§8.2)
+            session.failed = err
+        if how == "new":
+            for parent_ino, name in list(inode.names):
+                if self.namespace.remove_pending(parent_ino, name) is not None:
+                    self.housekeeper.forget_entry(parent_ino, name)
+            inode.gone = True
+        else:  # the kernel's pages hold the lost version
+            self.state.stale_cache.add(inode.ino)
+            self.housekeeper.invalidate(inode.ino)
+
+
 class Files:
-    def __init__(self, table: InodeTable, namespace: Namespace, committer: Committer,
-                 shadows: Shadows, batch: Batch, reads: Reads, housekeeper: Housekeeper,
+    def __init__(self, state: OpenState, table: InodeTable, namespace: Namespace,
+                 committer: Committer, shadows: Shadows, batch: Batch, reads: Reads,
+                 housekeeper: Housekeeper,
                  isolation: str = "committed", mountpoint: str | None = None,
                  checkpoint: float = 5.0, checkpoint_bytes: int = 64 << 20) -> None:
         self.table = table
@@ -95,13 +154,13 @@ class Files:
         self.reads = reads
         self.housekeeper = housekeeper
         self.isolation = isolation
-        self.handles: dict[int, FileHandle] = {}
-        self.writer_handles: dict[int, set[FileHandle]] = {}  # inode -> its handles that write
-        self.sessions: dict[int, Session] = {}
-        self.stale_cache: set[int] = set()  # inodes whose page cache may hold dropped data
-        self.unseen: dict[int, int] = {}  # inode -> errno of a lost version no handle saw
+        # the registries (shared with LostVersions), under short names
+        self.handles = state.handles
+        self.writer_handles = state.writer_handles
+        self.sessions = state.sessions
+        self.stale_cache = state.stale_cache
+        self.unseen = state.unseen
         self._next_fh = 1
-        batch.lost = self._lost
         self.appends = Appends(committer, batch, reads, self._commit, checkpoint, checkpoint_bytes)
 
     def get(self, fh: int) -> FileHandle:
@@ -151,37 +210,6 @@ class Files:
         session.close()
         session.inode.holders -= 1
         self.table.maybe_drop(session.inode)
-
-    def _lost(self, inode: Inode, exc: OSError, how: str) -> None:
-        """A staged version of ``inode`` (durability=batch) was not made durable
-        (docs/semantics.md §3): the next fsync() of every descriptor open on it
-        reports the error once, as Linux reports a writeback error; with none open,
-        the next descriptor opened.
-
-        ``how``: "rewrite" (the inode is back on SOURCE's version), "new" (the new
-        file never reached SOURCE: its name goes, as an unlinked file's would) or
-        "unsynced" (published and visible, its directory not synced).
-        """
-        err = exc.errno or errno.EIO
-        handles = [h for h in self.handles.values() if h.inode is inode]
-        for handle in handles:
-            handle.lost = err
-        if not handles:
-            self.unseen[inode.ino] = err
-        if how == "unsynced":
-            return
-        session = self.sessions.get(inode.ino)
-        if session is not None and not session.failed:
-            # its content was built on the lost version: never commit it (§8.2)
-            session.failed = err
-        if how == "new":
-            for parent_ino, name in list(inode.names):
-                if self.namespace.remove_pending(parent_ino, name) is not None:
-                    self.housekeeper.forget_entry(parent_ino, name)
-            inode.gone = True
-        else:  # the kernel's pages hold the lost version
-            self.stale_cache.add(inode.ino)
-            self.housekeeper.invalidate(inode.ino)
 
     def _make_shadow(self, session: Session) -> int:
         return self.shadows.make(session.inode)

@@ -157,7 +157,8 @@ class FdStats:
 
 class InodeTable:
     def __init__(self, root_fd: int, budget: Budget | None = None,
-                 handles: bool | None = None) -> None:
+                 handles: bool | None = None,
+                 closer: Callable[[int], None] = os.close) -> None:
         st = os.stat(root_fd)
         self._next = ROOT_INODE + 1
         self.by_ino: dict[int, Inode] = {}
@@ -188,7 +189,7 @@ class InodeTable:
             self._handles_ok = False
         self.mode = "handles" if self._mount_fd is not None else "paths"
         # closes fds of files a commit replaced (the housekeeper defers it to a thread)
-        self.closer: Callable[[int], None] = os.close
+        self.closer = closer
         self.refill_reserve()
         syscalls.on_exhausted = self.relieve
 

@@ -21,17 +21,11 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from . import faults, metadata, recovery, status, syscalls, timing
-from .batch import Batch
-from .commit import Committer
-from .files import Files
-from .housekeeping import Housekeeper
-from .inodes import EXHAUSTED, Inode, InodeTable
-from .namespace import DirHandle, Namespace
+from . import faults, metadata, status, syscalls, timing
+from .daemon import Daemon
+from .inodes import EXHAUSTED, Inode
+from .namespace import DirHandle
 from .options import MountOptions
-from .publish import CommitStats, Publisher, name_finder
-from .reads import Reads
-from .shadows import Shadows
 
 log = logging.getLogger(__name__)
 
@@ -110,36 +104,26 @@ class AtomicOperations(pyfuse3.Operations):
         metadata.Timeouts.attr = options.attr_timeout
         self.options = options
         self.info = status.DaemonInfo()
-        self.table = InodeTable(root_fd)
-        self.namespace = Namespace(self.table)
+        self.root_fd = root_fd
         self.dirs: dict[int, DirHandle] = {}
         self._next_dh = 1
 
     def prepare(self) -> None:
-        """Open SOURCE/.atomicfs and run recovery: the first change made to SOURCE.
+        """Build the daemon's components (:class:`atomicfs.daemon.Daemon`): opens
+        SOURCE/.atomicfs and runs recovery, the first change made to SOURCE.
 
         Called once the mount exists and before serving, so that a mount that
-        fails leaves SOURCE untouched.
+        fails leaves SOURCE untouched.  The handlers dispatch to these components.
         """
-        options, root_fd = self.options, self.table.root.fd
-        self.daemon_dir = recovery.open_daemon_dir(root_fd)
-        self.recovered = recovery.recover(root_fd, self.daemon_dir)
-        self.housekeeper = Housekeeper(self.daemon_dir)
-        self.table.closer = self.housekeeper.close_later
-        find_name = name_finder(self.table, self.namespace.pending_name)
-        stats = CommitStats()
-        self.publisher = Publisher(self.table, self.daemon_dir, find_name,
-                                   self.namespace.published, stats)
-        self.shadows = Shadows(self.table, self.housekeeper, self.daemon_dir, find_name)
-        self.reads = Reads(self.table)
-        self.batch = Batch(self.table, self.publisher, stats, options.durability)
-        self.committer = Committer(self.table, self.daemon_dir, self.publisher, self.shadows,
-                                   self.batch, self.reads, self.housekeeper, stats,
-                                   options.commit)
-        self.files = Files(self.table, self.namespace, self.committer, self.shadows,
-                           self.batch, self.reads, self.housekeeper, options.isolation,
-                           self.info.mountpoint or None, options.checkpoint,
-                           options.checkpoint_bytes)
+        self.daemon = Daemon(self.root_fd, self.options, self.info.mountpoint or None)
+        self.recovered = self.daemon.recovered
+        self.table = self.daemon.table
+        self.namespace = self.daemon.namespace
+        self.housekeeper = self.daemon.housekeeper
+        self.reads = self.daemon.reads
+        self.batch = self.daemon.batch
+        self.committer = self.daemon.committer
+        self.files = self.daemon.files
 
     def _attrs(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         if inode.is_reg:
@@ -430,30 +414,19 @@ class AtomicOperations(pyfuse3.Operations):
         await self._after_metadata_change(node)
 
     async def background(self) -> None:
-        """Tasks that run beside the request handlers: housekeeping, and the group
-        persist of durability=batch."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.housekeeper.run)
-            nursery.start_soon(self.files.appends.run,
-                               lambda: list(self.files.sessions.values()))
-            if self.batch.enabled:
-                nursery.start_soon(self.batch.run_batches)
+        """Tasks that run beside the request handlers (:meth:`Daemon.background`)."""
+        await self.daemon.background()
 
     async def finish(self) -> None:
         """After the kernel let go: lost last releases, then every staged commit."""
-        with self.table.scope():
-            await self.files.release_remaining()
-            await self.batch.persist()
+        await self.daemon.finish()
 
     def shutdown(self) -> None:
         """Close every fd the daemon holds (after the main loop ended)."""
         for handle in self.dirs.values():
             os.close(handle.fd)
         self.dirs.clear()
-        self.files.close_all()
-        self.table.close_all()
-        self.housekeeper.close_all()
-        recovery.close_daemon_dir(self.table.root.fd, self.daemon_dir)
+        self.daemon.shutdown()
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:

@@ -300,7 +300,7 @@ def _undo(root_fd: int, name: str, record: Rollback) -> str:
 class Appends:
     """The append state of every session, the checkpoints, and their timer task.
 
-    ``commit_whole`` commits a whole session (Files._commit), for a new file's first
+    ``commit_whole`` commits a whole session (OpenFiles._commit), for a new file's first
     checkpoint and a rotation.
     """
 
@@ -366,14 +366,14 @@ class Appends:
     # -- checkpoints --------------------------------------------------------------------
     def due(self, session: Session) -> int | None:
         state = self.states.get(session)
-        if state is None or session.failed or session.abandoned:
+        if state is None or session.write_errno or session.killed_by:
             return None
         return state.due(time.monotonic(), self.interval, self.max_bytes)
 
     def unsaved(self, session: Session) -> int | None:
         """For a reader's open: the size to checkpoint up to, if anything is waiting."""
         state = self.states.get(session)
-        if state is None or not state.log or session.failed or session.abandoned:
+        if state is None or not state.log or session.write_errno or session.killed_by:
             return None
         upto = state.whole_upto(time.monotonic())
         return upto if upto > state.base else None
@@ -382,7 +382,7 @@ class Appends:
         """At unmount: the end of the log's whole writes, if not committed yet (the
         writer is gone, so a request that may be cut is not waited for)."""
         state = self.states.get(session)
-        if state is None or not state.log or session.failed or session.abandoned:
+        if state is None or not state.log or session.write_errno or session.killed_by:
             return None
         return state.boundary if state.boundary > state.base else None
 

@@ -16,7 +16,7 @@ wired afterwards.  The order (each needs only what is above it):
 6. :class:`Publisher` (with the namespace's name finder), :class:`Shadows`,
    :class:`Reads`, :class:`Batch`, sharing one :class:`CommitStats`;
 7. :class:`Committer`;
-8. :class:`Files` (which builds its :class:`atomicfs.appends.Appends`).
+8. :class:`OpenFiles` (which builds its :class:`atomicfs.appends.Appends`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import trio
 from . import recovery
 from .batch import Batch
 from .commit import Committer
-from .files import Files, LostVersions, OpenState
+from .files import LostVersions, OpenFiles, OpenState
 from .housekeeping import Housekeeper
 from .inodes import InodeTable
 from .namespace import Namespace
@@ -58,7 +58,7 @@ class Daemon:
         self.committer = Committer(self.table, self.daemon_dir, self.publisher, self.shadows,
                                    self.batch, self.reads, self.housekeeper, self.stats,
                                    options.commit)
-        self.files = Files(self.state, self.table, self.namespace, self.committer,
+        self.files = OpenFiles(self.state, self.table, self.namespace, self.committer,
                            self.shadows, self.batch, self.reads, self.housekeeper,
                            options.isolation, mountpoint, options.checkpoint,
                            options.checkpoint_bytes)

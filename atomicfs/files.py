@@ -19,7 +19,7 @@ Policy (docs/semantics.md §2, §4):
   the committed version -- unless the opening process is writing the file (it
   holds a descriptor of it open for writing: it reads its own writes), or a
   process writing the file maps it shared (readers then map it too: LMDB).
-  docs/semantics.md §4; :meth:`Files._isolated`.  Every other handle reads the
+  docs/semantics.md §4; :meth:`OpenFiles._isolated`.  Every other handle reads the
   session's content, which is also what the kernel's page cache holds.
 - The kernel's page cache is kept across opens (``keep_cache``): it holds what
   was written through it, which a commit makes the committed content.  When a
@@ -85,7 +85,7 @@ class FileHandle:
 class OpenState:
     """What is open: handles, write sessions, and what a lost staged version left for
     them.  Built before the components that report into it (the group persist,
-    through :class:`LostVersions`) and shared with :class:`Files`, which owns the
+    through :class:`LostVersions`) and shared with :class:`OpenFiles`, which owns the
     lifecycle of handles and sessions."""
 
     handles: dict[int, FileHandle] = field(default_factory=dict)
@@ -99,7 +99,7 @@ class LostVersions:
     """Where the group persist reports a staged version it lost (durability=batch).
 
     Built before :class:`atomicfs.batch.Batch` (which is handed :meth:`report`) and
-    before :class:`Files` (which uses the batch): this breaks that cycle."""
+    before :class:`OpenFiles` (which uses the batch): this breaks that cycle."""
 
     def __init__(self, state: OpenState, namespace: Namespace,
                  housekeeper: Housekeeper) -> None:
@@ -126,9 +126,9 @@ class LostVersions:
         if how == "unsynced":
             return
         session = self.state.sessions.get(inode.ino)
-        if session is not None and not session.failed:
+        if session is not None and not session.write_errno:
             # its content was built on the lost version: never commit it (§8.2)
-            session.failed = err
+            session.write_errno = err
         if how == "new":
             for parent_ino, name in list(inode.names):
                 if self.namespace.remove_pending(parent_ino, name) is not None:
@@ -139,7 +139,7 @@ class LostVersions:
             self.housekeeper.invalidate(inode.ino)
 
 
-class Files:
+class OpenFiles:
     def __init__(self, state: OpenState, table: InodeTable, namespace: Namespace,
                  committer: Committer, shadows: Shadows, batch: Batch, reads: Reads,
                  housekeeper: Housekeeper,
@@ -215,11 +215,12 @@ class Files:
         return self.shadows.make(session.inode)
 
     async def _commit(self, session: Session, at: str) -> bool:
-        if session.failed and session.dirty:  # docs/semantics.md §8: the committed version stays
+        # docs/semantics.md §8: after a failed write the committed version stays
+        if session.write_errno and session.dirty:
             if self.committer.nameless(session):
                 return False  # unlinked: nothing to keep, nothing lost (semantics §2.5)
-            raise OSError(session.failed, "not committed: an earlier write to this file "
-                          f"failed ({os.strerror(session.failed)})")
+            raise OSError(session.write_errno, "not committed: an earlier write to this file "
+                          f"failed ({os.strerror(session.write_errno)})")
         # a log is committed by appending in place (§10); else as usual
         with self.table.critical():  # may use the descriptors kept for commits
             made = (await self.appends.commit_log(session)
@@ -471,7 +472,7 @@ class Files:
             return
         async with session.lock:
             await self._commit(session, "close")
-            session.abandoned = 0
+            session.killed_by = 0
         handle.wrote = False
 
     def _unfinished(self, handle: FileHandle, session: Session) -> bool:
@@ -481,7 +482,7 @@ class Files:
         opener = processes.state(handle.pid)
         signal = opener.signal
         if signal:
-            session.abandoned = signal
+            session.killed_by = signal
             log.warning("%s: the process writing it (pid %d) was killed by signal %d before "
                         "closing it; its unfinished writes will not be committed",
                         self.committer.describe(handle.inode), handle.pid, signal)
@@ -500,7 +501,7 @@ class Files:
         if session is not None:
             async with session.lock:
                 await self._commit(session, "fsync")
-                session.abandoned = 0
+                session.killed_by = 0
             handle.wrote = False
         await self.batch.persist(handle.inode)  # batch: fsync is durable all the same
         if handle.lost:  # batch: a version staged earlier was lost (docs/semantics.md §3)
@@ -528,13 +529,13 @@ class Files:
     async def _last_release(self, session: Session) -> None:
         try:
             async with session.lock:
-                if session.writers == 0 and session.dirty and session.failed:
+                if session.writers == 0 and session.dirty and session.write_errno:
                     if not self.committer.nameless(session):  # unlinked: nothing is lost
                         log.warning("%s: not committed at its last close: a write to it "
                                     "failed (%s); the committed version is kept",
                                     self.committer.describe(session.inode),
-                                    os.strerror(session.failed))
-                elif session.writers == 0 and session.dirty and not session.abandoned:
+                                    os.strerror(session.write_errno))
+                elif session.writers == 0 and session.dirty and not session.killed_by:
                     await self._commit(session, "last close")
         except OSError:
             pass  # logged by the committer; nobody is left to hear of it
@@ -552,7 +553,7 @@ class Files:
         whole writes of a log (a last checkpoint, docs/semantics.md §10).
         """
         for session in list(self.sessions.values()):
-            if session.abandoned or any(h.wrote for h in self.handles.values()
+            if session.killed_by or any(h.wrote for h in self.handles.values()
                                         if h.session is session):
                 upto = self.appends.whole_writes(session)
                 if upto is not None:  # a log keeps its whole appends (§10)

@@ -5,7 +5,7 @@ can link or rename it into place.  Where that is the source root's filesystem,
 a ready one is taken from the housekeeper's pool (:mod:`atomicfs.housekeeping`
 keeps a few made in the daemon's directory, off the request path); else, or
 when the pool is empty, one is made here with ``O_TMPFILE``.  A write's first
-shadow comes from here (``Session.write`` → ``Files._make_shadow``), not
+shadow comes from here (``Session.write`` → ``OpenFiles._make_shadow``), not
 through the commit protocol.
 """
 

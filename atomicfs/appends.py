@@ -62,7 +62,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -321,6 +321,17 @@ class Appends:
         self._told_no_handles = False
         self._wake = trio.Event()
 
+    def stats(self) -> dict[str, int]:
+        """For the status document: checkpoints made since mount."""
+        return {"made": self.checkpoints, "bytes": self.bytes, "failed": self.failures}
+
+    def session_stats(self, session: Session) -> dict[str, Any]:
+        """For the status document: is the session a log, and its checkpoints."""
+        state = self.states.get(session)
+        # docs/semantics.md §10: a log is checkpointed; any other session is not
+        return {"append": state is not None and state.log,
+                "checkpoints": state.checkpoints if state is not None else 0}
+
     # -- what happens to a session -------------------------------------------------
     def start(self, session: Session, log: bool) -> None:
         self.states[session] = AppendState.new(session.size, log)
@@ -489,7 +500,7 @@ class Appends:
             log.debug("append commit of %s not made (%s); committing by copy",
                       self.committer.describe(session.inode), exc)
             return False
-        stats = self.committer.stats
+        stats = self.committer.counters
         stats.commits["append"] = stats.commits.get("append", 0) + 1
         stats.latencies.append(time.monotonic() - started)
         return True

@@ -57,7 +57,7 @@ class Batch:
                  durability: str = "full") -> None:
         self.table = table
         self.publisher = publisher
-        self.stats = stats
+        self.counters = stats
         self.enabled = durability == "batch"
         self.staged: dict[int, Staged] = {}
         self.wakeup = trio.Event()
@@ -66,6 +66,10 @@ class Batch:
         # told of a staged version that was lost ("new", "rewrite") or published but
         # maybe not durable ("unsynced"): files.LostVersions, which reports it to fsync()
         self.lost = lost
+
+    def stats(self) -> dict[str, int]:
+        """For the status document."""
+        return {"staged": len(self.staged)}
 
     def stage(self, inode: Inode, fd: int, new_file: bool) -> None:
         item = self.staged.get(inode.ino)
@@ -249,7 +253,7 @@ class Batch:
                                 "persist.before_dir_fsync")
                 faults.point("commit.after_dir_fsync")
             except OSError as exc:  # published and visible, maybe not durable
-                self.stats.failed(exc)
+                self.counters.failed(exc)
                 log.warning("group persist: %d file(s) published but their directories not "
                             "synced: %s; they may not survive a power cut; their next fsync() "
                             "reports it", len(published), failure_text(exc))
@@ -267,7 +271,7 @@ class Batch:
         what SOURCE holds (reads agree with SOURCE), and report the error to the
         file's next fsync() (docs/semantics.md §3)."""
         inode = item.inode
-        self.stats.failed(exc)
+        self.counters.failed(exc)
         log.warning("commit of %s at group persist failed: %s; the source tree keeps its "
                     "previous version; the file's next fsync() reports it",
                     self.publisher.describe(inode), failure_text(exc))

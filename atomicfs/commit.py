@@ -50,6 +50,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -104,7 +105,7 @@ class Committer:
         self.reads = reads
         self.housekeeper = housekeeper
         self.strategy = strategy
-        self.stats = stats
+        self.counters = stats
         self.in_flight = 0  # commits started and not yet finished (status, shutdown)
         self.journal_ok = journal.available(table.root.fd)
         self.reflink_ok = probe_reflink(daemon_dir)
@@ -113,6 +114,12 @@ class Committer:
     def describe(self, inode: Inode) -> str:
         """A path of the file relative to the mount, for messages (best effort)."""
         return self.publisher.describe(inode)
+
+    def stats(self) -> dict[str, Any]:
+        """For the status document: the counters since mount, commits under way, and
+        what the source filesystem offers."""
+        return {**self.counters.summary(), "commits_in_flight": self.in_flight,
+                "reflink": self.reflink_ok, "journal": self.journal_ok}
 
     def choose(self, session: Session, committed: os.stat_result, links: int) -> str:
         """The commit strategy for this session (the cost model; docs/semantics.md §1)."""
@@ -177,7 +184,7 @@ class Committer:
                 log.debug("commit of inode %d at %s dropped: the file lost its last name "
                           "meanwhile (%s)", inode.ino, at, failure_text(exc))
                 return False
-            self.stats.failed(exc)
+            self.counters.failed(exc)
             log.warning("commit of %s at %s failed: %s; the committed version is unchanged; "
                         "%s", self.describe(inode), at, failure_text(exc),
                         "the uncommitted data is dropped" if at in _DROPPED_AT
@@ -186,9 +193,9 @@ class Committer:
             raise
         finally:
             self.in_flight -= 1
-        self.stats.commits[kind] += 1
-        self.stats.bytes_committed += session.size
-        self.stats.latencies.append(time.monotonic() - started)
+        self.counters.commits[kind] += 1
+        self.counters.bytes_committed += session.size
+        self.counters.latencies.append(time.monotonic() - started)
         log.debug("committed inode %d (%s, %d bytes)", inode.ino, kind, session.size)
         session.commits += 1
         return True
@@ -394,7 +401,7 @@ class Committer:
                         syscalls.check_up(dir_fd)
                     except OSError:
                         durable = False
-                        self.stats.not_durable += 1
+                        self.counters.not_durable += 1
                         log.error("commits of %s are done and visible, but their directory "
                                   "could not be synced (%s): a power cut may bring back the "
                                   "previous versions; the call gets EIO",
@@ -460,7 +467,7 @@ class Committer:
             except OSError as exc:
                 if attempt == 1:
                     continue
-                self.stats.not_durable += 1
+                self.counters.not_durable += 1
                 log.error("commit of %s is recorded in the journal but could not be applied "
                           "now (%s); the commit stands: the next mount replays record %s",
                           self.describe(inode), failure_text(exc), name)

@@ -48,15 +48,15 @@ class Daemon:
         self.state = OpenState()
         lost = LostVersions(self.state, self.namespace, self.housekeeper)
         find_name = name_finder(self.table, self.namespace.pending_name)
-        self.stats = CommitStats()
+        self.counters = CommitStats()
         self.publisher = Publisher(self.table, self.daemon_dir, find_name,
-                                   self.namespace.published, self.stats)
+                                   self.namespace.published, self.counters)
         self.shadows = Shadows(self.table, self.housekeeper, self.daemon_dir, find_name)
         self.reads = Reads(self.table)
-        self.batch = Batch(self.table, self.publisher, self.stats, lost.report,
+        self.batch = Batch(self.table, self.publisher, self.counters, lost.report,
                            options.durability)
         self.committer = Committer(self.table, self.daemon_dir, self.publisher, self.shadows,
-                                   self.batch, self.reads, self.housekeeper, self.stats,
+                                   self.batch, self.reads, self.housekeeper, self.counters,
                                    options.commit)
         self.files = OpenFiles(self.state, self.table, self.namespace, self.committer,
                            self.shadows, self.batch, self.reads, self.housekeeper,

@@ -41,7 +41,9 @@ import contextlib
 import errno
 import logging
 import os
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyfuse3
 import trio
@@ -50,7 +52,7 @@ from . import metadata, processes, syscalls
 from .appends import Appends
 from .batch import Batch
 from .commit import Committer
-from .extents import ExtentMap
+from .extents import ExtentMap, Kind
 from .housekeeping import Housekeeper
 from .inodes import Inode, InodeTable
 from .namespace import Namespace
@@ -162,6 +164,25 @@ class OpenFiles:
         self.unseen = state.unseen
         self._next_fh = 1
         self.appends = Appends(committer, batch, reads, self._commit, checkpoint, checkpoint_bytes)
+
+    def stats(self) -> dict[str, Any]:
+        """For the status document: the open sessions (by inode) and handles."""
+        now = time.monotonic()
+        sessions = [{
+            "inode": session.inode.ino,
+            "path": self.committer.describe(session.inode),
+            "size": session.size,
+            "buffered_bytes": session.emap.count(Kind.SHADOW),
+            "extents": len(session.emap),
+            "age_s": round(now - session.created_at, 3),
+            "writers": session.writers,
+            "new_file": session.pending,
+            "dirty": session.dirty,
+            "spilled_bytes": session.spilled,
+            **self.appends.session_stats(session),
+        } for session in self.sessions.values()]
+        return {"sessions": sorted(sessions, key=lambda s: s["inode"]),
+                "open_handles": len(self.handles)}
 
     def get(self, fh: int) -> FileHandle:
         try:

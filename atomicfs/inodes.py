@@ -49,6 +49,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyfuse3
 
@@ -386,6 +387,24 @@ class InodeTable:
     @property
     def reserved(self) -> int:
         return len(self._reserved)
+
+    def stats(self) -> dict[str, Any]:
+        """For the status document: the inodes known, and the descriptors cached
+        and held in reserve against the budget (docs/semantics.md §11)."""
+        return {
+            "inodes": len(self),
+            "limit": self.budget.limit,
+            "cache_budget": self.budget.cache,
+            "reserve": self.budget.reserve,
+            "reserve_held": self.reserved,
+            "cached_inodes": self.cached,
+            "inode_mode": self.mode,
+            "exhausted": self.fd_stats.exhausted,
+            "reopened": self.fd_stats.reopened,
+            "evicted": self.fd_stats.evicted,
+            "stale": self.fd_stats.stale,
+            "reserve_used": self.fd_stats.reserve_used,
+        }
 
     def note_exhausted(self, what: str) -> None:
         """A request failed for lack of descriptors: count it; log it once."""

@@ -19,6 +19,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -31,6 +32,19 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("rename", "reflink", "journal", "inplace", "new")
 
 
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """p50/p90/p99/max in milliseconds, and the number of samples."""
+    if not samples:
+        return {}
+    ordered = sorted(samples)
+
+    def pick(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
+
+    return {"p50_ms": pick(0.5), "p90_ms": pick(0.9), "p99_ms": pick(0.99),
+            "max_ms": round(ordered[-1] * 1000, 3), "samples": len(ordered)}
+
+
 @dataclass
 class CommitStats:
     commits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STRATEGIES, 0))
@@ -39,6 +53,16 @@ class CommitStats:
     # commits that happened but whose directory fsync (or deferred apply) failed
     not_durable: int = 0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+
+    def summary(self) -> dict[str, Any]:
+        """For the status document (latencies as percentiles)."""
+        return {
+            "commits": dict(self.commits),
+            "bytes_committed": self.bytes_committed,
+            "failures": dict(self.failures),
+            "commit_latency": percentiles(list(self.latencies)),
+            "not_durable": self.not_durable,
+        }
 
     def failed(self, exc: OSError) -> None:
         name = errno_name(exc)
@@ -124,7 +148,7 @@ class Publisher:
         self.daemon_dir = daemon_dir
         self.find_name = find_name
         self.published = published  # told when a new file got its name in SOURCE
-        self.stats = stats
+        self.counters = stats
 
     def describe(self, inode: Inode) -> str:
         """A path of the file relative to the mount, for messages (best effort)."""

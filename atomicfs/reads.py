@@ -33,6 +33,10 @@ class Reads:
         self.counts = {"from_cache": 0, "in_thread": 0}  # reads of committed files, by path
         self._read_done: dict[int, trio.Event] = {}  # set when an inode's reading drops to 0
 
+    def stats(self) -> dict[str, int]:
+        """For the status document: reads of committed files, by path."""
+        return dict(self.counts)
+
     async def read_committed(self, inode: Inode, size: int, offset: int) -> bytes:
         """Read the committed file: from the page cache at once, else in a worker
         thread (a cold read does not stall the event loop, and the kernel's

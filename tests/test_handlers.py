@@ -195,7 +195,7 @@ def test_unlink_during_a_session_drops_its_data_without_a_failure(harness: Harne
         await harness.close(fh)
         assert harness.on_disk("gone") is None
         assert os.listdir(harness.source) == [".atomicfs"]
-        assert not harness.ops.committer.stats.failures
+        assert not harness.ops.committer.counters.failures
 
     harness.run(body)
 

@@ -79,7 +79,7 @@ class Batch:
         if item is None:
             item = Staged(inode, None if new_file else inode.key, new_file)
             self.staged[inode.ino] = item
-            inode.holders += 1
+            self.table.hold(inode)
             if backing is not None:  # the source still holds the old file: keep finding it
                 item.old_fd = old_fd
                 self.table.rebind(inode, backing, data_fd=fd, keep_old=True)
@@ -133,7 +133,7 @@ class Batch:
         if self.enabled:
             for d in dirs:
                 if d.ino not in self._changed_dirs:
-                    d.holders += 1  # its fd stays open until the group fsyncs it
+                    self.table.hold(d)  # its fd stays open until the group fsyncs it
                     self._changed_dirs[d.ino] = d
             self.wakeup.set()
             return
@@ -263,8 +263,7 @@ class Batch:
             for _, _, fd in items:
                 os.close(fd)
             for d in changed.values():
-                d.holders -= 1
-                self.table.maybe_drop(d)
+                self.table.release(d)
 
     def _lose(self, item: Staged, exc: OSError) -> None:
         """A staged version could not be published: drop it, put the inode back on
@@ -279,17 +278,15 @@ class Batch:
         if item.old_fd is not None:
             self.table.unalias(item.old_key, inode)
             self.table.restore(inode, item.old_fd, item.old_key)
-        inode.holders -= 1
         self.lost(inode, exc, "new" if item.new_file else "rewrite")
-        self.table.maybe_drop(inode)
+        self.table.release(inode)
 
     def _unstage(self, item: Staged) -> None:
         del self.staged[item.inode.ino]
         if item.old_fd is not None:
             self.table.unalias(item.old_key, item.inode)
             self.table.closer(item.old_fd)  # may free the replaced file: off the loop
-        item.inode.holders -= 1
-        self.table.maybe_drop(item.inode)
+        self.table.release(item.inode)
 
     async def run_batches(self) -> None:
         """Background task: persist staged commits within BATCH_DELAY of staging."""

@@ -199,7 +199,7 @@ class OpenFiles:
         self.handles[handle.fh] = handle
         if session is not None:
             self.writer_handles.setdefault(inode.ino, set()).add(handle)
-        inode.holders += 1
+        self.table.hold(inode)
         return handle
 
     # -- sessions --------------------------------------------------------------
@@ -207,7 +207,7 @@ class OpenFiles:
         size = os.stat(inode.fd).st_size
         session = Session(inode, ExtentMap(size), base_size=size)
         self.sessions[inode.ino] = session
-        inode.holders += 1
+        self.table.hold(inode)
         self.appends.start(session, log=True)
         return session
 
@@ -229,8 +229,7 @@ class OpenFiles:
             session.inode.gone = True
         self.appends.forget(session)
         session.close()
-        session.inode.holders -= 1
-        self.table.maybe_drop(session.inode)
+        self.table.release(session.inode)
 
     def _make_shadow(self, session: Session) -> int:
         return self.shadows.make(session.inode)
@@ -370,11 +369,11 @@ class OpenFiles:
         inode = self.table.learn(parent.ino, name, path_fd, st)
         inode.names.discard((parent.ino, name))
         self.namespace.add_pending(parent, name, inode)
-        inode.lookups += 1
+        self.table.remember(inode)
         session = Session(inode, ExtentMap(0), base_size=0, shadow=shadow, pending=True)
         session.mtime_ns = st.st_mtime_ns
         self.sessions[inode.ino] = session
-        inode.holders += 1
+        self.table.hold(inode)
         # a new file is a log only if its creator appends (§10); else it appears whole
         self.appends.start(session, log=bool(flags & os.O_APPEND))
         session.writers += 1
@@ -544,8 +543,7 @@ class OpenFiles:
                 if session.writers == 0:
                     await self._last_release(session)
         finally:
-            handle.inode.holders -= 1
-            self.table.maybe_drop(handle.inode)
+            self.table.release(handle.inode)
 
     async def _last_release(self, session: Session) -> None:
         try:

@@ -543,7 +543,23 @@ class InodeTable:
             if not keys:
                 del self.aliases_of[inode.ino]
 
+    # -- reference counts: changed only through these -------------------------------
+    def remember(self, inode: Inode) -> None:
+        """The kernel got an entry of ``inode`` (a lookup it counts until FORGET)."""
+        inode.lookups += 1
+
+    def hold(self, inode: Inode) -> None:
+        """Keep ``inode`` (and its fds) alive: an open handle, a session, a staged
+        version, a directory to fsync later.  Ended by :meth:`release`."""
+        inode.holders += 1
+
+    def release(self, inode: Inode) -> None:
+        """End one :meth:`hold`; the inode goes if nothing else refers to it."""
+        inode.holders -= 1
+        self.maybe_drop(inode)
+
     def forget(self, ino: int, count: int) -> None:
+        """The kernel forgot ``count`` lookups of ``ino`` (FORGET)."""
         inode = self.by_ino.get(ino)
         if inode is None:
             return

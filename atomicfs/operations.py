@@ -311,7 +311,7 @@ class AtomicOperations(pyfuse3.Operations):
         dh = self._next_dh
         self._next_dh += 1
         self.dirs[dh] = handle
-        handle.inode.holders += 1
+        self.table.hold(handle.inode)
         return dh
 
     @_handler
@@ -334,14 +334,13 @@ class AtomicOperations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, name, self._attrs(inode, st), index + 1):
                     self.table.maybe_drop(inode)
                     break
-                inode.lookups += 1
+                self.table.remember(inode)
 
     @_handler
     async def releasedir(self, fh: int) -> None:
         handle = self.dirs.pop(fh)
         os.close(handle.fd)
-        handle.inode.holders -= 1
-        self.table.maybe_drop(handle.inode)
+        self.table.release(handle.inode)
 
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

@@ -85,7 +85,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from atomicfs.mounttable import top_fstype
+from atomicfs.harness import Daemon, detach
 
 ROOT = Path(__file__).resolve().parent.parent
 # The atomicfs package the daemon runs: this checkout, or ATOMICFS_CODE (a directory
@@ -592,75 +592,16 @@ def writer_main(cfg_path: str) -> int:
 # ================================================================================
 # The harness
 # ================================================================================
-def mounted_fstype(path: Path) -> str | None:
-    return top_fstype(os.path.realpath(path))
-
-
-class Daemon:
-    def __init__(self, source: Path, mnt: Path, log: Path, options: list[str],
-                 faults: str | None = None) -> None:
-        self.source, self.mnt, self.log_path = source, mnt, log
-        cmd = [PYTHON, "-m", "atomicfs", "mount", "-f", str(source), str(mnt)]
-        if options:
-            cmd += ["-o", ",".join(options)]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(CODE) + os.pathsep + env.get("PYTHONPATH", "")
-        env.pop("ATOMICFS_FAULTS", None)
-        # the logs (L) are small: with this knob their closes commit by appending in
-        # place too (atomicfs/appends.py), so the append.* crash points are reached
-        env.setdefault("ATOMICFS_APPEND_MIN", "0")
-        if faults:
-            env["ATOMICFS_FAULTS"] = faults
-        with open(log, "ab") as logf:
-            # cwd: ``python -m`` puts the working directory first on sys.path
-            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                         stdin=subprocess.DEVNULL, cwd=CODE)
-        deadline = time.monotonic() + 20
-        while mounted_fstype(mnt) != "fuse.atomicfs":
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"atomicfs exited with {self.proc.returncode} at mount:\n"
-                                   + self.log())
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError("mount did not appear in 20 s:\n" + self.log())
-            time.sleep(0.01)
-        os.stat(mnt)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        detach(self.mnt)
-
-    def unmount(self, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
-        while mounted_fstype(self.mnt) == "fuse.atomicfs":
-            res = subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True,
-                                 text=True)
-            if res.returncode == 0:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"unmount failed: {res.stderr.strip()}")
-            time.sleep(0.05)
-        try:
-            return self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise RuntimeError("daemon did not exit after unmount") from None
-
-
-def detach(mnt: Path) -> None:
-    for _ in range(100):
-        if mounted_fstype(mnt) is None:
-            return
-        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
-    raise RuntimeError(f"could not detach {mnt}")
+def start_daemon(source: Path, mnt: Path, log: Path, options: list[str],
+                 faults: str | None = None) -> Daemon:
+    """Mount atomicfs (CODE's) on ``mnt`` (atomicfs/harness.py), ATOMICFS_FAULTS=``faults``."""
+    # the logs (L) are small: with this knob their closes commit by appending in
+    # place too (atomicfs/appends.py), so the append.* crash points are reached
+    env = {"ATOMICFS_FAULTS": faults,  # None: not set at all
+           "ATOMICFS_APPEND_MIN": os.environ.get("ATOMICFS_APPEND_MIN", "0")}
+    daemon = Daemon(source, mnt, options, log, env, code=CODE)
+    daemon.start()
+    return daemon
 
 
 @dataclass
@@ -796,8 +737,8 @@ class Torture:
         self.reset_locks(vbase)
         self.batch = self.batch_round(r)
         options = a.options + (["durability=batch"] if self.batch else [])
-        daemon = Daemon(self.src, self.mnt, rdir / "daemon.log", options,
-                        faults=None if mode == "kill" else f"exit:{mode}")
+        daemon = start_daemon(self.src, self.mnt, rdir / "daemon.log", options,
+                              faults=None if mode == "kill" else f"exit:{mode}")
         writers: list[subprocess.Popen[bytes]] = []
         try:
             death = self.crash_round(r, rdir, mode, vbase, daemon, writers)
@@ -899,7 +840,7 @@ class Torture:
         self.stats.leftovers += len(leftovers)
 
         # recovery: mount, look through the mount, clean unmount
-        rec = Daemon(self.src, self.mnt, rdir / "recovery.log", a.options)
+        rec = start_daemon(self.src, self.mnt, rdir / "recovery.log", a.options)
         through_mount = {f: read_all(self.mnt / f) for f in self.all_files}
         applog_via_mount = read_all(self.mnt / APPLOG)
         rc = rec.unmount()
@@ -1397,7 +1338,7 @@ class Stress(Torture):
                  f"{len(dirs)} moving directories, workdir {self.work}")
         t0 = time.monotonic()
         self.reset_locks(VERSION_STEP)
-        daemon = Daemon(self.src, self.mnt, rdir / "daemon.log", a.options)
+        daemon = start_daemon(self.src, self.mnt, rdir / "daemon.log", a.options)
         procs: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
         writers: list[subprocess.Popen[bytes]] = []
         hang = None

@@ -21,13 +21,10 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from . import commit, faults, metadata, recovery, status, syscalls, timing
-from .commit import Committer, name_finder
-from .dirsync import DirSyncs, fine_grained_ctime
-from .files import Files
-from .housekeeping import Housekeeper
-from .inodes import EXHAUSTED, Inode, InodeTable
-from .namespace import DirHandle, Namespace
+from . import faults, metadata, status, syscalls, timing
+from .daemon import Daemon
+from .inodes import EXHAUSTED, Inode
+from .namespace import DirHandle
 from .options import MountOptions
 
 log = logging.getLogger(__name__)
@@ -107,30 +104,26 @@ class AtomicOperations(pyfuse3.Operations):
         metadata.Timeouts.attr = options.attr_timeout
         self.options = options
         self.info = status.DaemonInfo()
-        self.table = InodeTable(root_fd)
-        self.namespace = Namespace(self.table)
+        self.root_fd = root_fd
         self.dirs: dict[int, DirHandle] = {}
         self._next_dh = 1
 
     def prepare(self) -> None:
-        """Open SOURCE/.atomicfs and run recovery: the first change made to SOURCE.
+        """Build the daemon's components (:class:`atomicfs.daemon.Daemon`): opens
+        SOURCE/.atomicfs and runs recovery, the first change made to SOURCE.
 
         Called once the mount exists and before serving, so that a mount that
-        fails leaves SOURCE untouched.
+        fails leaves SOURCE untouched.  The handlers dispatch to these components.
         """
-        options, root_fd = self.options, self.table.root.fd
-        self.daemon_dir = recovery.open_daemon_dir(root_fd)
-        self.recovered = recovery.recover(root_fd, self.daemon_dir)
-        self.housekeeper = Housekeeper(self.daemon_dir)
-        self.table.closer = self.housekeeper.close_later
-        self.committer = Committer(self.table, self.daemon_dir,
-                                   name_finder(self.table, self.namespace.pending_name),
-                                   self.namespace.published, options.commit,
-                                   options.durability, self.housekeeper)
-        self.files = Files(self.table, self.namespace, self.committer, options.isolation,
-                           self.info.mountpoint or None, options.checkpoint,
-                           options.checkpoint_bytes)
-        self.dirsyncs = DirSyncs(fine_grained_ctime(self.daemon_dir))
+        self.daemon = Daemon(self.root_fd, self.options, self.info.mountpoint or None)
+        self.recovered = self.daemon.recovered
+        self.table = self.daemon.table
+        self.namespace = self.daemon.namespace
+        self.housekeeper = self.daemon.housekeeper
+        self.reads = self.daemon.reads
+        self.batch = self.daemon.batch
+        self.committer = self.daemon.committer
+        self.files = self.daemon.files
 
     def _attrs(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         if inode.is_reg:
@@ -170,7 +163,7 @@ class AtomicOperations(pyfuse3.Operations):
         if node.is_dir and (fields.update_atime or fields.update_mtime):
             # durability=batch publishes staged names into directories later, which
             # would move the times set now (tar sets them last): publish them first
-            await self.committer.persist()
+            await self.batch.persist()
         if not fields.update_size and (fields.update_mode or fields.update_uid
                                        or fields.update_gid or fields.update_atime
                                        or fields.update_mtime):
@@ -198,14 +191,14 @@ class AtomicOperations(pyfuse3.Operations):
         yet is not in SOURCE: its change goes with its first commit."""
         session = self.files.sessions.get(node.ino)
         if session is None or not session.pending:
-            await self.committer.before_change(node)
+            await self.batch.before_change(node)
 
     async def _after_metadata_change(self, node: Inode) -> None:
         """durability=full: the change is durable before the reply (§9.1); a new file
         not committed yet gets it with its first commit."""
         session = self.files.sessions.get(node.ino)
         if session is None or not session.pending:
-            await self.committer.after_metadata_change(node)
+            await self.batch.after_metadata_change(node)
 
     @_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -234,27 +227,27 @@ class AtomicOperations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
-        await self.committer.before_change()
+        await self.batch.before_change()
         inode, st = self.namespace.mknod(parent, name, mode, rdev, ctx)
-        await self._after_change([parent])
+        await self.batch.after_change([parent])
         return self._attrs(inode, st)
 
     @_handler
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
-        await self.committer.before_change()
+        await self.batch.before_change()
         inode, st = self.namespace.mkdir(parent, name, mode, ctx)
-        await self._after_change([parent])
+        await self.batch.after_change([parent])
         return self._attrs(inode, st)
 
     @_handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
-        await self.committer.before_change()
+        await self.batch.before_change()
         inode, st = self.namespace.symlink(parent, name, target, ctx)
-        await self._after_change([parent])
+        await self.batch.after_change([parent])
         return self._attrs(inode, st)
 
     @_handler
@@ -263,9 +256,9 @@ class AtomicOperations(pyfuse3.Operations):
         node = self.table.get(inode)
         parent = self.table.get(new_parent_inode)
         await self.files.publish(node)  # a new file gets its first name before a second
-        await self.committer.before_change()
+        await self.batch.before_change()
         node, st = self.namespace.link(node, parent, new_name)
-        await self._after_change([parent])
+        await self.batch.after_change([parent])
         return self._attrs(node, st)
 
     @_handler
@@ -274,16 +267,16 @@ class AtomicOperations(pyfuse3.Operations):
         if self.namespace.pending_at(parent, name) is not None:
             self.namespace.unlink(parent, name)  # never in SOURCE: nothing to order or sync
             return
-        await self.committer.before_change()
+        await self.batch.before_change()
         self.namespace.unlink(parent, name)
-        await self._after_change([parent])
+        await self.batch.after_change([parent])
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self.table.get(parent_inode)
-        await self.committer.before_change()
+        await self.batch.before_change()
         self.namespace.rmdir(parent, name)
-        await self._after_change([parent])
+        await self.batch.after_change([parent])
 
     @_handler
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -296,20 +289,10 @@ class AtomicOperations(pyfuse3.Operations):
                                                                 new_parent, name_new, flags):
                 await self.files.publish(pending)
         if self.namespace.pending_at(old_parent, name_old) is None:  # else: pending names only
-            await self.committer.before_change()
+            await self.batch.before_change()
         if self.namespace.rename(old_parent, name_old, new_parent, name_new, flags):
-            await self._after_change(
+            await self.batch.after_change(
                 [old_parent] if old_parent is new_parent else [old_parent, new_parent])
-
-    async def _after_change(self, dirs: list[Inode]) -> None:
-        """After a namespace operation changed ``dirs``: durable before the reply
-        (:meth:`Committer.after_change`).  Under durability=full that fsyncs them:
-        their ctimes, read before the fsync, are recorded, so a program's fsync of
-        the directory right after returns at once (atomicfs/dirsync.py)."""
-        snaps = [self.dirsyncs.snapshot(d.fd) for d in dirs] \
-            if self.dirsyncs.enabled and not self.committer.batch and commit.PREFIX else []
-        await self.committer.after_change(dirs)
-        self.dirsyncs.synced(snaps)
 
     def _rename_needs_real(self, old_parent: Inode, old: bytes, new_parent: Inode, new: bytes,
                            flags: int) -> bool:
@@ -328,7 +311,7 @@ class AtomicOperations(pyfuse3.Operations):
         dh = self._next_dh
         self._next_dh += 1
         self.dirs[dh] = handle
-        handle.inode.holders += 1
+        self.table.hold(handle.inode)
         return dh
 
     @_handler
@@ -351,28 +334,26 @@ class AtomicOperations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, name, self._attrs(inode, st), index + 1):
                     self.table.maybe_drop(inode)
                     break
-                inode.lookups += 1
+                self.table.remember(inode)
 
     @_handler
     async def releasedir(self, fh: int) -> None:
         handle = self.dirs.pop(fh)
         os.close(handle.fd)
-        handle.inode.holders -= 1
-        self.table.maybe_drop(handle.inode)
+        self.table.release(handle.inode)
 
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         handle = self.dirs[fh]
         # batch: the commits acknowledged before are published and durable first
         # (docs/semantics.md §3.3): a name appears only with its content
-        await self.committer.persist()
-        if self.dirsyncs.clean(handle.fd):  # nothing new since the daemon's last fsync of it
-            self.dirsyncs.stats.skipped += 1
+        await self.batch.persist()
+        dirsyncs = self.daemon.dirsyncs
+        if dirsyncs.clean(handle.fd):  # nothing new since the daemon's last fsync of it
             return
-        snap = self.dirsyncs.snapshot(handle.fd)
+        snap = dirsyncs.snapshot(handle.fd)
         await _in_thread(syscalls.fsync_dir_fd, handle.fd)  # EIO if SOURCE went down
-        self.dirsyncs.synced([snap])
-        self.dirsyncs.stats.done += 1
+        dirsyncs.synced([snap])
 
     # -- files -----------------------------------------------------------
     @_handler
@@ -437,30 +418,19 @@ class AtomicOperations(pyfuse3.Operations):
         await self._after_metadata_change(node)
 
     async def background(self) -> None:
-        """Tasks that run beside the request handlers: housekeeping, and the group
-        persist of durability=batch."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.housekeeper.run)
-            nursery.start_soon(self.files.appends.run,
-                               lambda: list(self.files.sessions.values()))
-            if self.committer.batch:
-                nursery.start_soon(self.committer.run_batches)
+        """Tasks that run beside the request handlers (:meth:`Daemon.background`)."""
+        await self.daemon.background()
 
     async def finish(self) -> None:
         """After the kernel let go: lost last releases, then every staged commit."""
-        with self.table.scope():
-            await self.files.release_remaining()
-            await self.committer.persist()
+        await self.daemon.finish()
 
     def shutdown(self) -> None:
         """Close every fd the daemon holds (after the main loop ended)."""
         for handle in self.dirs.values():
             os.close(handle.fd)
         self.dirs.clear()
-        self.files.close_all()
-        self.table.close_all()
-        self.housekeeper.close_all()
-        recovery.close_daemon_dir(self.table.root.fd, self.daemon_dir)
+        self.daemon.shutdown()
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:

@@ -350,10 +350,12 @@ class AtomicOperations(pyfuse3.Operations):
         await self.batch.persist()
         dirsyncs = self.daemon.dirsyncs
         if dirsyncs.clean(handle.fd):  # nothing new since the daemon's last fsync of it
+            dirsyncs.counts.skipped += 1
             return
         snap = dirsyncs.snapshot(handle.fd)
         await _in_thread(syscalls.fsync_dir_fd, handle.fd)  # EIO if SOURCE went down
         dirsyncs.synced([snap])
+        dirsyncs.counts.done += 1
 
     # -- files -----------------------------------------------------------
     @_handler

@@ -19,6 +19,7 @@ from pathlib import Path
 import powercutkit
 import pytest
 from conftest import Mount, MountFactory, needs_fuse
+from sessionkit import status_of
 from stracekit import EPS, Call, PtraceRefused, Tracer, dir_syncs
 
 from atomicfs import dirsync
@@ -78,6 +79,8 @@ def test_a_directory_fsync_right_after_a_rename_through_the_mount_needs_no_fsync
     assert (src / "doc").read_bytes() == BODY
     assert syncs_during(calls, src, span) == [], \
         "the directory, fsync'ed by the rename just before, was fsync'ed again"
+    counts = status_of(m.mountpoint)["dir_fsyncs"]
+    assert counts["on"] and counts["answered_at_once"] == 1, counts
 
 
 @needs_fuse
@@ -120,7 +123,9 @@ def test_batch_a_directory_fsync_after_a_rename_syncs_the_directory(
         span = fsync_dir(m.mountpoint)
     finally:
         calls = tracer.stop()
-    assert syncs_during(calls, src, span), "the renamed name was not made durable"
+    synced = syncs_during(calls, src, span)
+    assert synced, "the renamed name was not made durable"
+    assert len(synced) == 1, "the group persist fsync'ed the directory, then the call again"
 
 
 @needs_fuse

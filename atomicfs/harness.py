@@ -160,16 +160,26 @@ class Daemon:
         return self.log_since(0)
 
     def log_size(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
+        return log_size(self.log_path)
 
     def log_since(self, offset: int) -> str:
         """The log from byte ``offset`` on (see :meth:`log_size`)."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(offset)
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return log_since(self.log_path, offset)
+
+
+def log_size(path: Path) -> int:
+    """Bytes in a log file so far (0 before it exists)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def log_since(path: Path, offset: int) -> str:
+    """A log file from byte ``offset`` on ("" before it exists)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""

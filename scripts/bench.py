@@ -85,7 +85,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from atomicfs import mounttable
+from atomicfs import harness, mounttable
 from atomicfs.harness import Daemon, HarnessError
 
 KiB = 1024
@@ -186,18 +186,10 @@ class Target:
         return self.base / "daemon.log"
 
     def log_size(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
+        return harness.log_size(self.log_path)
 
     def log_since(self, offset: int) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(offset)
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return harness.log_since(self.log_path, offset)
 
     def _command(self) -> list[str]:
         src, mnt = str(self.base / "src"), str(self.root)

@@ -35,6 +35,21 @@ async def _until(cond, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped
     return True
 
 
+def _run_with(hk: Housekeeper, dfd: int, body) -> None:  # type: ignore[no-untyped-def]
+    """Run ``hk`` in a nursery while ``await body()`` runs; then stop it and close all."""
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hk.run)
+            await body()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        hk.close_all()
+        os.close(dfd)
+
+
 def test_pool_fills_on_demand_drains_when_idle_and_closes_handed_over_fds(
         tmp_path: Path) -> None:
     dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
@@ -87,20 +102,13 @@ def test_a_lone_deferred_close_is_made_without_any_other_wake_up(tmp_path: Path)
             return True
         return False
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(hk.run)
-            await trio.sleep(0.2)  # the thread sleeps: no pool, nothing handed over
-            hk.close_later(handed)
-            assert await _until(closed, timeout=housekeeping.CLOSE_DELAY + 2), \
-                "a lone deferred close was never made"
-            nursery.cancel_scope.cancel()
+    async def body() -> None:
+        await trio.sleep(0.2)  # the thread sleeps: no pool, nothing handed over
+        hk.close_later(handed)
+        assert await _until(closed, timeout=housekeeping.CLOSE_DELAY + 2), \
+            "a lone deferred close was never made"
 
-    try:
-        trio.run(main)
-    finally:
-        hk.close_all()
-        os.close(dfd)
+    _run_with(hk, dfd, body)
 
 
 def test_a_pool_in_use_is_not_drained_as_idle(tmp_path: Path) -> None:
@@ -109,23 +117,16 @@ def test_a_pool_in_use_is_not_drained_as_idle(tmp_path: Path) -> None:
     dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     hk = Housekeeper(dfd, pool_size=8, idle_drain=0.3)
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(hk.run)
-            await trio.sleep(0.1)
-            assert hk.take_shadow() is None  # the first ask fills the pool
-            assert await _until(lambda: len(hk.ready) == 8)
-            misses = hk.misses
-            for _ in range(12):  # 2.4 s, each take 0.2 s after the last: never idle
-                await trio.sleep(0.2)
-                fd = hk.take_shadow()
-                assert fd is not None, "the pool was drained while in use"
-                os.close(fd)
-            assert hk.misses == misses
-            nursery.cancel_scope.cancel()
+    async def body() -> None:
+        await trio.sleep(0.1)
+        assert hk.take_shadow() is None  # the first ask fills the pool
+        assert await _until(lambda: len(hk.ready) == 8)
+        misses = hk.misses
+        for _ in range(12):  # 2.4 s, each take 0.2 s after the last: never idle
+            await trio.sleep(0.2)
+            fd = hk.take_shadow()
+            assert fd is not None, "the pool was drained while in use"
+            os.close(fd)
+        assert hk.misses == misses
 
-    try:
-        trio.run(main)
-    finally:
-        hk.close_all()
-        os.close(dfd)
+    _run_with(hk, dfd, body)

@@ -193,7 +193,7 @@ def test_batch_fsync_waits_for_a_version_staged_by_mmap_writeback_during_its_gro
         (src / "f").write_bytes(v0)
         os.sync()
         m = d.mount(mount_factory, src, options=["durability=batch"],
-                    env={"ATOMICFS_FAULTS": "sleep:persist.before_fsync:3"})
+                    env={"ATOMICFS_FAULTS": "sleep:persist.before_fsync:4"})
         fd = os.open(m.path("f"), os.O_RDWR)
         try:
             mapping = mmap.mmap(fd, len(v0), mmap.MAP_SHARED)
@@ -212,7 +212,7 @@ def test_batch_fsync_waits_for_a_version_staged_by_mmap_writeback_during_its_gro
             syncer.start()
             assert wait_for(lambda: status_of(m.mountpoint)["staged"] == 1, timeout=10), \
                 "fsync() never staged V1"
-            time.sleep(0.3)  # the group is now in its data fsync, held for 3 s
+            time.sleep(0.3)  # the group is now in its data fsync, held for 4 s
             mapping[:] = v2
             mapping.close()  # written back, then released: commits V2
             assert wait_for(lambda: sum(status_of(m.mountpoint)["commits"].values()) == 2,

@@ -231,6 +231,29 @@ def test_batch_fsync_waits_for_a_version_staged_by_mmap_writeback_during_its_gro
             f"fsync() returned, the file came back at {(after or b'?')[:1]!r}, older than V1"
 
 
+@needs_root
+def test_batch_a_new_file_is_published_after_the_kernel_forgot_its_directory(
+        mount_factory: MountFactory) -> None:
+    """A new file, closed and staged, waits for its group; meanwhile the kernel drops
+    its dentry, then its directory's (memory pressure; here drop_caches) and
+    forgets both.  The staged file holds its own inode, but not the directory it
+    is to be published in: the group found no directory and lost the file
+    (ESTALE "unknown inode"), and the program saw it vanish (git add: "pathspec
+    did not match", under power-cut runs)."""
+    m = mount_factory(options=["durability=batch"],
+                      env={"ATOMICFS_FAULTS": "sleep:persist.before_fsync:2"})
+    os.mkdir(m.path("d"))
+    body = b"new file, staged\n" * 50
+    with open(m.path("d/f"), "wb") as f:
+        f.write(body)  # staged; the group holds 2 s before publishing it
+    assert wait_for(lambda: status_of(m.mountpoint)["staged"] == 1, timeout=10)
+    with open("/proc/sys/vm/drop_caches", "w") as caches:
+        caches.write("2")  # unused dentries and inodes: the kernel forgets d/f and d
+    assert wait_for(lambda: status_of(m.mountpoint)["staged"] == 0, timeout=20)
+    assert read_or_none(m.src("d/f")) == body, "the staged new file was not published"
+    assert read_or_none(m.path("d/f")) == body
+
+
 # -- the EBADF lines: a descriptor closed twice --------------------------------------------
 def test_a_failed_directory_fsync_closes_no_descriptor_twice(
         mount_factory: MountFactory) -> None:

@@ -11,6 +11,8 @@ tree is looked at directly.
   still waiting for its directory fsync (a fault point holds it there), and
   while a newer version staged by mmap writeback and a last release supersedes
   the one the group is syncing;
+- durability=batch: a new file staged in a directory the kernel then forgets
+  is still published into it;
 - durability=batch: a publication that fails in a group persist is reported by
   fsync() (the call that waits for it, and the next fsync of every descriptor
   that was open), and the mount shows what SOURCE holds;

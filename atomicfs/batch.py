@@ -217,6 +217,7 @@ class Batch:
             return
 
         def sync_data() -> list[OSError | None]:
+            faults.point("persist.before_fsync")  # a worker thread: the loop serves on
             results: list[OSError | None] = []
             for _, _, fd in items:
                 try:

@@ -53,7 +53,14 @@ class Namespace:
 
     # -- pending files -----------------------------------------------------
     def add_pending(self, parent: Inode, name: bytes, inode: Inode) -> None:
-        self.pending.setdefault(parent.ino, {})[name] = inode
+        """Invariant: a directory holding pending names is held (``InodeTable.hold``), so the
+        table keeps it when the kernel forgets it: a staged new file is published
+        into it later (the kernel may forget the file's dentry, then the directory)."""
+        names = self.pending.get(parent.ino)
+        if names is None:
+            names = self.pending[parent.ino] = {}
+            self.table.hold(parent)
+        names[name] = inode
         inode.names.add((parent.ino, name))
         self._dir_changed(parent)
 
@@ -71,9 +78,12 @@ class Namespace:
         if not names or name not in names:
             return None
         inode = names.pop(name)
+        inode.names.discard((parent_ino, name))
         if not names:
             del self.pending[parent_ino]
-        inode.names.discard((parent_ino, name))
+            parent = self.table.by_ino.get(parent_ino)
+            if parent is not None:
+                self.table.release(parent)
         return inode
 
     def pending_name(self, inode: Inode) -> tuple[Inode, bytes] | None:

@@ -11,10 +11,14 @@ the directory after the cut and recovery:
   Check: ``PRAGMA integrity_check`` is ok, every acknowledged row is present
   and every row matches its checksum.
 - ``git``: ``git add`` + ``git commit`` of a new file each time; acknowledged:
-  ``git commit`` exited 0 (under ``durability=batch`` git is told to fsync
-  objects and refs, ``core.fsync=committed,reference``: without an fsync
-  nothing is acknowledged there).  Check: ``git fsck --full`` passes and every
-  acknowledged commit is reachable from HEAD.
+  ``git commit`` exited 0.  Under ``durability=batch`` git is told to fsync
+  objects and refs (``core.fsync=committed,reference``: without an fsync
+  nothing is acknowledged there), and a commit counts once the next ``git
+  add`` returned: git fsyncs the ref's lock file but renames it into place
+  without an fsync, and under batch a rename is durable with the next group
+  or the next fsync (docs/semantics.md §9.2), which that ``git add``'s
+  object fsync is.  Check: ``git fsck --full`` passes and every acknowledged
+  commit is reachable from HEAD.
 - ``lmdb``: one put per write transaction (the ``lmdb`` package, sync=True);
   acknowledged: the commit returned.  Check: the environment opens, every
   acknowledged key is present with its value.
@@ -155,6 +159,7 @@ def git_run(d: Path, ack: Acks, mode: str) -> None:
         # a git killed by the cut leaves its lock: what a user removes (git says so)
         (d / "repo" / ".git" / lock).unlink(missing_ok=True)
     n = 0
+    covered = None  # batch: a commit whose ref update no fsync has covered yet
     while True:
         n += 1
         name = f"f{os.getpid()}-{n}.txt"
@@ -164,9 +169,16 @@ def git_run(d: Path, ack: Acks, mode: str) -> None:
             if res.returncode != 0:
                 sys.stderr.write(res.stderr)
                 return
+            if args[0] == "add" and covered is not None:
+                ack(covered)  # the new object's fsync came after that ref's rename
+                covered = None
         head = git(d, "rev-parse", "--verify", "HEAD")  # fails if the cut came first
         if head.returncode == 0:
-            ack(head.stdout.strip())
+            if mode == "batch":
+                covered = head.stdout.strip()
+                ack.progress()
+            else:
+                ack(head.stdout.strip())
 
 
 def git_check(d: Path, acked: list[str], mode: str) -> list[str]:

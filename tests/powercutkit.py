@@ -44,6 +44,7 @@ MKFS = {
 }
 FS_KINDS = tuple(MKFS)
 IMAGE_SIZE = 512 << 20  # sparse; XFS refuses images under 300 MiB
+REMOUNT_WAIT = 60.0  # seconds for a lazily unmounted filesystem to go
 
 Workload = Callable[[Path], Sequence[subprocess.Popen[bytes]]]
 
@@ -119,6 +120,16 @@ class PowerCutFs:
         scratchfs.unmount(self.point)
         for dev in scratchfs.loop_devices_of(self.image):
             scratchfs.sh("losetup", "-d", dev)
+        # A file still held open on the dead filesystem (a process not yet gone) makes
+        # the unmount lazy: the filesystem and its loop device live on until it goes.
+        # A mount of the image meanwhile reuses that loop device and shares the dead
+        # filesystem (every read EIO, nothing recovered): wait for it to go.
+        deadline = time.monotonic() + REMOUNT_WAIT
+        while scratchfs.loop_devices_of(self.image):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.image}: its shut-down filesystem is still in use "
+                                   f"{REMOUNT_WAIT:.0f} s after its unmount; cannot recover it")
+            time.sleep(0.05)
         scratchfs.sh("mount", "-o", "loop", str(self.image), str(self.point), check=True)
 
     def recover(self) -> str:

@@ -31,6 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -221,6 +222,26 @@ def test_kit_cut_drops_what_was_not_durable(tmp_path: Path) -> None:
         point, image = pc.point, pc.image
     assert not scratchfs.is_mounted(point)
     assert scratchfs.loop_devices_of(image) == []
+
+
+def test_kit_remount_waits_until_a_busy_filesystem_is_gone(tmp_path: Path) -> None:
+    """A process still holding a file on the shut-down filesystem makes its unmount
+    lazy; mounting the image again before that filesystem is gone would share it
+    (the loop device is reused): every read would get EIO, nothing recovered.  The
+    kit waits for it to go."""
+    with powercut_fs(tmp_path, "ext4") as pc:
+        kept = pc.source / "kept"
+        kept.write_bytes(b"durable")
+        pc.sync()
+        holder = os.open(kept, os.O_RDONLY)
+        pc.cut()
+        closer = threading.Timer(1.0, os.close, [holder])  # the holder goes a second later
+        closer.start()
+        try:
+            pc.remount()
+        finally:
+            closer.join()
+        assert kept.read_bytes() == b"durable"
 
 
 def model(**names: str) -> powercut.Model:

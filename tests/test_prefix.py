@@ -8,7 +8,11 @@ tree is looked at directly.
 
 - durability=batch: fsync() returns only once the file's last commit is
   durable, also while a group persist that already published the file is
-  still waiting for its directory fsync (a fault point holds it there);
+  still waiting for its directory fsync (a fault point holds it there), and
+  while a newer version staged by mmap writeback and a last release supersedes
+  the one the group is syncing;
+- durability=batch: a new file staged in a directory the kernel then forgets
+  is still published into it;
 - durability=batch: a publication that fails in a group persist is reported by
   fsync() (the call that waits for it, and the next fsync of every descriptor
   that was open), and the mount shows what SOURCE holds;
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import mmap
 import os
 import struct
 import threading
@@ -33,7 +38,7 @@ from typing import Any
 import pytest
 import scratchfs
 from conftest import IS_ROOT, Mount, MountFactory, mounted_fstype
-from sessionkit import wait_for
+from sessionkit import status_of, wait_for
 from stracekit import EPS, PtraceRefused, Tracer, dir_syncs, publications
 
 GOINGDOWN = 0x8004587D  # XFS_IOC_GOINGDOWN == EXT4_IOC_SHUTDOWN: _IOR('X', 125, __u32)
@@ -169,6 +174,86 @@ def test_batch_fsync_of_every_open_descriptor_reports_a_publication_lost_after_c
     finally:
         os.close(reader)
     assert m.src("f").read_bytes() == b"old\n"
+
+
+@needs_root
+def test_batch_fsync_waits_for_a_version_staged_by_mmap_writeback_during_its_group(
+        mount_factory: MountFactory, tmp_path: Path) -> None:
+    """A program writes a file through a MAP_SHARED mapping; ``sync FILE`` (a read-only
+    descriptor) fsyncs it: the kernel writes the pages back, the daemon commits and
+    stages V1, and the group persist starts syncing its data (held at a fault point).
+    Meanwhile the program writes V2 into the mapping and unmaps it: the kernel writes
+    that page back and releases the file, whose last release commits V2, superseding
+    the version the group is syncing; the kernel does not serialize either with the
+    fsync.  The group skips the superseded version; fsync() must still not return
+    before a version no older than V1 is durable (the retry loop of
+    ``Committer.persist``).  The power is cut the moment fsync() returns."""
+    v0, v1, v2 = b"0" * 8192, b"1" * 8192, b"2" * 8192
+    with disk(tmp_path) as d:
+        src = d.point / "src"
+        src.mkdir()
+        (src / "f").write_bytes(v0)
+        os.sync()
+        m = d.mount(mount_factory, src, options=["durability=batch"],
+                    env={"ATOMICFS_FAULTS": "sleep:persist.before_fsync:4"})
+        fd = os.open(m.path("f"), os.O_RDWR)
+        try:
+            mapping = mmap.mmap(fd, len(v0), mmap.MAP_SHARED)
+        finally:
+            os.close(fd)  # the mapping holds the file; its end is the last release
+        mapping[:] = v1
+        reader = os.open(m.path("f"), os.O_RDONLY)
+        synced: dict[str, float] = {}
+
+        def sync_file() -> None:
+            os.fsync(reader)
+            synced["at"] = time.monotonic()
+
+        syncer = threading.Thread(target=sync_file)
+        try:
+            syncer.start()
+            assert wait_for(lambda: status_of(m.mountpoint)["staged"] == 1, timeout=10), \
+                "fsync() never staged V1"
+            time.sleep(0.3)  # the group is now in its data fsync, held for 4 s
+            mapping[:] = v2
+            mapping.close()  # written back, then released: commits V2
+            assert wait_for(lambda: sum(status_of(m.mountpoint)["commits"].values()) == 2,
+                            timeout=10), "the last release did not commit V2"
+            assert syncer.is_alive(), "V2 was not committed during the group (no race)"
+            syncer.join(30)
+            assert "at" in synced, "fsync() failed or never returned"
+            d.cut()
+        finally:
+            syncer.join(30)
+            os.close(reader)
+        m.kill()
+        d.remount()
+        after = read_or_none(src / "f")
+        assert after in (v1, v2), \
+            f"fsync() returned, the file came back at {(after or b'?')[:1]!r}, older than V1"
+
+
+@needs_root
+def test_batch_a_new_file_is_published_after_the_kernel_forgot_its_directory(
+        mount_factory: MountFactory) -> None:
+    """A new file, closed and staged, waits for its group; meanwhile the kernel drops
+    its dentry, then its directory's (memory pressure; here drop_caches) and
+    forgets both.  The staged file holds its own inode, but not the directory it
+    is to be published in: the group found no directory and lost the file
+    (ESTALE "unknown inode"), and the program saw it vanish (git add: "pathspec
+    did not match", under power-cut runs)."""
+    m = mount_factory(options=["durability=batch"],
+                      env={"ATOMICFS_FAULTS": "sleep:persist.before_fsync:2"})
+    os.mkdir(m.path("d"))
+    body = b"new file, staged\n" * 50
+    with open(m.path("d/f"), "wb") as f:
+        f.write(body)  # staged; the group holds 2 s before publishing it
+    assert wait_for(lambda: status_of(m.mountpoint)["staged"] == 1, timeout=10)
+    with open("/proc/sys/vm/drop_caches", "w") as caches:
+        caches.write("2")  # unused dentries and inodes: the kernel forgets d/f and d
+    assert wait_for(lambda: status_of(m.mountpoint)["staged"] == 0, timeout=20)
+    assert read_or_none(m.src("d/f")) == body, "the staged new file was not published"
+    assert read_or_none(m.path("d/f")) == body
 
 
 # -- the EBADF lines: a descriptor closed twice --------------------------------------------

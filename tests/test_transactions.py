@@ -388,6 +388,61 @@ def test_umount_is_refused_while_a_transaction_runs_and_lazy_aborts_it(
     assert_no_debris(m.source)
 
 
+# -- limits (docs/semantics.md §14, "Limits") ------------------------------------------------
+@pytest.mark.parametrize("change", ["rm a", "mv a z", "chmod 600 a", "ln a z", "touch -c b",
+                                    "setfattr -n user.k -v v a"])
+def test_known_limit_changes_of_committed_names_are_refused(mount: Mount, change: str) -> None:
+    """Not built yet (stage 2): the call fails, CMD fails, nothing changes."""
+    seed(mount)
+    res = atomicfs_run(mount, "sh", "-c", f"echo 'a new' > c; {change}", cwd=mount.mountpoint)
+    assert res.returncode != 0 and "not supported" in res.stderr.lower(), res.stderr
+    assert_old(mount)
+
+
+def test_known_limit_a_hard_linked_file_cannot_be_written(mount: Mount) -> None:
+    seed(mount)
+    os.link(mount.src("a"), mount.src("a2"))
+    res = atomicfs_run(mount, "sh", "-c", "echo 'a new' > a", cwd=mount.mountpoint)
+    assert res.returncode != 0 and "not supported" in res.stderr.lower(), res.stderr
+    assert mount.path("a").read_text() == "a old\n"
+
+
+def test_known_limit_a_member_cannot_map_shared_a_file_it_rewrites(mount: Mount) -> None:
+    seed(mount)
+    script = ("import mmap, os, sys\n"
+              "fd = os.open('a', os.O_RDWR)\n"
+              "os.pwrite(fd, b'A', 0)\n"
+              "try:\n"
+              "    mmap.mmap(fd, 6, mmap.MAP_SHARED)\n"
+              "except OSError as exc:\n"
+              "    sys.exit(exc.errno)\n")
+    res = atomicfs_run(mount, sys.executable, "-c", script, cwd=mount.mountpoint)
+    assert res.returncode == 19, res.stderr  # ENODEV: its handles bypass the page cache
+    assert_old(mount)
+
+
+def test_known_limit_no_conflict_detection_the_last_commit_wins(
+        mount: Mount, tmp_path: Path) -> None:
+    """Not built yet (stage 3): a name created outside while the transaction
+    created it too is replaced by the transaction's at its commit."""
+    seed(mount)
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    proc = start_run(mount, "sh", "-c", f"echo 'from the transaction' > c; touch {ready}; "
+                     f"while [ ! -e {go} ]; do sleep 0.02; done", cwd=mount.mountpoint)
+    try:
+        assert wait_for(lambda: ready.exists(), TIMEOUT)
+        assert not mount.path("c").exists()
+        mount.path("c").write_text("from outside\n")
+        go.touch()
+        assert proc.wait(timeout=TIMEOUT) == 0
+    finally:
+        go.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert mount.path("c").read_text() == "from the transaction\n"
+
+
 # -- crashes: kill -9 of the daemon, and exits at exact steps of the commit ---------------
 def test_daemon_killed_mid_transaction_leaves_nothing(
         mount_factory: MountFactory, tmp_path: Path) -> None:

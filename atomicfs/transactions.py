@@ -367,8 +367,12 @@ class Transactions:
         del tx.sessions[ino]
         session.tx = None
         if drop and session.writers:
-            # a process of the transaction still writes it: what it writes is dropped
+            # a process of the transaction still writes it: nothing it writes is
+            # committed (close() and fsync() return ECANCELED)
             session.abandoned = session.abandoned or 9
+            session.failed = errno.ECANCELED
+            if not session.pending:  # the cached pages hold none of its writes
+                self.files.stale_cache.add(ino)
         session.inode.holders -= 1  # the transaction's hold
         if session.writers == 0:
             self.files.end_session(session)

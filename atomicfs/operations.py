@@ -171,6 +171,8 @@ class AtomicOperations(pyfuse3.Operations):
         if entry is not None:
             entry.lookups += 1
             return self._attrs(entry, os.stat(entry.fd), tx, (parent_inode, name))
+        if self.tx.whited(tx, parent, name):
+            raise OSError(errno.ENOENT, "removed by the transaction")
         inode, st = self.namespace.lookup(parent, name)
         return self._attrs(inode, st, tx, (parent_inode, name))
 

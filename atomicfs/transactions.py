@@ -162,6 +162,8 @@ class Transaction:
     staged: dict[int, str] = field(default_factory=dict)  # ino -> token (dir/symlink/fifo)
     # directories it made (held: their FUSE inode numbers must not change while open)
     private: dict[int, Inode] = field(default_factory=dict)
+    # committed names it removed: (parent ino, name) -> (parent, held; dev, ino removed)
+    whiteouts: dict[tuple[int, bytes], tuple[Inode, int, int]] = field(default_factory=dict)
     result: dict[str, Any] | None = None
     runner_fd: int | None = None  # pidfd of the runner: it dying aborts
     tokens: int = 0
@@ -171,7 +173,7 @@ class Transaction:
         return f"{kind}{self.tokens}"
 
     def touches(self, parent_ino: int, name: bytes) -> bool:
-        return (parent_ino, name) in self.entries
+        return (parent_ino, name) in self.entries or (parent_ino, name) in self.whiteouts
 
     def summary(self) -> dict[str, Any]:
         files = sum(1 for s in self.sessions.values() if s.pending or s.dirty)
@@ -181,8 +183,8 @@ class Transaction:
                 "age_s": round(time.monotonic() - self.started, 3), "state": self.state,
                 "files": files,
                 "bytes": sum(s.size for s in self.sessions.values()),
-                "changes": len(self.entries) + sum(1 for s in self.sessions.values()
-                                                   if not s.pending and s.dirty)}
+                "changes": len(self.entries) + len(self.whiteouts)
+                + sum(1 for s in self.sessions.values() if not s.pending and s.dirty)}
 
 
 class TxFailed(Exception):
@@ -234,14 +236,22 @@ class Transactions:
         """Is ``parent`` a directory the transaction made (its content is real)?"""
         return tx is not None and parent.ino in tx.private
 
+    def whited(self, tx: Transaction | None, parent: Inode, name: bytes) -> bool:
+        """Has the member's transaction removed this committed name?"""
+        return tx is not None and (parent.ino, name) in tx.whiteouts
+
     def exists(self, tx: Transaction, parent: Inode, name: bytes) -> bool:
-        return self.entry(tx, parent, name) is not None or self.namespace.exists(parent, name)
+        return self.entry(tx, parent, name) is not None or (
+            not self.whited(tx, parent, name) and self.namespace.exists(parent, name))
 
     def listing(self, tx: Transaction | None, parent: Inode, names: list[bytes]) -> list[bytes]:
         if tx is None:
             return names
         extra = [n for (p, n) in tx.entries if p == parent.ino]
-        return sorted(set(names).union(extra)) if extra else names
+        gone = {n for (p, n) in tx.whiteouts if p == parent.ino}
+        if not extra and not gone:
+            return names
+        return sorted(set(names).union(extra) - (gone - set(extra)))
 
     # -- begin, commit, abort (the control xattrs) -------------------------------------
     async def control(self, name: str, ctx: pyfuse3.RequestContext) -> bytes:
@@ -343,6 +353,7 @@ class Transactions:
             self._forget(ino)
         tx.staged.clear()
         self._release_all_private(tx)
+        self._release_whiteouts(tx)
         self._retire(tx)
         self.counts["aborted"] += 1
         log.info("transaction of pid %d aborted: %s", tx.root, why)
@@ -458,8 +469,8 @@ class Transactions:
         if inode is None:
             if self.private_parent(tx, parent):
                 return False
-            raise OSError(errno.EOPNOTSUPP, "removing a committed name inside a "
-                          "transaction is not supported yet")
+            self._whiteout(tx, parent, name)
+            return True
         if inode.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
         del tx.entries[(parent.ino, name)]
@@ -471,6 +482,25 @@ class Transactions:
             self.table.maybe_drop(inode)
         self.committer.housekeeper.forget_entry(parent.ino, name)
         return True
+
+    def _whiteout(self, tx: Transaction, parent: Inode, name: bytes) -> None:
+        """unlink of a committed file by a member: gone for the transaction only,
+        removed from SOURCE by its commit."""
+        check_name(name)
+        if is_reserved(parent, name, self.table.root) or self.whited(tx, parent, name):
+            raise OSError(errno.ENOENT, "no such file")
+        if self.namespace.pending_at(parent, name) is not None:
+            raise OSError(errno.EBUSY, "a new file is being written there outside the "
+                          "transaction")
+        st = stat_at(parent.fd, name)
+        if st is None:
+            raise OSError(errno.ENOENT, "no such file")
+        if stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.EISDIR, "is a directory")
+        tx.whiteouts[(parent.ino, name)] = (parent, st.st_dev, st.st_ino)
+        parent.holders += 1  # its inode number must not change while it is recorded
+        # outsiders' cached name: asked again from now on (replies carry timeout 0)
+        self.committer.housekeeper.forget_entry(parent.ino, name)
 
     def rmdir(self, tx: Transaction, parent: Inode, name: bytes) -> None:
         """rmdir by a member: of one of its entries, or inside a directory it made."""
@@ -508,6 +538,8 @@ class Transactions:
         check_name(new)
         if is_reserved(new_parent, new, self.table.root):
             raise OSError(errno.EPERM, "name reserved for atomicfs")
+        if self.whited(tx, old_parent, old):
+            raise OSError(errno.ENOENT, "no such file")
         moving = tx.entries.get((old_parent.ino, old))
         target = tx.entries.get((new_parent.ino, new))
         src_private = self.private_parent(tx, old_parent)
@@ -553,7 +585,8 @@ class Transactions:
     def _check_target(self, tx: Transaction, moving: Inode, new_parent: Inode, new: bytes,
                       target: Inode | None, flags: int) -> None:
         cur = target
-        st = None if target is not None else stat_at(new_parent.fd, new)
+        st = (None if target is not None or self.whited(tx, new_parent, new)
+              else stat_at(new_parent.fd, new))
         if cur is None and st is None:
             return
         if flags & syscalls.RENAME_NOREPLACE:
@@ -577,6 +610,13 @@ class Transactions:
             self._release_private(tx, target.ino)
             target.holders -= 1
             self.table.maybe_drop(target)
+
+    def _release_whiteouts(self, tx: Transaction) -> None:
+        for (parent_ino, name), (parent, _dev, _ino) in list(tx.whiteouts.items()):
+            del tx.whiteouts[(parent_ino, name)]
+            parent.holders -= 1
+            self.table.maybe_drop(parent)
+            self.committer.housekeeper.forget_entry(parent_ino, name)
 
     def _hold_private(self, tx: Transaction, inode: Inode) -> None:
         if inode.ino not in tx.private:
@@ -612,7 +652,7 @@ class Transactions:
             for session in list(tx.sessions.values()):
                 self._check_session(tx, session)
             for session in list(tx.sessions.values()):
-                if not session.pending and session.dirty:
+                if not session.pending and session.dirty and not self._removed(tx, session):
                     async with session.lock:
                         built.append((session, await self._build(session)))
             self._prepare_new(tx)
@@ -636,6 +676,14 @@ class Transactions:
         log.info("transaction of pid %d committed: %d changes in %.1f ms", tx.root,
                  len(dirs), (time.monotonic() - started) * 1000)
         self._finish(tx, "committed", {"ok": True})
+
+    def _removed(self, tx: Transaction, session: Session) -> bool:
+        """Did the transaction remove the rewritten file's name (its content goes)?"""
+        try:
+            parent, name = self.committer.find_name(session.inode, session.inode.key)
+        except OSError:
+            return True
+        return (parent.ino, name) in tx.whiteouts
 
     def _check_session(self, tx: Transaction, session: Session) -> None:
         where = self.committer.describe(session.inode)
@@ -763,10 +811,16 @@ class Transactions:
         """
         ops: list[txrecord.Op] = []
         steps: list[tuple[txrecord.Op, Inode, Inode]] = []  # op, parent, the object
+        op: txrecord.Op
         backings: dict[int, Backing] = {}
         dirs: dict[int, Inode] = {}
         sfd = tx.staging_fd
         try:
+            # committed names removed (before the new names: one may take the place)
+            for (_pino, name), (parent, dev, ino) in tx.whiteouts.items():
+                gone = txrecord.Unlink(self._path(parent), name, dev, ino)
+                ops.append(gone)
+                steps.append((gone, parent, parent))
             # content of committed files: their new versions under a token
             for session, fd in built:
                 inode = session.inode
@@ -829,6 +883,11 @@ class Transactions:
             if node is not None:
                 node.holders -= 1
                 self.table.maybe_drop(node)
+        for (_pino, name), (parent, dev, ino) in tx.whiteouts.items():
+            node = self.table.by_key.get((dev, ino))
+            if node is not None:
+                node.names.discard((parent.ino, name))
+        self._release_whiteouts(tx)
         tx.entries.clear()
         tx.staged.clear()
         self._release_all_private(tx)

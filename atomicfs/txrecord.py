@@ -13,6 +13,9 @@ apply (or after it) ends in the same tree:
   replacing what is there.  Done once the token is gone from the staging
   directory.
 
+- ``unlink PARENT NAME DEV INO``: remove ``PARENT/NAME`` if it still is the
+  file (DEV, INO) the transaction removed.  Done once it is not.
+
 ``PARENT`` is a list of names from SOURCE's root; every step is opened with
 ``O_NOFOLLOW``, so a replay never follows a symlink out of SOURCE.
 
@@ -48,15 +51,27 @@ class Put:
     name: bytes
 
 
-Op = Put
+@dataclass(frozen=True)
+class Unlink:
+    parent: tuple[bytes, ...]
+    name: bytes
+    dev: int
+    ino: int
+
+
+Op = Put | Unlink
 
 
 def encode(ops: list[Op]) -> bytes:
     lines = [MAGIC]
     for op in ops:
-        lines.append(json.dumps({"op": "put", "token": op.token,
-                                 "parent": [os.fsdecode(p) for p in op.parent],
-                                 "name": os.fsdecode(op.name)}, sort_keys=True))
+        item: dict[str, object] = {"parent": [os.fsdecode(p) for p in op.parent],
+                                   "name": os.fsdecode(op.name)}
+        if isinstance(op, Put):
+            item.update(op="put", token=op.token)
+        else:
+            item.update(op="unlink", dev=op.dev, ino=op.ino)
+        lines.append(json.dumps(item, sort_keys=True))
     body = ("\n".join(lines) + "\n").encode()
     return body + b"end " + hashlib.sha256(body).hexdigest().encode() + b"\n"
 
@@ -72,13 +87,16 @@ def decode(data: bytes) -> list[Op] | None:
     ops: list[Op] = []
     for line in lines[1:]:
         item = json.loads(line)
-        if item.get("op") != "put":
-            return None
         name = os.fsencode(item["name"])
         parent = tuple(os.fsencode(p) for p in item["parent"])
-        if not _safe(name) or not all(_safe(p) for p in parent) or "/" in item["token"]:
+        if not _safe(name) or not all(_safe(p) for p in parent):
             return None
-        ops.append(Put(item["token"], parent, name))
+        if item.get("op") == "put" and "/" not in item["token"]:
+            ops.append(Put(item["token"], parent, name))
+        elif item.get("op") == "unlink":
+            ops.append(Unlink(parent, name, int(item["dev"]), int(item["ino"])))
+        else:
+            return None
     return ops
 
 
@@ -137,6 +155,15 @@ def open_parent(root_fd: int, parent: tuple[bytes, ...]) -> int:
 
 def apply_op(staging_fd: int, op: Op, parent_fd: int) -> bool:
     """Do one operation (if not done yet); returns whether it changed anything."""
+    if isinstance(op, Unlink):
+        try:
+            st = os.stat(op.name, dir_fd=parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if (st.st_dev, st.st_ino) != (op.dev, op.ino) or stat.S_ISDIR(st.st_mode):
+            return False  # done before (and the name made again since)
+        os.unlink(op.name, dir_fd=parent_fd)
+        return True
     try:
         os.rename(op.token, op.name, src_dir_fd=staging_fd, dst_dir_fd=parent_fd)
     except FileNotFoundError:

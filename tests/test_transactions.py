@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PYTHON, Mount, MountFactory, cli_env, run_cli
-from sessionkit import TIMEOUT, assert_no_debris, status_of, wait_for
+from sessionkit import TIMEOUT, assert_no_debris, git_env, status_of, wait_for
 
 from atomicfs import txrecord
 from atomicfs.transactions import Membership, parse_stat
@@ -388,15 +388,82 @@ def test_umount_is_refused_while_a_transaction_runs_and_lazy_aborts_it(
     assert_no_debris(m.source)
 
 
+# -- stage 2 (in part): removing committed files ----------------------------------------------
+def test_unlink_of_committed_files_is_part_of_the_transaction(mount: Mount) -> None:
+    seed(mount)
+    script = ("set -e; rm a; test ! -e a; ls | grep -qv '^a$'; echo 'a again' > a; "
+              "rm b; echo 'b by rename' > b.tmp; mv b.tmp b; cat a b > /dev/null; ")
+    res = atomicfs_run(mount, "sh", "-c", script + "exit 7", cwd=mount.mountpoint)
+    assert res.returncode == 7, res.stderr
+    assert_old(mount)
+    res = atomicfs_run(mount, "sh", "-c", script + "rm c 2>/dev/null || true", cwd=mount.mountpoint)
+    assert res.returncode == 0, res.stderr
+    assert mount.src("a").read_text() == "a again\n"
+    assert mount.src("b").read_text() == "b by rename\n"
+    res = atomicfs_run(mount, "sh", "-c", "rm a b", cwd=mount.mountpoint)
+    assert res.returncode == 0, res.stderr
+    assert sorted(os.listdir(mount.mountpoint)) == [] and not mount.src("a").exists()
+    assert_no_debris(mount.source)
+
+
+def test_git_checkout_of_another_branch_appears_whole(mount: Mount, tmp_path: Path) -> None:
+    env = git_env(tmp_path / "home")
+    repo = mount.source
+
+    def git(*args: str, cwd: Path = repo) -> None:
+        subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True,
+                       timeout=TIMEOUT)
+
+    git("init", "-q", "-b", "main")
+    for i in range(20):
+        (repo / "src").mkdir(exist_ok=True)
+        (repo / "src" / f"f{i}.c").write_text(f"main {i}\n" * 50)
+    (repo / "gone.txt").write_text("only on main\n")
+    git("add", "-A")
+    git("commit", "-q", "-m", "main")
+    git("checkout", "-q", "-b", "other")
+    for i in range(0, 20, 2):
+        (repo / "src" / f"f{i}.c").write_text(f"other {i}\n" * 60)
+    (repo / "gone.txt").unlink()
+    (repo / "added.txt").write_text("only on other\n")
+    git("add", "-A")
+    git("commit", "-q", "-m", "other")
+    git("checkout", "-q", "main")
+    paths = ["src/f0.c", "gone.txt", "added.txt", ".git/HEAD", "src/f18.c"]
+    old = ["main 0\n" * 50, "only on main\n", None, "ref: refs/heads/main\n", "main 18\n" * 50]
+    new = ["other 0\n" * 60, None, "only on other\n", "ref: refs/heads/other\n",
+           "other 18\n" * 60]
+    poller = Poller([mount.path(p) for p in paths], tmp_path / "stop")
+    try:
+        time.sleep(0.2)
+        res = subprocess.run([PYTHON, "-m", "atomicfs", "run", str(mount.mountpoint), "--",
+                              "git", "checkout", "-q", "other"], cwd=mount.mountpoint,
+                             env={**cli_env(), **env}, capture_output=True, text=True,
+                             timeout=120)
+        time.sleep(0.2)
+    finally:
+        passes = poller.finish()
+    assert res.returncode == 0, res.stderr
+    olds, news = check_never_mixed(passes, old, new)
+    assert olds and news, (olds, news)
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=mount.mountpoint, env=env,
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert status.returncode == 0 and status.stdout == "", status
+    assert_no_debris(mount.source)
+
+
 # -- limits (docs/semantics.md §14, "Limits") ------------------------------------------------
-@pytest.mark.parametrize("change", ["rm a", "mv a z", "chmod 600 a", "ln a z", "touch -c b",
+@pytest.mark.parametrize("change", ["rm -r dir", "mv a z", "chmod 600 a", "ln a z", "touch -c b",
                                     "setfattr -n user.k -v v a"])
 def test_known_limit_changes_of_committed_names_are_refused(mount: Mount, change: str) -> None:
     """Not built yet (stage 2): the call fails, CMD fails, nothing changes."""
     seed(mount)
+    mount.src("dir").mkdir()
+    mount.src("dir", "f").write_text("f\n")
     res = atomicfs_run(mount, "sh", "-c", f"echo 'a new' > c; {change}", cwd=mount.mountpoint)
     assert res.returncode != 0 and "not supported" in res.stderr.lower(), res.stderr
     assert_old(mount)
+    assert mount.path("dir", "f").read_text() == "f\n"
 
 
 def test_known_limit_a_hard_linked_file_cannot_be_written(mount: Mount) -> None:

@@ -573,7 +573,8 @@ def test_run_without_a_mount_or_command_is_refused(tmp_path: Path) -> None:
 
 # -- pure logic, no FUSE ----------------------------------------------------------------------
 def test_record_round_trip_and_torn_records() -> None:
-    ops = [txrecord.Put("f1", (b"a", b"\xffb"), b"name"), txrecord.Put("d2", (), b"top")]
+    ops = [txrecord.Unlink((b"a",), b"old", 2049, 1234),
+           txrecord.Put("f1", (b"a", b"\xffb"), b"name"), txrecord.Put("d2", (), b"top")]
     data = txrecord.encode(ops)
     assert txrecord.decode(data) == ops
     for cut in (1, len(data) // 2, len(data) - 2):
@@ -589,6 +590,8 @@ def test_replay_is_idempotent_and_discards_incomplete(tmp_path: Path) -> None:
     (root / ".atomicfs" / "tx-1").mkdir(parents=True)
     (root / "dir").mkdir()
     (root / "dir" / "f").write_text("old")
+    (root / "dir" / "gone").write_text("to remove")
+    (root / "dir" / "kept").write_text("to remove")
     (root / ".atomicfs" / "tx-1" / "f1").write_text("new")
     (root / ".atomicfs" / "tx-1" / "f2").write_text("created")
     (root / ".atomicfs" / "tx-2" / "f1").mkdir(parents=True)  # no record: discarded
@@ -596,8 +599,15 @@ def test_replay_is_idempotent_and_discards_incomplete(tmp_path: Path) -> None:
     dfd = os.open(root / ".atomicfs", os.O_PATH)
     try:
         sfd = os.open(root / ".atomicfs" / "tx-1", os.O_PATH)
-        txrecord.write(sfd, [txrecord.Put("f1", (b"dir",), b"f"),
+        gone = os.stat(root / "dir" / "gone")
+        kept = os.stat(root / "dir" / "kept")
+        txrecord.write(sfd, [txrecord.Unlink((b"dir",), b"gone", gone.st_dev, gone.st_ino),
+                             txrecord.Unlink((b"dir",), b"kept", kept.st_dev, kept.st_ino),
+                             txrecord.Put("f1", (b"dir",), b"f"),
                              txrecord.Put("f2", (), b"g")])
+        # "kept" was removed by the apply and made again by someone else since
+        os.unlink(root / "dir" / "kept")
+        (root / "dir" / "kept").write_text("made again")
         # the first change was applied before the crash
         os.rename("f1", "f", src_dir_fd=sfd, dst_dir_fd=os.open(root / "dir", os.O_PATH))
         os.close(sfd)
@@ -607,8 +617,10 @@ def test_replay_is_idempotent_and_discards_incomplete(tmp_path: Path) -> None:
         os.close(dfd)
     assert (root / "dir" / "f").read_text() == "new"
     assert (root / "g").read_text() == "created"
+    assert not (root / "dir" / "gone").exists()
+    assert (root / "dir" / "kept").read_text() == "made again"
     assert os.listdir(root / ".atomicfs") == []
-    assert any("replayed" in d and "1 of 2" in d for d in done)
+    assert any("replayed" in d and "2 of 4" in d for d in done)
     assert any("discarded" in d for d in done)
 
 

@@ -144,7 +144,7 @@ class AtomicOperations(pyfuse3.Operations):
             attr = metadata.entry_attributes(inode.ino, st)
             if inode is self.table.root:
                 attr.st_nlink -= self.namespace.hidden_dirs(inode)
-        if self.tx.open and (self.tx.touched_inode(inode.ino)
+        if self.tx.open and (self.tx.touched_inode(inode)
                              or (name is not None and self.tx.touched_name(*name))):
             # the kernel's caches are shared by all processes: what a transaction
             # touched is asked again every time (docs/semantics.md §14)
@@ -475,7 +475,7 @@ class AtomicOperations(pyfuse3.Operations):
         tx = self.tx.member(ctx)
         handle, attr = self.files.create(self.table.get(parent_inode), name, mode, flags, ctx,
                                          tx)
-        if tx is not None:
+        if tx is not None or self.tx.touched_name(parent_inode, name):
             attr.entry_timeout = attr.attr_timeout = 0  # a transaction's name (§14)
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True), attr
 

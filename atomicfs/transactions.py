@@ -222,9 +222,20 @@ class Transactions:
         """Does an open transaction hold an entry at this name (replies: timeout 0)?"""
         return any(tx.touches(parent_ino, name) for tx in self.open.values())
 
-    def touched_inode(self, ino: int) -> bool:
-        return any(ino in tx.sessions or ino in tx.staged or ino in tx.private
-                   for tx in self.open.values())
+    def touched_inode(self, inode: Inode) -> bool:
+        """Can another process reach this inode in another version than a member sees
+        (replies about it: timeout 0)?  A committed file the transaction writes, or
+        something the transaction made with a name in a committed directory.  What
+        is inside a directory the transaction made only members can reach: its
+        replies keep the usual timeouts."""
+        for tx in self.open.values():
+            session = tx.sessions.get(inode.ino)
+            if session is not None and not session.pending:
+                return True
+            if (session is not None or inode.ino in tx.staged) and any(
+                    p not in tx.private for p, _ in inode.names):
+                return True
+        return False
 
     def owner(self, inode: Inode) -> Transaction | None:
         for tx in self.open.values():
@@ -411,9 +422,11 @@ class Transactions:
     def add_entry(self, tx: Transaction, parent: Inode, name: bytes, inode: Inode) -> None:
         tx.entries[(parent.ino, name)] = inode
         inode.names.add((parent.ino, name))
-        # a name the kernel may have cached (an outsider's lookup of the file this entry
-        # replaces): forget it, so the member's next lookup asks again
-        self.committer.housekeeper.forget_entry(parent.ino, name)
+        if self.whited(tx, parent, name) or stat_at(parent.fd, name) is not None:
+            # it takes the place of a committed name, which the kernel may have cached
+            # for an outsider: forget it, so everyone's next lookup asks again (a new
+            # name needs nothing: a lookup that failed is not cached)
+            self.committer.housekeeper.forget_entry(parent.ino, name)
 
     def creatable(self, tx: Transaction, parent: Inode, name: bytes) -> None:
         check_name(name)
@@ -480,7 +493,6 @@ class Transactions:
             os.unlink(token, dir_fd=tx.staging_fd)
             inode.holders -= 1
             self.table.maybe_drop(inode)
-        self.committer.housekeeper.forget_entry(parent.ino, name)
         return True
 
     def _whiteout(self, tx: Transaction, parent: Inode, name: bytes) -> None:
@@ -529,8 +541,6 @@ class Transactions:
         self._release_private(tx, inode.ino)
         inode.holders -= 1
         self.table.maybe_drop(inode)
-        self.committer.housekeeper.forget_entry(parent.ino, name)
-        return
 
     def rename(self, tx: Transaction, old_parent: Inode, old: bytes, new_parent: Inode,
                new: bytes, flags: int) -> bool:
@@ -579,7 +589,6 @@ class Transactions:
         elif dst_private and stat_at(new_parent.fd, new) is not None:
             self._remove_real(new_parent, new, moving.is_dir)
         self.add_entry(tx, new_parent, new, moving)
-        self.committer.housekeeper.forget_entry(old_parent.ino, old)
         return True
 
     def _check_target(self, tx: Transaction, moving: Inode, new_parent: Inode, new: bytes,
@@ -876,7 +885,9 @@ class Transactions:
         for session in tx.sessions.values():
             if session.pending and session.inode.names:  # new files, all in place now
                 self._committed(session)
-        for parent_ino, name in tx.entries:
+        for parent_ino, name in tx.entries:  # new names in committed directories
+            # an outsider may have made the same name meanwhile (no conflict detection
+            # yet) and the kernel cached it: forget it
             self.committer.housekeeper.forget_entry(parent_ino, name)
         for ino in list(tx.staged):
             node = self.table.by_ino.get(ino)

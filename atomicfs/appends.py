@@ -49,7 +49,7 @@ Concurrency (trio): a checkpoint holds ``session.lock`` from its first step to
 the update of the session's map, so writes, truncates and commits of the file
 wait for it; reads of the session's content read the shadow, which stays as it
 was until the map says the bytes are committed; isolated readers of the
-committed file wait for the append in place (:meth:`Committer.exclusive`).
+committed file wait for the append in place (:meth:`Reads.exclusive`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -70,7 +70,9 @@ from . import faults, journal, syscalls
 from .extents import ExtentMap, Kind
 
 if TYPE_CHECKING:
+    from .batch import Batch
     from .commit import Committer
+    from .reads import Reads
     from .sessions import Session
 
 log = logging.getLogger(__name__)
@@ -298,14 +300,16 @@ def _undo(root_fd: int, name: str, record: Rollback) -> str:
 class Appends:
     """The append state of every session, the checkpoints, and their timer task.
 
-    ``commit_whole`` commits a whole session (Files._commit), for a new file's first
+    ``commit_whole`` commits a whole session (OpenFiles._commit), for a new file's first
     checkpoint and a rotation.
     """
 
-    def __init__(self, committer: Committer, commit_whole: Callable[[Session, str],
-                                                                     Awaitable[bool]],
+    def __init__(self, committer: Committer, batch: Batch, reads: Reads,
+                 commit_whole: Callable[[Session, str], Awaitable[bool]],
                  interval: float = 5.0, max_bytes: int = 64 << 20) -> None:
         self.committer = committer
+        self.batch = batch
+        self.reads = reads
         self.commit_whole = commit_whole
         self.interval = interval
         self.max_bytes = max_bytes
@@ -316,6 +320,17 @@ class Appends:
         self._records = 0
         self._told_no_handles = False
         self._wake = trio.Event()
+
+    def stats(self) -> dict[str, int]:
+        """For the status document: checkpoints made since mount."""
+        return {"made": self.checkpoints, "bytes": self.bytes, "failed": self.failures}
+
+    def session_stats(self, session: Session) -> dict[str, Any]:
+        """For the status document: is the session a log, and its checkpoints."""
+        state = self.states.get(session)
+        # docs/semantics.md §10: a log is checkpointed; any other session is not
+        return {"append": state is not None and state.log,
+                "checkpoints": state.checkpoints if state is not None else 0}
 
     # -- what happens to a session -------------------------------------------------
     def start(self, session: Session, log: bool) -> None:
@@ -362,14 +377,14 @@ class Appends:
     # -- checkpoints --------------------------------------------------------------------
     def due(self, session: Session) -> int | None:
         state = self.states.get(session)
-        if state is None or session.failed or session.abandoned:
+        if state is None or session.write_errno or session.killed_by:
             return None
         return state.due(time.monotonic(), self.interval, self.max_bytes)
 
     def unsaved(self, session: Session) -> int | None:
         """For a reader's open: the size to checkpoint up to, if anything is waiting."""
         state = self.states.get(session)
-        if state is None or not state.log or session.failed or session.abandoned:
+        if state is None or not state.log or session.write_errno or session.killed_by:
             return None
         upto = state.whole_upto(time.monotonic())
         return upto if upto > state.base else None
@@ -378,7 +393,7 @@ class Appends:
         """At unmount: the end of the log's whole writes, if not committed yet (the
         writer is gone, so a request that may be cut is not waited for)."""
         state = self.states.get(session)
-        if state is None or not state.log or session.failed or session.abandoned:
+        if state is None or not state.log or session.write_errno or session.killed_by:
             return None
         return state.boundary if state.boundary > state.base else None
 
@@ -414,7 +429,7 @@ class Appends:
         # durability=batch: what was staged before (this file's version too) is
         # published first, so a crash never keeps this checkpoint without an earlier
         # commit (docs/semantics.md §9.2)
-        await self.committer.before_change()
+        await self.batch.before_change()
         committed = os.stat(inode.fd)
         if committed.st_nlink == 0:
             return False  # unlinked while written: nothing to commit into
@@ -431,7 +446,7 @@ class Appends:
         shadow, mtime = session.shadow, session.mtime_ns
         target = syscalls.reopen(inode.fd, os.O_RDWR)
         try:
-            await self.committer.exclusive(inode, lambda: append_in_place(
+            await self.reads.exclusive(inode, lambda: append_in_place(
                 target, shadow, base, upto, mtime, self.committer.daemon_dir, name, record))
         finally:
             os.close(target)
@@ -470,12 +485,12 @@ class Appends:
         durability=batch, whose commits are staged without an fsync each, nor when
         commit= names a strategy."""
         state = self.states.get(session)
-        if (state is None or not state.log or session.pending or self.committer.batch
+        if (state is None or not state.log or session.pending or self.batch.enabled
                 or self.committer.strategy != "auto" or session.size <= state.base):
             return False
         if session.size - state.base < APPEND_MIN or (
                 session.base_size < APPEND_MIN
-                and self.committer.source_links(session.inode) < 2):
+                and self.batch.source_links(session.inode) < 2):
             return False
         started = time.monotonic()
         try:
@@ -485,7 +500,7 @@ class Appends:
             log.debug("append commit of %s not made (%s); committing by copy",
                       self.committer.describe(session.inode), exc)
             return False
-        stats = self.committer.stats
+        stats = self.committer.counters
         stats.commits["append"] = stats.commits.get("append", 0) + 1
         stats.latencies.append(time.monotonic() - started)
         return True

@@ -19,7 +19,7 @@ Policy (docs/semantics.md §2, §4):
   the committed version -- unless the opening process is writing the file (it
   holds a descriptor of it open for writing: it reads its own writes), or a
   process writing the file maps it shared (readers then map it too: LMDB).
-  docs/semantics.md §4; :meth:`Files._isolated`.  Every other handle reads the
+  docs/semantics.md §4; :meth:`OpenFiles._isolated`.  Every other handle reads the
   session's content, which is also what the kernel's page cache holds.
 - The kernel's page cache is kept across opens (``keep_cache``): it holds what
   was written through it, which a commit makes the committed content.  When a
@@ -41,7 +41,8 @@ import contextlib
 import errno
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyfuse3
@@ -49,11 +50,15 @@ import trio
 
 from . import metadata, processes, syscalls
 from .appends import Appends
+from .batch import Batch
 from .commit import Committer
-from .extents import ExtentMap
+from .extents import ExtentMap, Kind
+from .housekeeping import Housekeeper
 from .inodes import Inode, InodeTable
 from .namespace import Namespace
+from .reads import Reads
 from .sessions import Session
+from .shadows import Shadows
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +84,107 @@ class FileHandle:
     tx: Any = None  # the transaction of its opener (docs/semantics.md §14)
 
 
-class Files:
-    def __init__(self, table: InodeTable, namespace: Namespace, committer: Committer,
+@dataclass(eq=False)
+class OpenState:
+    """What is open: handles, write sessions, and what a lost staged version left for
+    them.  Built before the components that report into it (the group persist,
+    through :class:`LostVersions`) and shared with :class:`OpenFiles`, which owns the
+    lifecycle of handles and sessions."""
+
+    handles: dict[int, FileHandle] = field(default_factory=dict)
+    writer_handles: dict[int, set[FileHandle]] = field(default_factory=dict)  # inode -> writers
+    sessions: dict[int, Session] = field(default_factory=dict)
+    stale_cache: set[int] = field(default_factory=set)  # inodes whose page cache may be stale
+    unseen: dict[int, int] = field(default_factory=dict)  # inode -> errno no handle saw yet
+
+
+class LostVersions:
+    """Where the group persist reports a staged version it lost (durability=batch).
+
+    Built before :class:`atomicfs.batch.Batch` (which is handed :meth:`report`) and
+    before :class:`OpenFiles` (which uses the batch): this breaks that cycle."""
+
+    def __init__(self, state: OpenState, namespace: Namespace,
+                 housekeeper: Housekeeper) -> None:
+        self.state = state
+        self.namespace = namespace
+        self.housekeeper = housekeeper
+
+    def report(self, inode: Inode, exc: OSError, how: str) -> None:
+        """A staged version of ``inode`` (durability=batch) was not made durable
+        (docs/semantics.md §3): the next fsync() of every descriptor open on it
+        reports the error once, as Linux reports a writeback error; with none open,
+        the next descriptor opened.
+
+        ``how``: "rewrite" (the inode is back on SOURCE's version), "new" (the new
+        file never reached SOURCE: its name goes, as an unlinked file's would) or
+        "unsynced" (published and visible, its directory not synced).
+        """
+        err = exc.errno or errno.EIO
+        handles = [h for h in self.state.handles.values() if h.inode is inode]
+        for handle in handles:
+            handle.lost = err
+        if not handles:
+            self.state.unseen[inode.ino] = err
+        if how == "unsynced":
+            return
+        session = self.state.sessions.get(inode.ino)
+        if session is not None and not session.write_errno:
+            # its content was built on the lost version: never commit it (§8.2)
+            session.write_errno = err
+        if how == "new":
+            for parent_ino, name in list(inode.names):
+                if self.namespace.remove_pending(parent_ino, name) is not None:
+                    self.housekeeper.forget_entry(parent_ino, name)
+            inode.gone = True
+        else:  # the kernel's pages hold the lost version
+            self.state.stale_cache.add(inode.ino)
+            self.housekeeper.invalidate(inode.ino)
+
+
+class OpenFiles:
+    def __init__(self, state: OpenState, table: InodeTable, namespace: Namespace,
+                 committer: Committer, shadows: Shadows, batch: Batch, reads: Reads,
+                 housekeeper: Housekeeper,
                  isolation: str = "committed", mountpoint: str | None = None,
                  checkpoint: float = 5.0, checkpoint_bytes: int = 64 << 20) -> None:
         self.table = table
         self.mountpoint = mountpoint  # None: closes are not told apart (processes.py)
         self.namespace = namespace
         self.committer = committer
+        self.shadows = shadows
+        self.batch = batch
+        self.reads = reads
+        self.housekeeper = housekeeper
         self.isolation = isolation
-        self.handles: dict[int, FileHandle] = {}
-        self.writer_handles: dict[int, set[FileHandle]] = {}  # inode -> its handles that write
-        self.sessions: dict[int, Session] = {}
-        self.stale_cache: set[int] = set()  # inodes whose page cache may hold dropped data
-        self.unseen: dict[int, int] = {}  # inode -> errno of a lost version no handle saw
+        # the registries (shared with LostVersions), under short names
+        self.handles = state.handles
+        self.writer_handles = state.writer_handles
+        self.sessions = state.sessions
+        self.stale_cache = state.stale_cache
+        self.unseen = state.unseen
         self._next_fh = 1
         self.transactions: Any = None  # atomicfs.transactions.Transactions, once wired
-        committer.lost = self._lost
-        self.appends = Appends(committer, self._commit, checkpoint, checkpoint_bytes)
+        self.appends = Appends(committer, batch, reads, self._commit, checkpoint, checkpoint_bytes)
+
+    def stats(self) -> dict[str, Any]:
+        """For the status document: the open sessions (by inode) and handles."""
+        now = time.monotonic()
+        sessions = [{
+            "inode": session.inode.ino,
+            "path": self.committer.describe(session.inode),
+            "size": session.size,
+            "buffered_bytes": session.emap.count(Kind.SHADOW),
+            "extents": len(session.emap),
+            "age_s": round(now - session.created_at, 3),
+            "writers": session.writers,
+            "new_file": session.pending,
+            "dirty": session.dirty,
+            "spilled_bytes": session.spilled,
+            **self.appends.session_stats(session),
+        } for session in self.sessions.values()]
+        return {"sessions": sorted(sessions, key=lambda s: s["inode"]),
+                "open_handles": len(self.handles)}
 
     def get(self, fh: int) -> FileHandle:
         try:
@@ -113,7 +201,7 @@ class Files:
         self.handles[handle.fh] = handle
         if session is not None:
             self.writer_handles.setdefault(inode.ino, set()).add(handle)
-        inode.holders += 1
+        self.table.hold(inode)
         return handle
 
     # -- sessions --------------------------------------------------------------
@@ -121,7 +209,7 @@ class Files:
         size = os.stat(inode.fd).st_size
         session = Session(inode, ExtentMap(size), base_size=size)
         self.sessions[inode.ino] = session
-        inode.holders += 1
+        self.table.hold(inode)
         self.appends.start(session, log=True)
         return session
 
@@ -138,57 +226,26 @@ class Files:
             # inside a handler); the cached pages go from the housekeeper's thread.
             with contextlib.suppress(OSError):  # ENOENT: the kernel forgot the inode
                 pyfuse3.invalidate_inode(session.inode.ino, attr_only=True)
-            self.committer.housekeeper.invalidate(session.inode.ino)
+            self.housekeeper.invalidate(session.inode.ino)
         if session.pending:  # never committed: the new file goes with its session
             for parent_ino, name in list(session.inode.names):
                 self.namespace.remove_pending(parent_ino, name)
-                self.committer.housekeeper.forget_entry(parent_ino, name)
+                self.housekeeper.forget_entry(parent_ino, name)
             session.inode.gone = True
         self.appends.forget(session)
         session.close()
-        session.inode.holders -= 1
-        self.table.maybe_drop(session.inode)
-
-    def _lost(self, inode: Inode, exc: OSError, how: str) -> None:
-        """A staged version of ``inode`` (durability=batch) was not made durable
-        (docs/semantics.md §3): the next fsync() of every descriptor open on it
-        reports the error once, as Linux reports a writeback error; with none open,
-        the next descriptor opened.
-
-        ``how``: "rewrite" (the inode is back on SOURCE's version), "new" (the new
-        file never reached SOURCE: its name goes, as an unlinked file's would) or
-        "unsynced" (published and visible, its directory not synced).
-        """
-        err = exc.errno or errno.EIO
-        handles = [h for h in self.handles.values() if h.inode is inode]
-        for handle in handles:
-            handle.lost = err
-        if not handles:
-            self.unseen[inode.ino] = err
-        if how == "unsynced":
-            return
-        session = self.sessions.get(inode.ino)
-        if session is not None and not session.failed:
-            # its content was built on the lost version: never commit it (§8.2)
-            session.failed = err
-        if how == "new":
-            for parent_ino, name in list(inode.names):
-                if self.namespace.remove_pending(parent_ino, name) is not None:
-                    self.committer.housekeeper.forget_entry(parent_ino, name)
-            inode.gone = True
-        else:  # the kernel's pages hold the lost version
-            self.stale_cache.add(inode.ino)
-            self.committer.housekeeper.invalidate(inode.ino)
+        self.table.release(session.inode)
 
     def _make_shadow(self, session: Session) -> int:
-        return self.committer.make_shadow(session.inode)
+        return self.shadows.make(session.inode)
 
     async def _commit(self, session: Session, at: str) -> bool:
-        if session.failed and session.dirty:  # docs/semantics.md §8: the committed version stays
+        # docs/semantics.md §8: after a failed write the committed version stays
+        if session.write_errno and session.dirty:
             if self.committer.nameless(session):
                 return False  # unlinked: nothing to keep, nothing lost (semantics §2.5)
-            raise OSError(session.failed, "not committed: an earlier write to this file "
-                          f"failed ({os.strerror(session.failed)})")
+            raise OSError(session.write_errno, "not committed: an earlier write to this file "
+                          f"failed ({os.strerror(session.write_errno)})")
         # a log is committed by appending in place (§10); else as usual
         with self.table.critical():  # may use the descriptors kept for commits
             made = (await self.appends.commit_log(session)
@@ -204,7 +261,7 @@ class Files:
             async with session.lock:
                 if session.pending:
                     await self._commit(session, "link or rename")
-        await self.committer.persist(inode)
+        await self.batch.persist(inode)
 
     # -- open, create ----------------------------------------------------------
     def _keep_cache(self, inode: Inode) -> bool:
@@ -238,7 +295,7 @@ class Files:
                               + ("outside the transaction" if tx is not None
                                  else "by a transaction"))
             if session is None:
-                if tx is not None and self.committer.source_links(inode) > 1:
+                if tx is not None and self.batch.source_links(inode) > 1:
                     raise OSError(errno.EOPNOTSUPP, "a hard-linked file cannot be written "
                                   "in a transaction yet")
                 session = self._start_session(inode)
@@ -334,7 +391,7 @@ class Files:
             if self.namespace.exists(parent, name):
                 raise OSError(errno.EEXIST, "file exists")
         parent_st = os.stat(parent.fd)
-        shadow = self.committer.new_file_shadow(parent, parent_st, mode)
+        shadow = self.shadows.for_new_file(parent, parent_st, mode)
         try:
             metadata.give_to_caller(shadow, ctx, parent_st, mode)
             path_fd = syscalls.reopen(shadow, os.O_PATH)
@@ -348,11 +405,11 @@ class Files:
             self.transactions.add_entry(tx, parent, name, inode)
         else:
             self.namespace.add_pending(parent, name, inode)
-        inode.lookups += 1
+        self.table.remember(inode)
         session = Session(inode, ExtentMap(0), base_size=0, shadow=shadow, pending=True)
         session.mtime_ns = st.st_mtime_ns
         self.sessions[inode.ino] = session
-        inode.holders += 1
+        self.table.hold(inode)
         if tx is not None:
             self.transactions.adopt_session(tx, session)
         # a new file is a log only if its creator appends (§10); else it appears whole
@@ -367,10 +424,10 @@ class Files:
         (a transaction's session: only for its members, ``viewer``)."""
         st = os.stat(inode.fd)
         attr = metadata.entry_attributes(inode.ino, st)
-        staged = self.committer.staged.get(inode.ino)
+        staged = self.batch.staged.get(inode.ino)
         if staged is not None:  # the visible version is an unnamed file until persisted
             attr.st_nlink = (self.namespace.pending_links(inode) if staged.new_file
-                             else self.committer.source_links(inode))
+                             else self.batch.source_links(inode))
         session = self.sessions.get(inode.ino)
         if session is None or (session.tx is not None and session.tx is not viewer):
             return attr
@@ -397,7 +454,7 @@ class Files:
             # before it began reads the committed version too, docs/semantics.md §14)
             if session is not None and session.pending:
                 return b""  # a new file has no committed version yet
-            return await self.committer.read_committed(handle.inode, size, off)
+            return await self.reads.read_committed(handle.inode, size, off)
         committed_fd = None if session.pending else self.table.data(handle.inode)
         return session.read(committed_fd, off, size)
 
@@ -489,7 +546,7 @@ class Files:
             return  # committed by its transaction (docs/semantics.md §14)
         async with session.lock:
             await self._commit(session, "close")
-            session.abandoned = 0
+            session.killed_by = 0
         handle.wrote = False
 
     def _unfinished(self, handle: FileHandle, session: Session) -> bool:
@@ -499,7 +556,7 @@ class Files:
         opener = processes.state(handle.pid)
         signal = opener.signal
         if signal:
-            session.abandoned = signal
+            session.killed_by = signal
             log.warning("%s: the process writing it (pid %d) was killed by signal %d before "
                         "closing it; its unfinished writes will not be committed",
                         self.committer.describe(handle.inode), handle.pid, signal)
@@ -520,9 +577,9 @@ class Files:
         if session is not None:
             async with session.lock:
                 await self._commit(session, "fsync")
-                session.abandoned = 0
+                session.killed_by = 0
             handle.wrote = False
-        await self.committer.persist(handle.inode)  # batch: fsync is durable all the same
+        await self.batch.persist(handle.inode)  # batch: fsync is durable all the same
         if handle.lost:  # batch: a version staged earlier was lost (docs/semantics.md §3)
             err, handle.lost = handle.lost, 0
             raise OSError(err, "an earlier commit of this file was not made durable "
@@ -542,21 +599,20 @@ class Files:
                 if session.writers == 0:
                     await self._last_release(session)
         finally:
-            handle.inode.holders -= 1
-            self.table.maybe_drop(handle.inode)
+            self.table.release(handle.inode)
 
     async def _last_release(self, session: Session) -> None:
         if session.tx is not None:
             return  # kept by its transaction until it commits or aborts (§14)
         try:
             async with session.lock:
-                if session.writers == 0 and session.dirty and session.failed:
+                if session.writers == 0 and session.dirty and session.write_errno:
                     if not self.committer.nameless(session):  # unlinked: nothing is lost
                         log.warning("%s: not committed at its last close: a write to it "
                                     "failed (%s); the committed version is kept",
                                     self.committer.describe(session.inode),
-                                    os.strerror(session.failed))
-                elif session.writers == 0 and session.dirty and not session.abandoned:
+                                    os.strerror(session.write_errno))
+                elif session.writers == 0 and session.dirty and not session.killed_by:
                     await self._commit(session, "last close")
         except OSError:
             pass  # logged by the committer; nobody is left to hear of it
@@ -576,7 +632,7 @@ class Files:
         for session in list(self.sessions.values()):
             if session.tx is not None:
                 continue  # its transaction was aborted (the daemon is stopping)
-            if session.abandoned or any(h.wrote for h in self.handles.values()
+            if session.killed_by or any(h.wrote for h in self.handles.values()
                                         if h.session is session):
                 upto = self.appends.whole_writes(session)
                 if upto is not None:  # a log keeps its whole appends (§10)

@@ -75,6 +75,15 @@ class Housekeeper:
     def running(self) -> bool:
         return self._thread is not None and not self._stopping
 
+    def stats(self) -> dict[str, int]:
+        """For the status document."""
+        return {
+            "shadows_ready": len(self.ready),
+            "shadows_made": self.made,
+            "shadow_pool_misses": self.misses,
+            "journal_records_unsettled": self.unsettled,
+        }
+
     def take_shadow(self) -> int | None:
         """A ready unnamed O_RDWR file in the daemon's directory, or None."""
         try:

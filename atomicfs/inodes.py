@@ -49,6 +49,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyfuse3
 
@@ -157,7 +158,8 @@ class FdStats:
 
 class InodeTable:
     def __init__(self, root_fd: int, budget: Budget | None = None,
-                 handles: bool | None = None) -> None:
+                 handles: bool | None = None,
+                 closer: Callable[[int], None] = os.close) -> None:
         st = os.stat(root_fd)
         self._next = ROOT_INODE + 1
         self.by_ino: dict[int, Inode] = {}
@@ -188,7 +190,7 @@ class InodeTable:
             self._handles_ok = False
         self.mode = "handles" if self._mount_fd is not None else "paths"
         # closes fds of files a commit replaced (the housekeeper defers it to a thread)
-        self.closer: Callable[[int], None] = os.close
+        self.closer = closer
         self.refill_reserve()
         syscalls.on_exhausted = self.relieve
 
@@ -386,6 +388,24 @@ class InodeTable:
     def reserved(self) -> int:
         return len(self._reserved)
 
+    def stats(self) -> dict[str, Any]:
+        """For the status document: the inodes known, and the descriptors cached
+        and held in reserve against the budget (docs/semantics.md §11)."""
+        return {
+            "inodes": len(self),
+            "limit": self.budget.limit,
+            "cache_budget": self.budget.cache,
+            "reserve": self.budget.reserve,
+            "reserve_held": self.reserved,
+            "cached_inodes": self.cached,
+            "inode_mode": self.mode,
+            "exhausted": self.fd_stats.exhausted,
+            "reopened": self.fd_stats.reopened,
+            "evicted": self.fd_stats.evicted,
+            "stale": self.fd_stats.stale,
+            "reserve_used": self.fd_stats.reserve_used,
+        }
+
     def note_exhausted(self, what: str) -> None:
         """A request failed for lack of descriptors: count it; log it once."""
         self.fd_stats.exhausted += 1
@@ -523,7 +543,23 @@ class InodeTable:
             if not keys:
                 del self.aliases_of[inode.ino]
 
+    # -- reference counts: changed only through these -------------------------------
+    def remember(self, inode: Inode) -> None:
+        """The kernel got an entry of ``inode`` (a lookup it counts until FORGET)."""
+        inode.lookups += 1
+
+    def hold(self, inode: Inode) -> None:
+        """Keep ``inode`` (and its fds) alive: an open handle, a session, a staged
+        version, a directory to fsync later.  Ended by :meth:`release`."""
+        inode.holders += 1
+
+    def release(self, inode: Inode) -> None:
+        """End one :meth:`hold`; the inode goes if nothing else refers to it."""
+        inode.holders -= 1
+        self.maybe_drop(inode)
+
     def forget(self, ino: int, count: int) -> None:
+        """The kernel forgot ``count`` lookups of ``ino`` (FORGET)."""
         inode = self.by_ino.get(ino)
         if inode is None:
             return

@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from .commit import CommitStats
+from .publish import CommitStats
 from .status import counts_text, human_bytes, human_duration
 
 PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,

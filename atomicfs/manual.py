@@ -2,7 +2,7 @@
 
 Each page has NAME, SYNOPSIS, DESCRIPTION, OPTIONS, EXIT STATUS and EXAMPLES.
 The options a page documents are checked against the command's parser by
-``tests/test_ops.py``, so a new flag without its paragraph fails the tests.
+``tests/test_lifecycle.py``, so a new flag without its paragraph fails the tests.
 """
 
 from __future__ import annotations

@@ -301,7 +301,7 @@ def run(req: MountRequest) -> int:
         pyfuse3.close(unmount=still_mounted)
         ops.shutdown()
         timing.dump()
-        log.info("%s", logs.summary(mountpoint, ops.committer.stats, ops.info.uptime()))
+        log.info("%s", logs.summary(mountpoint, ops.committer.counters, ops.info.uptime()))
     return 0
 
 

@@ -120,7 +120,7 @@ class Namespace:
         """Look ``name`` up in ``parent`` and count one kernel lookup for it."""
         fd, st = open_path(parent.fd, name, self.table)
         inode = self.table.learn(parent.ino, name, fd, st)
-        inode.lookups += 1
+        self.table.remember(inode)
         return inode, st
 
     def _created(self, parent: Inode, name: bytes, ctx: pyfuse3.RequestContext,
@@ -133,7 +133,7 @@ class Namespace:
             os.close(fd)
             raise
         inode = self.table.learn(parent.ino, name, fd, st)
-        inode.lookups += 1
+        self.table.remember(inode)
         return inode, st
 
     # -- operations --------------------------------------------------------
@@ -141,7 +141,7 @@ class Namespace:
         self._visible(parent, name)
         inode = self.pending_at(parent, name)
         if inode is not None:
-            inode.lookups += 1
+            self.table.remember(inode)
             return inode, os.stat(inode.fd)
         return self.entry(parent, name)
 

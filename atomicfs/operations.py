@@ -22,14 +22,12 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from . import faults, metadata, recovery, status, syscalls, timing
-from .commit import Committer, name_finder
-from .files import Files
-from .housekeeping import Housekeeper
-from .inodes import EXHAUSTED, Inode, InodeTable
-from .namespace import DirHandle, Namespace
+from . import faults, metadata, status, syscalls, timing
+from .daemon import Daemon
+from .inodes import EXHAUSTED, Inode
+from .namespace import DirHandle
 from .options import MountOptions
-from .transactions import CONTROL_PREFIX, Transaction, Transactions
+from .transactions import CONTROL_PREFIX, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -108,33 +106,28 @@ class AtomicOperations(pyfuse3.Operations):
         metadata.Timeouts.attr = options.attr_timeout
         self.options = options
         self.info = status.DaemonInfo()
-        self.table = InodeTable(root_fd)
-        self.namespace = Namespace(self.table)
+        self.root_fd = root_fd
         self.dirs: dict[int, DirHandle] = {}
         self.dir_tx: dict[int, Transaction] = {}  # directory handles opened by members
         self._next_dh = 1
 
     def prepare(self) -> None:
-        """Open SOURCE/.atomicfs and run recovery: the first change made to SOURCE.
+        """Build the daemon's components (:class:`atomicfs.daemon.Daemon`): opens
+        SOURCE/.atomicfs and runs recovery, the first change made to SOURCE.
 
         Called once the mount exists and before serving, so that a mount that
-        fails leaves SOURCE untouched.
+        fails leaves SOURCE untouched.  The handlers dispatch to these components.
         """
-        options, root_fd = self.options, self.table.root.fd
-        self.daemon_dir = recovery.open_daemon_dir(root_fd)
-        self.recovered = recovery.recover(root_fd, self.daemon_dir)
-        self.housekeeper = Housekeeper(self.daemon_dir)
-        self.table.closer = self.housekeeper.close_later
-        self.committer = Committer(self.table, self.daemon_dir,
-                                   name_finder(self.table, self.namespace.pending_name),
-                                   self.namespace.published, options.commit,
-                                   options.durability, self.housekeeper)
-        self.files = Files(self.table, self.namespace, self.committer, options.isolation,
-                           self.info.mountpoint or None, options.checkpoint,
-                           options.checkpoint_bytes)
-        self.tx = Transactions(self.table, self.namespace, self.files, self.committer,
-                               self.daemon_dir)
-        self.files.transactions = self.tx
+        self.daemon = Daemon(self.root_fd, self.options, self.info.mountpoint or None)
+        self.recovered = self.daemon.recovered
+        self.table = self.daemon.table
+        self.namespace = self.daemon.namespace
+        self.housekeeper = self.daemon.housekeeper
+        self.reads = self.daemon.reads
+        self.batch = self.daemon.batch
+        self.committer = self.daemon.committer
+        self.files = self.daemon.files
+        self.tx = self.daemon.transactions
 
     def _attrs(self, inode: Inode, st: os.stat_result, tx: Transaction | None = None,
                name: tuple[int, bytes] | None = None) -> pyfuse3.EntryAttributes:
@@ -202,7 +195,7 @@ class AtomicOperations(pyfuse3.Operations):
         if node.is_dir and (fields.update_atime or fields.update_mtime):
             # durability=batch publishes staged names into directories later, which
             # would move the times set now (tar sets them last): publish them first
-            await self.committer.persist()
+            await self.batch.persist()
         if not fields.update_size and (fields.update_mode or fields.update_uid
                                        or fields.update_gid or fields.update_atime
                                        or fields.update_mtime):
@@ -259,14 +252,14 @@ class AtomicOperations(pyfuse3.Operations):
         yet is not in SOURCE: its change goes with its first commit."""
         session = self.files.sessions.get(node.ino)
         if session is None or not session.pending:
-            await self.committer.before_change(node)
+            await self.batch.before_change(node)
 
     async def _after_metadata_change(self, node: Inode) -> None:
         """durability=full: the change is durable before the reply (§9.1); a new file
         not committed yet gets it with its first commit."""
         session = self.files.sessions.get(node.ino)
         if session is None or not session.pending:
-            await self.committer.after_metadata_change(node)
+            await self.batch.after_metadata_change(node)
 
     @_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -299,9 +292,9 @@ class AtomicOperations(pyfuse3.Operations):
         if tx is not None:
             inode, st = self.tx.make(tx, parent, name, "node", mode, ctx, rdev=rdev)
             return self._attrs(inode, st, tx, (parent_inode, name))
-        await self.committer.before_change()
+        await self.batch.before_change()
         inode, st = self.namespace.mknod(parent, name, mode, rdev, ctx)
-        await self.committer.after_change([parent])
+        await self.batch.after_change([parent])
         return self._attrs(inode, st)
 
     @_handler
@@ -312,9 +305,9 @@ class AtomicOperations(pyfuse3.Operations):
         if tx is not None:
             inode, st = self.tx.make(tx, parent, name, "dir", mode, ctx)
             return self._attrs(inode, st, tx, (parent_inode, name))
-        await self.committer.before_change()
+        await self.batch.before_change()
         inode, st = self.namespace.mkdir(parent, name, mode, ctx)
-        await self.committer.after_change([parent])
+        await self.batch.after_change([parent])
         return self._attrs(inode, st)
 
     @_handler
@@ -325,9 +318,9 @@ class AtomicOperations(pyfuse3.Operations):
         if tx is not None:
             inode, st = self.tx.make(tx, parent, name, "symlink", 0o777, ctx, target=target)
             return self._attrs(inode, st, tx, (parent_inode, name))
-        await self.committer.before_change()
+        await self.batch.before_change()
         inode, st = self.namespace.symlink(parent, name, target, ctx)
-        await self.committer.after_change([parent])
+        await self.batch.after_change([parent])
         return self._attrs(inode, st)
 
     @_handler
@@ -339,9 +332,9 @@ class AtomicOperations(pyfuse3.Operations):
             raise OSError(errno.EOPNOTSUPP, "hard links inside a transaction are not "
                           "supported yet")
         await self.files.publish(node)  # a new file gets its first name before a second
-        await self.committer.before_change()
+        await self.batch.before_change()
         node, st = self.namespace.link(node, parent, new_name)
-        await self.committer.after_change([parent])
+        await self.batch.after_change([parent])
         return self._attrs(node, st)
 
     @_handler
@@ -355,9 +348,9 @@ class AtomicOperations(pyfuse3.Operations):
         if self.namespace.pending_at(parent, name) is not None:
             self.namespace.unlink(parent, name)  # never in SOURCE: nothing to order or sync
             return
-        await self.committer.before_change()
+        await self.batch.before_change()
         self.namespace.unlink(parent, name)
-        await self.committer.after_change([parent])
+        await self.batch.after_change([parent])
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -366,9 +359,9 @@ class AtomicOperations(pyfuse3.Operations):
         if tx is not None:
             self.tx.rmdir(tx, parent, name)
             return
-        await self.committer.before_change()
+        await self.batch.before_change()
         self.namespace.rmdir(parent, name)
-        await self.committer.after_change([parent])
+        await self.batch.after_change([parent])
 
     @_handler
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -386,9 +379,9 @@ class AtomicOperations(pyfuse3.Operations):
                                                                 new_parent, name_new, flags):
                 await self.files.publish(pending)
         if self.namespace.pending_at(old_parent, name_old) is None:  # else: pending names only
-            await self.committer.before_change()
+            await self.batch.before_change()
         if self.namespace.rename(old_parent, name_old, new_parent, name_new, flags):
-            await self.committer.after_change(
+            await self.batch.after_change(
                 [old_parent] if old_parent is new_parent else [old_parent, new_parent])
 
     def _rename_needs_real(self, old_parent: Inode, old: bytes, new_parent: Inode, new: bytes,
@@ -411,7 +404,7 @@ class AtomicOperations(pyfuse3.Operations):
         tx = self.tx.member(ctx)
         if tx is not None:
             self.dir_tx[dh] = tx
-        handle.inode.holders += 1
+        self.table.hold(handle.inode)
         return dh
 
     @_handler
@@ -441,22 +434,21 @@ class AtomicOperations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, name, attr, index + 1):
                     self.table.maybe_drop(inode)
                     break
-                inode.lookups += 1
+                self.table.remember(inode)
 
     @_handler
     async def releasedir(self, fh: int) -> None:
         handle = self.dirs.pop(fh)
         self.dir_tx.pop(fh, None)
         os.close(handle.fd)
-        handle.inode.holders -= 1
-        self.table.maybe_drop(handle.inode)
+        self.table.release(handle.inode)
 
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         handle = self.dirs[fh]
         # batch: the commits acknowledged before are published and durable first
         # (docs/semantics.md §3.3): a name appears only with its content
-        await self.committer.persist()
+        await self.batch.persist()
         await _in_thread(syscalls.fsync_dir_fd, handle.fd)  # EIO if SOURCE went down
 
     # -- files -----------------------------------------------------------
@@ -542,34 +534,19 @@ class AtomicOperations(pyfuse3.Operations):
         await self._after_metadata_change(node)
 
     async def background(self) -> None:
-        """Tasks that run beside the request handlers: housekeeping, and the group
-        persist of durability=batch."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.housekeeper.run)
-            nursery.start_soon(self.tx.run)
-            nursery.start_soon(self.files.appends.run,
-                               lambda: list(self.files.sessions.values()))
-            if self.committer.batch:
-                nursery.start_soon(self.committer.run_batches)
+        """Tasks that run beside the request handlers (:meth:`Daemon.background`)."""
+        await self.daemon.background()
 
     async def finish(self) -> None:
         """After the kernel let go: lost last releases, then every staged commit."""
-        with self.table.scope():
-            # a transaction whose command did not end before the unmount: nothing stays
-            self.tx.abort_all("the file system was unmounted before its command ended")
-            await self.files.release_remaining()
-            await self.committer.persist()
+        await self.daemon.finish()
 
     def shutdown(self) -> None:
         """Close every fd the daemon holds (after the main loop ended)."""
         for handle in self.dirs.values():
             os.close(handle.fd)
         self.dirs.clear()
-        self.tx.close_all()
-        self.files.close_all()
-        self.table.close_all()
-        self.housekeeper.close_all()
-        recovery.close_daemon_dir(self.table.root.fd, self.daemon_dir)
+        self.daemon.shutdown()
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:

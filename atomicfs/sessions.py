@@ -64,8 +64,8 @@ class Session:
     lock: trio.Lock = field(default_factory=trio.Lock)
     created_at: float = field(default_factory=time.monotonic)
     commits: int = 0
-    abandoned: int = 0  # a writer was killed by this signal: the last release drops
-    failed: int = 0  # errno of a write that failed: no commit until truncated to zero
+    killed_by: int = 0  # a writer was killed by this signal: the last release drops
+    write_errno: int = 0  # errno of a write that failed: no commit until truncated to zero
     spill_at: int = MAX_EXTENTS  # map size that triggers the next spill
     spilled: int = 0  # committed bytes copied into the shadow to bound the map
     # the multi-file transaction this session belongs to (atomicfs.transactions): not
@@ -108,7 +108,7 @@ class Session:
             written = os.pwrite(self.shadow, data, offset)
         except OSError as exc:
             if exc.errno in FAILING_WRITES:
-                self.failed = exc.errno
+                self.write_errno = exc.errno
             raise
         self.emap.write(offset, written)
         self.touch()
@@ -116,17 +116,11 @@ class Session:
 
     def truncate(self, size: int) -> None:
         if size == 0:
-            self.failed = 0  # nothing left that a failed write should have changed
+            self.write_errno = 0  # nothing left that a failed write should have changed
         if size < self.emap.size and self.shadow is not None:
             # Drop shadow bytes past the new end, so a later extension reads as a hole.
             os.ftruncate(self.shadow, size)
         self.emap.truncate(size)
-        self.touch()
-
-    def punch(self, offset: int, length: int) -> None:
-        if self.shadow is not None:
-            syscalls.punch_hole(self.shadow, offset, length)
-        self.emap.punch(offset, length)
         self.touch()
 
     # -- bounding the extent map ----------------------------------------------

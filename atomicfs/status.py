@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .extents import Kind
 from .inodes import open_fd_count
 
 if TYPE_CHECKING:
@@ -37,43 +36,12 @@ class DaemonInfo:
         return time.monotonic() - self.started_mono
 
 
-def percentiles(samples: list[float]) -> dict[str, float]:
-    if not samples:
-        return {}
-    ordered = sorted(samples)
-
-    def pick(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
-
-    return {"p50_ms": pick(0.5), "p90_ms": pick(0.9), "p99_ms": pick(0.99),
-            "max_ms": round(ordered[-1] * 1000, 3), "samples": len(ordered)}
-
-
 def snapshot(ops: AtomicOperations) -> dict[str, Any]:
-    now = time.monotonic()
-    sessions = []
-    appends = ops.files.appends
-    for session in ops.files.sessions.values():
-        inode = session.inode
-        where = ops.committer.describe(inode)
-        state = appends.states.get(session)
-        sessions.append({
-            "inode": inode.ino,
-            "path": where,
-            "size": session.size,
-            "buffered_bytes": session.emap.count(Kind.SHADOW),
-            "extents": len(session.emap),
-            "age_s": round(now - session.created_at, 3),
-            "writers": session.writers,
-            "new_file": session.pending,
-            "dirty": session.dirty,
-            "spilled_bytes": session.spilled,
-            # docs/semantics.md §10: a log is checkpointed; any other session is not
-            "append": state is not None and state.log,
-            "checkpoints": state.checkpoints if state is not None else 0,
-        })
-    stats = ops.committer.stats
+    """The status document, composed of each component's own ``stats()``."""
     info = ops.info
+    files = ops.files.stats()
+    table = ops.table.stats()
+    commits = ops.committer.stats()
     return {
         "version": __version__,
         "pid": os.getpid(),
@@ -82,51 +50,27 @@ def snapshot(ops: AtomicOperations) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(info.started)),
         "uptime_s": round(info.uptime(), 3),
         "options": ops.options_summary,
-        "sessions": sorted(sessions, key=lambda s: s["inode"]),
+        "sessions": files["sessions"],
         # multi-file transactions (docs/semantics.md §14): open ones, and counts
         "transactions": ops.tx.status(),
         "transactions_done": dict(ops.tx.counts),
-        "open_handles": len(ops.files.handles),
-        "inodes": len(ops.table),
-        "commits": dict(stats.commits),
-        "commits_in_flight": ops.committer.in_flight,
-        "checkpoints": {"made": appends.checkpoints, "bytes": appends.bytes,
-                        "failed": appends.failures},
-        "staged": len(ops.committer.staged),
-        "bytes_committed": stats.bytes_committed,
-        "failures": dict(stats.failures),
+        "open_handles": files["open_handles"],
+        "inodes": table.pop("inodes"),
+        "commits": commits["commits"],
+        "commits_in_flight": commits["commits_in_flight"],
+        "checkpoints": ops.files.appends.stats(),
+        "staged": ops.batch.stats()["staged"],
+        "bytes_committed": commits["bytes_committed"],
+        "failures": commits["failures"],
         "recoveries": list(ops.recovered),
-        "commit_latency": percentiles(list(stats.latencies)),
-        "reflink": ops.committer.reflink_ok,
-        "journal": ops.committer.journal_ok,
-        "reads": dict(ops.committer.reads),
-        "descriptors": descriptors(ops),
-        "not_durable": stats.not_durable,
-        "housekeeping": {
-            "shadows_ready": len(ops.housekeeper.ready),
-            "shadows_made": ops.housekeeper.made,
-            "shadow_pool_misses": ops.housekeeper.misses,
-            "journal_records_unsettled": ops.housekeeper.unsettled,
-        },
-    }
-
-
-def descriptors(ops: AtomicOperations) -> dict[str, Any]:
-    """What the daemon holds against its descriptor budget (docs/semantics.md §11)."""
-    table = ops.table
-    return {
-        "held": open_fd_count(),
-        "limit": table.budget.limit,
-        "cache_budget": table.budget.cache,
-        "reserve": table.budget.reserve,
-        "reserve_held": table.reserved,
-        "cached_inodes": table.cached,
-        "inode_mode": table.mode,
-        "exhausted": table.fd_stats.exhausted,
-        "reopened": table.fd_stats.reopened,
-        "evicted": table.fd_stats.evicted,
-        "stale": table.fd_stats.stale,
-        "reserve_used": table.fd_stats.reserve_used,
+        "commit_latency": commits["commit_latency"],
+        "reflink": commits["reflink"],
+        "journal": commits["journal"],
+        "reads": ops.reads.stats(),
+        # what the daemon holds against its descriptor budget (docs/semantics.md §11)
+        "descriptors": {"held": open_fd_count(), **table},
+        "not_durable": commits["not_durable"],
+        "housekeeping": ops.housekeeper.stats(),
     }
 
 

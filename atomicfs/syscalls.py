@@ -16,7 +16,6 @@ import ctypes.util
 import errno
 import fcntl
 import os
-import struct
 import time
 from collections.abc import Callable
 
@@ -37,7 +36,6 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
 FICLONE = 0x40049409
-FICLONERANGE = 0x4020940D
 
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -202,12 +200,6 @@ def syncfs(fd: int) -> None:
 def clone_file(dst_fd: int, src_fd: int) -> None:
     """Reflink the whole of ``src_fd`` into ``dst_fd`` (FICLONE)."""
     fcntl.ioctl(dst_fd, FICLONE, src_fd)
-
-
-def clone_range(dst_fd: int, src_fd: int, offset: int, length: int) -> None:
-    """Reflink ``[offset, offset+length)`` of ``src_fd`` to the same offset of ``dst_fd``."""
-    arg = struct.pack("qQQQ", src_fd, offset, length, offset)
-    fcntl.ioctl(dst_fd, FICLONERANGE, arg)
 
 
 def pread_cached(fd: int, size: int, offset: int) -> bytes | None:

@@ -51,10 +51,13 @@ from .namespace import check_name, is_reserved
 from .sessions import Session
 
 if TYPE_CHECKING:
+    from .batch import Batch
     from .commit import Committer
-    from .files import Files
+    from .files import OpenFiles
+    from .housekeeping import Housekeeper
     from .inodes import InodeTable
     from .namespace import Namespace
+    from .shadows import Shadows
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +196,16 @@ class TxFailed(Exception):
 
 # -- the daemon's side ------------------------------------------------------------------
 class Transactions:
-    def __init__(self, table: InodeTable, namespace: Namespace, files: Files,
-                 committer: Committer, daemon_dir: int) -> None:
+    def __init__(self, table: InodeTable, namespace: Namespace, files: OpenFiles,
+                 committer: Committer, batch: Batch, shadows: Shadows,
+                 housekeeper: Housekeeper, daemon_dir: int) -> None:
         self.table = table
         self.namespace = namespace
         self.files = files
         self.committer = committer
+        self.batch = batch
+        self.shadows = shadows
+        self.housekeeper = housekeeper
         self.daemon_dir = daemon_dir
         self.membership = Membership()
         self.open: dict[int, Transaction] = {}  # root pid -> transaction
@@ -374,14 +381,13 @@ class Transactions:
         for key in [k for k, v in tx.entries.items() if v is inode]:
             del tx.entries[key]
             inode.names.discard(key)
-            self.committer.housekeeper.forget_entry(*key)
+            self.housekeeper.forget_entry(*key)
 
     def _forget(self, ino: int) -> None:
         inode = self.table.by_ino.get(ino)
         if inode is not None:
             inode.gone = True
-            inode.holders -= 1
-            self.table.maybe_drop(inode)
+            self.table.release(inode)
 
     def _release_session(self, tx: Transaction, ino: int, session: Session,
                          drop: bool) -> None:
@@ -391,13 +397,13 @@ class Transactions:
         if drop and session.writers:
             # a process of the transaction still writes it: nothing it writes is
             # committed (close() and fsync() return ECANCELED)
-            session.abandoned = session.abandoned or 9
-            session.failed = errno.ECANCELED
+            session.killed_by = session.killed_by or 9
+            session.write_errno = errno.ECANCELED
             if not session.pending:  # the cached pages hold none of its writes
                 self.files.stale_cache.add(ino)
-        session.inode.holders -= 1  # the transaction's hold
         if session.writers == 0:
             self.files.end_session(session)
+        self.table.release(session.inode)  # the transaction's hold
 
     def _retire(self, tx: Transaction) -> None:
         try:
@@ -412,7 +418,7 @@ class Transactions:
         session.tx = tx
         self.files.appends.forget(session)  # no checkpoints: not a log (§10) inside
         tx.sessions[session.inode.ino] = session
-        session.inode.holders += 1
+        self.table.hold(session.inode)
         if not session.pending:
             # attributes the kernel cached (with their timeout) go now: from here every
             # reply about the file has timeout 0, so each process asks and gets its own
@@ -426,7 +432,7 @@ class Transactions:
             # it takes the place of a committed name, which the kernel may have cached
             # for an outsider: forget it, so everyone's next lookup asks again (a new
             # name needs nothing: a lookup that failed is not cached)
-            self.committer.housekeeper.forget_entry(parent.ino, name)
+            self.housekeeper.forget_entry(parent.ino, name)
 
     def creatable(self, tx: Transaction, parent: Inode, name: bytes) -> None:
         check_name(name)
@@ -468,8 +474,8 @@ class Transactions:
             raise
         inode = self.table.learn(parent.ino, name, fd, st)
         inode.names.discard((parent.ino, name))
-        inode.lookups += 1
-        inode.holders += 1  # the transaction's hold, until it ends
+        self.table.remember(inode)
+        self.table.hold(inode)  # the transaction's, until it ends
         tx.staged[inode.ino] = token
         if kind == "dir":
             self._hold_private(tx, inode)
@@ -491,8 +497,7 @@ class Transactions:
         token = tx.staged.pop(inode.ino, None)
         if token is not None:  # a symlink or fifo made by the transaction
             os.unlink(token, dir_fd=tx.staging_fd)
-            inode.holders -= 1
-            self.table.maybe_drop(inode)
+            self.table.release(inode)
         return True
 
     def _whiteout(self, tx: Transaction, parent: Inode, name: bytes) -> None:
@@ -510,9 +515,9 @@ class Transactions:
         if stat.S_ISDIR(st.st_mode):
             raise OSError(errno.EISDIR, "is a directory")
         tx.whiteouts[(parent.ino, name)] = (parent, st.st_dev, st.st_ino)
-        parent.holders += 1  # its inode number must not change while it is recorded
+        self.table.hold(parent)  # its inode number must not change while it is recorded
         # outsiders' cached name: asked again from now on (replies carry timeout 0)
-        self.committer.housekeeper.forget_entry(parent.ino, name)
+        self.housekeeper.forget_entry(parent.ino, name)
 
     def rmdir(self, tx: Transaction, parent: Inode, name: bytes) -> None:
         """rmdir by a member: of one of its entries, or inside a directory it made."""
@@ -539,8 +544,7 @@ class Transactions:
         inode.names.discard((parent.ino, name))
         del tx.staged[inode.ino]
         self._release_private(tx, inode.ino)
-        inode.holders -= 1
-        self.table.maybe_drop(inode)
+        self.table.release(inode)
 
     def rename(self, tx: Transaction, old_parent: Inode, old: bytes, new_parent: Inode,
                new: bytes, flags: int) -> bool:
@@ -567,14 +571,16 @@ class Transactions:
             if st is None:
                 raise OSError(errno.ENOENT, "no such file")
             moving = self.table.find(st)
-            if moving is None:
+            counted = moving is None
+            if moving is None:  # (counted as a kernel lookup: not one, undone below)
                 moving, st = self.namespace.entry(old_parent, old)
-                moving.lookups -= 1
             token = tx.token("d" if stat.S_ISDIR(st.st_mode) else "s")
             self._check_target(tx, moving, new_parent, new, target, flags)
             os.rename(old, token, src_dir_fd=old_parent.fd, dst_dir_fd=tx.staging_fd)
             moving.names.discard((old_parent.ino, old))
-            moving.holders += 1
+            self.table.hold(moving)
+            if counted:
+                self.table.forget(moving.ino, 1)
             tx.staged[moving.ino] = token
             if stat.S_ISDIR(st.st_mode):
                 self._hold_private(tx, moving)
@@ -617,26 +623,23 @@ class Transactions:
         if token is not None:
             txrecord.remove_tree(tx.staging_fd, token)
             self._release_private(tx, target.ino)
-            target.holders -= 1
-            self.table.maybe_drop(target)
+            self.table.release(target)
 
     def _release_whiteouts(self, tx: Transaction) -> None:
         for (parent_ino, name), (parent, _dev, _ino) in list(tx.whiteouts.items()):
             del tx.whiteouts[(parent_ino, name)]
-            parent.holders -= 1
-            self.table.maybe_drop(parent)
-            self.committer.housekeeper.forget_entry(parent_ino, name)
+            self.table.release(parent)
+            self.housekeeper.forget_entry(parent_ino, name)
 
     def _hold_private(self, tx: Transaction, inode: Inode) -> None:
         if inode.ino not in tx.private:
             tx.private[inode.ino] = inode
-            inode.holders += 1
+            self.table.hold(inode)
 
     def _release_private(self, tx: Transaction, ino: int) -> None:
         inode = tx.private.pop(ino, None)
         if inode is not None:
-            inode.holders -= 1
-            self.table.maybe_drop(inode)
+            self.table.release(inode)
 
     def _release_all_private(self, tx: Transaction) -> None:
         for ino in list(tx.private):
@@ -657,7 +660,7 @@ class Transactions:
         started = time.monotonic()
         built: list[tuple[Session, int]] = []  # new versions of committed files
         try:
-            await self.committer.persist()  # batch: SOURCE holds every staged commit first
+            await self.batch.persist()  # batch: SOURCE holds every staged commit first
             for session in list(tx.sessions.values()):
                 self._check_session(tx, session)
             for session in list(tx.sessions.values()):
@@ -689,31 +692,31 @@ class Transactions:
     def _removed(self, tx: Transaction, session: Session) -> bool:
         """Did the transaction remove the rewritten file's name (its content goes)?"""
         try:
-            parent, name = self.committer.find_name(session.inode, session.inode.key)
+            parent, name = self.shadows.find_name(session.inode, session.inode.key)
         except OSError:
             return True
         return (parent.ino, name) in tx.whiteouts
 
     def _check_session(self, tx: Transaction, session: Session) -> None:
         where = self.committer.describe(session.inode)
-        if session.failed and session.dirty:
-            raise TxFailed(f"a write to {where} failed ({os.strerror(session.failed)})")
-        if session.abandoned:
+        if session.write_errno and session.dirty:
+            raise TxFailed(f"a write to {where} failed ({os.strerror(session.write_errno)})")
+        if session.killed_by:
             raise TxFailed(f"a process writing {where} was killed (signal "
-                           f"{session.abandoned})")
+                           f"{session.killed_by})")
 
     async def _build(self, session: Session) -> int:
         """The new version of a committed file, complete, in an unnamed file."""
         inode = session.inode
         committed = os.stat(inode.fd)
-        if self.committer.source_links(inode) > 1:
+        if self.batch.source_links(inode) > 1:
             raise TxFailed(f"{self.committer.describe(inode)} is hard-linked (not supported "
                            "in a transaction yet)")
         plan = list(session.emap.extents())
         size = session.size
         mtime = session.mtime_ns if session.mtime_ns is not None else committed.st_mtime_ns
         shadow = session.shadow if session.shadow is not None else \
-            self.committer.make_shadow(inode)
+            self.shadows.make(inode)
         data_fd = os.dup(self.table.data(inode))
 
         def build() -> None:
@@ -754,7 +757,7 @@ class Transactions:
             if token is not None:
                 os.rename(token, name, src_dir_fd=tx.staging_fd, dst_dir_fd=parent.fd)
                 del tx.staged[inode.ino]
-                inode.holders -= 1
+                self.table.release(inode)
             else:
                 session = tx.sessions[inode.ino]
                 self._finish_new(session)
@@ -833,7 +836,7 @@ class Transactions:
             # content of committed files: their new versions under a token
             for session, fd in built:
                 inode = session.inode
-                parent, name = self.committer.find_name(inode, inode.key)
+                parent, name = self.shadows.find_name(inode, inode.key)
                 token = tx.token("f")
                 syscalls.link_fd(fd, sfd, token.encode())
                 op = txrecord.Put(token, self._path(parent), name)
@@ -881,19 +884,18 @@ class Transactions:
             # a process's cached pages of the old version go at its next read: it asks
             # for the attributes (new mtime and size) first, and the kernel drops them
             _invalidate_attrs(inode.ino)
-            self.committer.housekeeper.invalidate(inode.ino)
+            self.housekeeper.invalidate(inode.ino)
         for session in tx.sessions.values():
             if session.pending and session.inode.names:  # new files, all in place now
                 self._committed(session)
         for parent_ino, name in tx.entries:  # new names in committed directories
             # an outsider may have made the same name meanwhile (no conflict detection
             # yet) and the kernel cached it: forget it
-            self.committer.housekeeper.forget_entry(parent_ino, name)
+            self.housekeeper.forget_entry(parent_ino, name)
         for ino in list(tx.staged):
             node = self.table.by_ino.get(ino)
             if node is not None:
-                node.holders -= 1
-                self.table.maybe_drop(node)
+                self.table.release(node)
         for (_pino, name), (parent, dev, ino) in tx.whiteouts.items():
             node = self.table.by_key.get((dev, ino))
             if node is not None:

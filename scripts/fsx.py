@@ -406,13 +406,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     else:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from torture import Daemon  # the same mount helper
+        from torture import start_daemon  # the torture's mount (atomicfs/harness.py)
 
         made = args.workdir is None
         work = Path(args.workdir or tempfile.mkdtemp(prefix="atomicfs-fsx-")).resolve()
         (work / "src").mkdir(parents=True, exist_ok=True)
         (work / "mnt").mkdir(exist_ok=True)
-        daemon = Daemon(work / "src", work / "mnt", work / "daemon.log", options)
+        daemon = start_daemon(work / "src", work / "mnt", work / "daemon.log", options)
         fsx = Fsx(work / "mnt", work / "src", seed, args.ops, args.maxlen, args.maxop,
                   isolation=isolation, durability=durability, link=args.link)
         try:

@@ -17,7 +17,7 @@ program's own tmp + fsync + rename (``T*`` renamed over the target); renames
 (``B0``: the journal path, the reflink path on XFS) and an appender (``L0``,
 opened once with O_APPEND and held open, fsync'ed now and then).  Every
 version is self-checking: the content names its file id and version and
-carries checksums (the formats of scripts/torture.py).
+carries checksums (the formats of scripts/torture_workloads.py).
 
 Each worker writes a side log on /tmp (outside the image; written after the
 call returned): ``s`` with the operation before it starts, ``a`` once it is
@@ -67,8 +67,16 @@ for _p in (ROOT, ROOT / "tests", ROOT / "scripts"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-import torture  # noqa: E402
-from torture import HP, HW, Torn, make_l_record, make_p_header, make_p_record, make_w  # noqa: E402
+import torture_workloads as torture  # noqa: E402 - the torture's file formats
+from torture_workloads import (  # noqa: E402
+    HP,
+    HW,
+    Torn,
+    make_l_record,
+    make_p_header,
+    make_p_record,
+    make_w,
+)
 
 PYTHON = sys.executable
 XATTR = "user.pc"

@@ -16,10 +16,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,9 @@ from pathlib import Path
 import pytest
 import scratchfs
 
-from atomicfs.mounttable import mount_table, top_fstype
+from atomicfs.harness import Daemon
+from atomicfs.harness import mounted_fstype as mounted_fstype  # for the tests
+from atomicfs.mounttable import mount_table
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -57,75 +57,17 @@ def run_cli(args: Sequence[str], cwd: Path | None = None, prefix: Sequence[str] 
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def mounted_fstype(path: Path | str) -> str | None:
-    """fstype of the topmost mount exactly at ``path`` (reads mountinfo, never stats it)."""
-    return top_fstype(os.path.realpath(path))
-
-
 def atomicfs_mounts() -> list[str]:
     return [point for point, fstype in mount_table() if fstype == "fuse.atomicfs"]
 
 
 @dataclass
-class Mount:
-    source: Path
-    mountpoint: Path
-    options: Sequence[str]
-    log_path: Path
-    env: dict[str, str] | None = None
-    prefix: Sequence[str] = ()  # runs the daemon under this command (e.g. setpriv ...)
-    proc: subprocess.Popen[bytes] | None = None
+class Mount(Daemon):
+    """A daemon of the test suite (atomicfs/harness.py): this checkout's code, and the
+    daemon log checked at the end of the test."""
+
+    code: Path | None = ROOT
     allowed: list[re.Pattern[str]] = field(default_factory=list)
-    _log_offset: int = 0
-
-    # -- lifecycle ---------------------------------------------------------
-    def start(self, timeout: float = 20.0) -> None:
-        cmd = [*self.prefix, PYTHON, "-m", "atomicfs", "mount", "-f", str(self.source),
-               str(self.mountpoint)]
-        if self.options:
-            cmd += ["-o", ",".join(self.options)]
-        env = cli_env(**(self.env or {}))
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     stdin=subprocess.DEVNULL)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while mounted_fstype(self.mountpoint) != "fuse.atomicfs":
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"atomicfs exited with {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mount did not appear in {timeout}s:\n{self.log()}")
-            time.sleep(0.02)
-        os.stat(self.mountpoint)  # the first request: INIT has been answered
-
-    def unmount(self, timeout: float = 30.0) -> None:
-        """Clean unmount; waits for the daemon to exit. Raises if it does not go."""
-        deadline = time.monotonic() + timeout
-        while mounted_fstype(self.mountpoint) == "fuse.atomicfs":
-            res = subprocess.run(["fusermount3", "-u", str(self.mountpoint)],
-                                 capture_output=True, text=True)
-            if res.returncode == 0:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"unmount failed: {res.stderr.strip()}")
-            time.sleep(0.1)
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            finally:
-                if self.proc.poll() is None:
-                    self.proc.kill()
-                    self.proc.wait()
-            self.proc = None
-
-    def kill(self) -> None:
-        """kill -9 the daemon (a crash) and lazily detach the dead mount."""
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-            self.proc = None
-        if mounted_fstype(self.mountpoint) is not None:
-            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
 
     def force_cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -134,18 +76,9 @@ class Mount:
                 return
             except Exception:
                 pass
-            self.kill()
-        while mounted_fstype(self.mountpoint) == "fuse.atomicfs":
-            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
-            time.sleep(0.05)
+        self.kill()
 
     # -- the daemon's log ----------------------------------------------------
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def expect_log(self, pattern: str) -> None:
         """Declare that the daemon may log lines matching ``pattern`` (not a failure)."""
         self.allowed.append(re.compile(pattern))

@@ -365,7 +365,7 @@ def test_table_keeps_its_cache_bounded_and_reopens_only_the_same_file(
             with table.scope():
                 fd, st = open_path(table.root.fd, b"f%d" % i, table)
                 inode = table.learn(table.root.ino, b"f%d" % i, fd, st)
-                inode.lookups += 1
+                table.remember(inode)
                 inodes.append(inode)
             assert table.cached <= 5
         table.check()
@@ -378,10 +378,10 @@ def test_table_keeps_its_cache_bounded_and_reopens_only_the_same_file(
         with table.scope():
             for inode in inodes[:10]:
                 inode.fd  # noqa: B018
-                inode.holders += 1
+                table.hold(inode)
         assert all(inode._fd is not None for inode in inodes[:10])
         for inode in inodes[:10]:
-            inode.holders -= 1
+            table.release(inode)
         with table.scope():
             table.trim()
         # replaced behind the table's back: ESTALE, never the other file

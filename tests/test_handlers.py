@@ -195,7 +195,7 @@ def test_unlink_during_a_session_drops_its_data_without_a_failure(harness: Harne
         await harness.close(fh)
         assert harness.on_disk("gone") is None
         assert os.listdir(harness.source) == [".atomicfs"]
-        assert not harness.ops.committer.stats.failures
+        assert not harness.ops.committer.counters.failures
 
     harness.run(body)
 
@@ -223,13 +223,13 @@ def test_batch_stages_a_commit_and_the_group_persist_publishes_it(harness: Harne
         fh = (await harness.open(ino, os.O_WRONLY | os.O_TRUNC)).fh
         await harness.write(fh, b"staged")
         await harness.close(fh)
-        assert ino in harness.ops.committer.staged
+        assert ino in harness.ops.batch.staged
         assert harness.on_disk("f") == b"old"  # visible through the mount only
         r = (await harness.open(ino, os.O_RDONLY)).fh
         assert await harness.read(r) == b"staged"
         await harness.close(r)
-        await harness.ops.committer.persist()
-        assert not harness.ops.committer.staged
+        await harness.ops.batch.persist()
+        assert not harness.ops.batch.staged
         assert harness.on_disk("f") == b"staged"
 
     harness.run(body)
@@ -241,7 +241,7 @@ def test_batch_fsync_publishes_before_it_returns(harness: Harness) -> None:
         fh, ino = await harness.create("durable")
         await harness.write(fh, b"fsync'ed")
         await harness.ops.fsync(fh, False)
-        assert ino not in harness.ops.committer.staged
+        assert ino not in harness.ops.batch.staged
         assert harness.on_disk("durable") == b"fsync'ed"
         await harness.close(fh)
 
@@ -273,13 +273,13 @@ def test_batch_journalled_commit_comes_after_what_was_staged_before(harness: Har
         fh = (await harness.open(earlier, os.O_WRONLY | os.O_TRUNC)).fh
         await harness.write(fh, b"acknowledged first\n")
         await harness.close(fh)
-        assert earlier in harness.ops.committer.staged  # visible, not yet in SOURCE
+        assert earlier in harness.ops.batch.staged  # visible, not yet in SOURCE
         linked = await harness.lookup("linked")
         fh = (await harness.open(linked, os.O_WRONLY | os.O_TRUNC)).fh
         await harness.write(fh, b"in place, second\n")
         await harness.close(fh)
         assert harness.on_disk("linked") == b"in place, second\n"
         assert harness.on_disk("earlier") == b"acknowledged first\n"
-        assert not harness.ops.committer.staged
+        assert not harness.ops.batch.staged
 
     harness.run(body)

@@ -1,4 +1,4 @@
-"""Operations (issue 7): launcher, mount -t / fstab, systemd units and the notify
+"""The daemon's lifecycle: launcher, mount -t / fstab, systemd units and the notify
 handshake, status, logging, signals and shutdown, unmount, unprivileged mounts.
 
 Every mount made here is a real FUSE mount; each test unmounts what it made,

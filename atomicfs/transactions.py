@@ -165,8 +165,10 @@ class Transaction:
     staged: dict[int, str] = field(default_factory=dict)  # ino -> token (dir/symlink/fifo)
     # directories it made (held: their FUSE inode numbers must not change while open)
     private: dict[int, Inode] = field(default_factory=dict)
-    # committed names it removed: (parent ino, name) -> (parent, held; dev, ino removed)
-    whiteouts: dict[tuple[int, bytes], tuple[Inode, int, int]] = field(default_factory=dict)
+    # committed names it removed: (parent ino, name) -> (parent, held; the file removed:
+    # dev, ino, file handle)
+    whiteouts: dict[tuple[int, bytes], tuple[Inode, int, int, str]] = field(
+        default_factory=dict)
     result: dict[str, Any] | None = None
     runner_fd: int | None = None  # pidfd of the runner: it dying aborts
     tokens: int = 0
@@ -509,12 +511,17 @@ class Transactions:
         if self.namespace.pending_at(parent, name) is not None:
             raise OSError(errno.EBUSY, "a new file is being written there outside the "
                           "transaction")
-        st = stat_at(parent.fd, name)
-        if st is None:
-            raise OSError(errno.ENOENT, "no such file")
-        if stat.S_ISDIR(st.st_mode):
-            raise OSError(errno.EISDIR, "is a directory")
-        tx.whiteouts[(parent.ino, name)] = (parent, st.st_dev, st.st_ino)
+        try:
+            fd, st = open_path(parent.fd, name, self.table)
+        except FileNotFoundError:
+            raise OSError(errno.ENOENT, "no such file") from None
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                raise OSError(errno.EISDIR, "is a directory")
+            handle = txrecord.identity(fd)
+        finally:
+            os.close(fd)
+        tx.whiteouts[(parent.ino, name)] = (parent, st.st_dev, st.st_ino, handle)
         self.table.hold(parent)  # its inode number must not change while it is recorded
         # outsiders' cached name: asked again from now on (replies carry timeout 0)
         self.housekeeper.forget_entry(parent.ino, name)
@@ -626,7 +633,7 @@ class Transactions:
             self.table.release(target)
 
     def _release_whiteouts(self, tx: Transaction) -> None:
-        for (parent_ino, name), (parent, _dev, _ino) in list(tx.whiteouts.items()):
+        for (parent_ino, name), (parent, _dev, _ino, _fid) in list(tx.whiteouts.items()):
             del tx.whiteouts[(parent_ino, name)]
             self.table.release(parent)
             self.housekeeper.forget_entry(parent_ino, name)
@@ -829,8 +836,8 @@ class Transactions:
         sfd = tx.staging_fd
         try:
             # committed names removed (before the new names: one may take the place)
-            for (_pino, name), (parent, dev, ino) in tx.whiteouts.items():
-                gone = txrecord.Unlink(self._path(parent), name, dev, ino)
+            for (_pino, name), (parent, dev, ino, fid) in tx.whiteouts.items():
+                gone = txrecord.Unlink(self._path(parent), name, dev, ino, fid)
                 ops.append(gone)
                 steps.append((gone, parent, parent))
             # content of committed files: their new versions under a token
@@ -896,7 +903,7 @@ class Transactions:
             node = self.table.by_ino.get(ino)
             if node is not None:
                 self.table.release(node)
-        for (_pino, name), (parent, dev, ino) in tx.whiteouts.items():
+        for (_pino, name), (parent, dev, ino, _fid) in tx.whiteouts.items():
             node = self.table.by_key.get((dev, ino))
             if node is not None:
                 node.names.discard((parent.ino, name))

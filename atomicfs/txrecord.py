@@ -13,8 +13,11 @@ apply (or after it) ends in the same tree:
   replacing what is there.  Done once the token is gone from the staging
   directory.
 
-- ``unlink PARENT NAME DEV INO``: remove ``PARENT/NAME`` if it still is the
-  file (DEV, INO) the transaction removed.  Done once it is not.
+- ``unlink PARENT NAME DEV INO HANDLE``: remove ``PARENT/NAME`` if it still is
+  the file the transaction removed: (DEV, INO), and its file handle
+  (``name_to_handle_at``: it holds the inode's generation, so a new file that
+  got the freed inode number is not taken for it) where the filesystem has
+  handles.  Done once it is not.
 
 ``PARENT`` is a list of names from SOURCE's root; every step is opened with
 ``O_NOFOLLOW``, so a replay never follows a symlink out of SOURCE.
@@ -35,7 +38,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from . import faults
+from . import faults, journal
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,16 @@ class Unlink:
     name: bytes
     dev: int
     ino: int
+    handle: str = ""  # handle_type:hex of its file handle; "" where there are none
+
+
+def identity(path_fd: int) -> str:
+    """The file handle of the file behind an O_PATH fd, as text ("" if none)."""
+    try:
+        fid = journal.file_id(path_fd)
+    except OSError:
+        return ""
+    return f"{fid.handle_type}:{fid.handle.hex()}"
 
 
 Op = Put | Unlink
@@ -70,7 +83,7 @@ def encode(ops: list[Op]) -> bytes:
         if isinstance(op, Put):
             item.update(op="put", token=op.token)
         else:
-            item.update(op="unlink", dev=op.dev, ino=op.ino)
+            item.update(op="unlink", dev=op.dev, ino=op.ino, handle=op.handle)
         lines.append(json.dumps(item, sort_keys=True))
     body = ("\n".join(lines) + "\n").encode()
     return body + b"end " + hashlib.sha256(body).hexdigest().encode() + b"\n"
@@ -94,7 +107,8 @@ def decode(data: bytes) -> list[Op] | None:
         if item.get("op") == "put" and "/" not in item["token"]:
             ops.append(Put(item["token"], parent, name))
         elif item.get("op") == "unlink":
-            ops.append(Unlink(parent, name, int(item["dev"]), int(item["ino"])))
+            ops.append(Unlink(parent, name, int(item["dev"]), int(item["ino"]),
+                              str(item.get("handle", ""))))
         else:
             return None
     return ops
@@ -157,10 +171,16 @@ def apply_op(staging_fd: int, op: Op, parent_fd: int) -> bool:
     """Do one operation (if not done yet); returns whether it changed anything."""
     if isinstance(op, Unlink):
         try:
-            st = os.stat(op.name, dir_fd=parent_fd, follow_symlinks=False)
+            fd = os.open(op.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
         except FileNotFoundError:
             return False
-        if (st.st_dev, st.st_ino) != (op.dev, op.ino) or stat.S_ISDIR(st.st_mode):
+        try:
+            st = os.stat(fd)
+            same = ((st.st_dev, st.st_ino) == (op.dev, op.ino) and not stat.S_ISDIR(st.st_mode)
+                    and (not op.handle or identity(fd) == op.handle))
+        finally:
+            os.close(fd)
+        if not same:
             return False  # done before (and the name made again since)
         os.unlink(op.name, dir_fd=parent_fd)
         return True

@@ -573,7 +573,7 @@ def test_run_without_a_mount_or_command_is_refused(tmp_path: Path) -> None:
 
 # -- pure logic, no FUSE ----------------------------------------------------------------------
 def test_record_round_trip_and_torn_records() -> None:
-    ops = [txrecord.Unlink((b"a",), b"old", 2049, 1234),
+    ops = [txrecord.Unlink((b"a",), b"old", 2049, 1234, "1:00ff"),
            txrecord.Put("f1", (b"a", b"\xffb"), b"name"), txrecord.Put("d2", (), b"top")]
     data = txrecord.encode(ops)
     assert txrecord.decode(data) == ops
@@ -599,13 +599,19 @@ def test_replay_is_idempotent_and_discards_incomplete(tmp_path: Path) -> None:
     dfd = os.open(root / ".atomicfs", os.O_PATH)
     try:
         sfd = os.open(root / ".atomicfs" / "tx-1", os.O_PATH)
-        gone = os.stat(root / "dir" / "gone")
-        kept = os.stat(root / "dir" / "kept")
-        txrecord.write(sfd, [txrecord.Unlink((b"dir",), b"gone", gone.st_dev, gone.st_ino),
-                             txrecord.Unlink((b"dir",), b"kept", kept.st_dev, kept.st_ino),
+        ids = {}
+        for name in ("gone", "kept"):
+            fd = os.open(root / "dir" / name, os.O_PATH)
+            st = os.stat(fd)
+            ids[name] = (st.st_dev, st.st_ino, txrecord.identity(fd))
+            os.close(fd)
+        assert ids["kept"][2], "no file handles here: the test needs them"
+        txrecord.write(sfd, [txrecord.Unlink((b"dir",), b"gone", *ids["gone"]),
+                             txrecord.Unlink((b"dir",), b"kept", *ids["kept"]),
                              txrecord.Put("f1", (b"dir",), b"f"),
                              txrecord.Put("f2", (), b"g")])
-        # "kept" was removed by the apply and made again by someone else since
+        # "kept" was removed by the apply and made again by someone else since (ext4
+        # may give the new file the freed inode number: the handle tells them apart)
         os.unlink(root / "dir" / "kept")
         (root / "dir" / "kept").write_text("made again")
         # the first change was applied before the crash

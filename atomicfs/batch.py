@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import trio
 
 from . import faults, syscalls
+from .dirsync import DirSyncs
 from .inodes import Inode, InodeTable, Key
 from .publish import CommitStats, Publisher, failure_text, fsync_all, sync_dirs
 
@@ -53,9 +54,10 @@ class Batch:
     """Staged versions and their group persist (``enabled``: durability=batch)."""
 
     def __init__(self, table: InodeTable, publisher: Publisher, stats: CommitStats,
-                 lost: Callable[[Inode, OSError, str], None],
+                 lost: Callable[[Inode, OSError, str], None], dirsyncs: DirSyncs,
                  durability: str = "full") -> None:
         self.table = table
+        self.dirsyncs = dirsyncs  # the directories' fsyncs are recorded there
         self.publisher = publisher
         self.counters = stats
         self.enabled = durability == "batch"
@@ -137,7 +139,7 @@ class Batch:
                     self._changed_dirs[d.ino] = d
             self.wakeup.set()
             return
-        await sync_dirs(dirs)
+        await sync_dirs(dirs, record=self.dirsyncs)
 
     async def after_metadata_change(self, inode: Inode) -> None:
         """Call after a change of a committed file's mode, owner, times or xattrs,
@@ -161,7 +163,7 @@ class Batch:
             return
         parent = self.table.by_ino.get(min(inode.names)[0]) if inode.names else None
         await sync_dirs([parent if parent is not None else self.table.root],
-                        "metadata.before_fsync")
+                        "metadata.before_fsync", self.dirsyncs)
 
     def must_persist_before_staging(self, inode: Inode) -> bool:
         """Would staging a new version of ``inode`` break the acknowledged order?
@@ -250,7 +252,7 @@ class Batch:
             try:
                 # with the directories of namespace operations made since the last group
                 await sync_dirs(list({**parents, **changed}.values()),
-                                "persist.before_dir_fsync")
+                                "persist.before_dir_fsync", self.dirsyncs)
                 faults.point("commit.after_dir_fsync")
             except OSError as exc:  # published and visible, maybe not durable
                 self.counters.failed(exc)

@@ -56,6 +56,7 @@ import trio
 
 from . import faults, journal, metadata, syscalls
 from .batch import Batch
+from .dirsync import DirSyncs
 from .extents import Kind
 from .housekeeping import Housekeeper
 from .inodes import Inode, InodeTable
@@ -96,8 +97,9 @@ class Committer:
 
     def __init__(self, table: InodeTable, daemon_dir: int, publisher: Publisher,
                  shadows: Shadows, batch: Batch, reads: Reads, housekeeper: Housekeeper,
-                 stats: CommitStats, strategy: str = "auto") -> None:
+                 stats: CommitStats, dirsyncs: DirSyncs, strategy: str = "auto") -> None:
         self.table = table
+        self.dirsyncs = dirsyncs  # a commit's directory fsync is recorded there
         self.daemon_dir = daemon_dir
         self.publisher = publisher
         self.shadows = shadows
@@ -372,8 +374,12 @@ class Committer:
         Raises :class:`NotDurable` (EIO) if that could not be made sure of: the
         commit stands, but the call must not report it durable (docs/semantics.md §11)."""
         if dir_fd is not None:
+            # read in the event loop after the publish, before the fsync starts
+            snap = self.dirsyncs.snapshot(dir_fd)
             with trio.CancelScope(shield=True):
                 durable = await trio.to_thread.run_sync(self._sync_dirs, [dir_fd], [inode])
+            if durable:
+                self.dirsyncs.synced([snap])
             if not durable:
                 raise NotDurable(f"the commit of {self.describe(inode)} is done but not "
                                  "known durable")

@@ -4,7 +4,8 @@ Each component is handed its collaborators in its constructor; nothing is
 wired afterwards.  The order (each needs only what is above it):
 
 1. ``SOURCE/.atomicfs`` opened, recovery run (the first change made to SOURCE);
-2. :class:`Housekeeper` (work off the request path);
+2. :class:`Housekeeper` (work off the request path), :class:`DirSyncs` (the
+   directory fsyncs made, so a directory fsync with nothing new returns at once);
 3. :class:`InodeTable`, closing replaced files' descriptors through the
    housekeeper;
 4. :class:`Namespace`;
@@ -29,6 +30,7 @@ import trio
 from . import recovery
 from .batch import Batch
 from .commit import Committer
+from .dirsync import DirSyncs, fine_grained_ctime
 from .files import LostVersions, OpenFiles, OpenState
 from .housekeeping import Housekeeper
 from .inodes import InodeTable
@@ -47,6 +49,7 @@ class Daemon:
         self.daemon_dir = recovery.open_daemon_dir(root_fd)
         self.recovered = recovery.recover(root_fd, self.daemon_dir)
         self.housekeeper = Housekeeper(self.daemon_dir)
+        self.dirsyncs = DirSyncs(fine_grained_ctime(self.daemon_dir))
         self.table = InodeTable(root_fd, closer=self.housekeeper.close_later)
         self.namespace = Namespace(self.table)
         self.state = OpenState()
@@ -58,10 +61,10 @@ class Daemon:
         self.shadows = Shadows(self.table, self.housekeeper, self.daemon_dir, find_name)
         self.reads = Reads(self.table)
         self.batch = Batch(self.table, self.publisher, self.counters, lost.report,
-                           options.durability)
+                           self.dirsyncs, options.durability)
         self.committer = Committer(self.table, self.daemon_dir, self.publisher, self.shadows,
                                    self.batch, self.reads, self.housekeeper, self.counters,
-                                   options.commit)
+                                   self.dirsyncs, options.commit)
         self.files = OpenFiles(self.state, self.table, self.namespace, self.committer,
                            self.shadows, self.batch, self.reads, self.housekeeper,
                            options.isolation, mountpoint, options.checkpoint,

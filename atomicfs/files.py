@@ -294,6 +294,7 @@ class OpenFiles:
                 raise OSError(errno.EBUSY, "the file is being written "
                               + ("outside the transaction" if tx is not None
                                  else "by a transaction"))
+            fresh = session is None
             if session is None:
                 if tx is not None and self.batch.source_links(inode) > 1:
                     raise OSError(errno.EOPNOTSUPP, "a hard-linked file cannot be written "
@@ -304,7 +305,12 @@ class OpenFiles:
             session.writers += 1
             handle = self._register(inode, flags, session, isolated=False, pid=pid)
             handle.tx = tx
-            if flags & os.O_TRUNC:
+            if flags & os.O_TRUNC and fresh:
+                # made just now, with no await since: nobody holds its lock or writes
+                # it, and with no other writer it is no log rotation.  Emptied at once:
+                # taking a trio lock is a checkpoint, a pass of the scheduler (~50 us)
+                self._empty_at_open(session, others=0)
+            elif flags & os.O_TRUNC:
                 await self._truncate_open(session)
             if tx is not None and not session.pending:
                 # a transaction's writes bypass the page cache, which every process
@@ -373,11 +379,17 @@ class OpenFiles:
         """An open with O_TRUNC joins the session: it empties it.  A rewrite from here
         (never checkpointed), unless it rotates a log another writer holds (§10)."""
         async with session.lock:
-            rotation = self.appends.truncating(session, 0, session.writers - 1)
-            if session.size:
-                session.truncate(0)
+            rotation = self._empty_at_open(session, session.writers - 1)
             if rotation and session.dirty:
                 await self._commit(session, "rotation")
+
+    def _empty_at_open(self, session: Session, others: int) -> bool:
+        """Empty ``session`` at an O_TRUNC open (its lock held, or nobody else can have
+        it); returns whether it rotates a log (``others``: its other writers)."""
+        rotation = self.appends.truncating(session, 0, others)
+        if session.size:
+            session.truncate(0)
+        return rotation
 
     def create(self, parent: Inode, name: bytes, mode: int, flags: int,
                ctx: pyfuse3.RequestContext, tx: Any = None

@@ -39,6 +39,12 @@ POOL_SIZE = 8  # shadows kept ready; a burst beyond it makes its own
 # SOURCE's filesystem for nothing.
 IDLE_DRAIN = 2.0
 EXHAUSTED_PAUSE = 5.0  # seconds without refilling the pool after descriptors ran out
+# The thread is woken for the pool only once it is down to half, and for deferred
+# closes only once CLOSE_BATCH wait (else they wait for the next wake-up, at most
+# CLOSE_DELAY seconds): each wake-up costs the event loop a futex wake, and the
+# thread, running, takes the GIL from the loop in the middle of a request.
+CLOSE_BATCH = 8
+CLOSE_DELAY = 0.1
 
 
 class Housekeeper:
@@ -63,6 +69,7 @@ class Housekeeper:
         self.to_settle: list[tuple[int, str]] = []  # (target fd, journal record), in order
         self.unsettled = 0  # journal records handed over and not yet settled
         self.made = 0  # shadows made by the pool
+        self.last_taken = 0.0  # time.monotonic() of the last shadow asked for
         self.misses = 0  # shadows asked for while the pool was empty
         self._cond = threading.Condition()
         self._pending = False
@@ -91,7 +98,9 @@ class Housekeeper:
         except IndexError:
             fd = None
             self.misses += 1
-        self._wake()
+        self.last_taken = time.monotonic()
+        if len(self.ready) <= self.pool_size // 2:
+            self._wake()
         return fd
 
     def close_later(self, fd: int) -> None:
@@ -101,6 +110,10 @@ class Housekeeper:
             return
         with self._cond:
             self.to_close.append(fd)
+            if len(self.to_close) == 1:  # the thread may sleep with no timeout: set one
+                self._cond.notify()
+            if len(self.to_close) < CLOSE_BATCH:
+                return  # closed within CLOSE_DELAY, or at the next wake-up
         self._wake()
 
     def settle_later(self, target_fd: int, record: str) -> None:
@@ -174,8 +187,17 @@ class Housekeeper:
         while True:
             with self._cond:
                 while not self._pending and not self._stopping:
-                    if not self._cond.wait(self.idle_drain if self.ready else None):
-                        self._drain()  # idle: nothing asked for or handed over
+                    if self.to_close:
+                        if not self._cond.wait(CLOSE_DELAY):
+                            break  # deferred closes due
+                    elif self.ready:
+                        idle = time.monotonic() - self.last_taken
+                        if idle >= self.idle_drain:
+                            self._drain()  # idle: no shadow taken for a while
+                        else:
+                            self._cond.wait(self.idle_drain - idle)
+                    else:
+                        self._cond.wait()
                 if self._stopping:
                     return
                 faults.point("housekeeper.loop")  # tests: a crash of the thread itself

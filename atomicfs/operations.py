@@ -449,7 +449,14 @@ class AtomicOperations(pyfuse3.Operations):
         # batch: the commits acknowledged before are published and durable first
         # (docs/semantics.md §3.3): a name appears only with its content
         await self.batch.persist()
+        dirsyncs = self.daemon.dirsyncs
+        if dirsyncs.clean(handle.fd):  # nothing new since the daemon's last fsync of it
+            dirsyncs.counts.skipped += 1
+            return
+        snap = dirsyncs.snapshot(handle.fd)
         await _in_thread(syscalls.fsync_dir_fd, handle.fd)  # EIO if SOURCE went down
+        dirsyncs.synced([snap])
+        dirsyncs.counts.done += 1
 
     # -- files -----------------------------------------------------------
     @_handler

@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from . import faults, syscalls
+from .dirsync import DirSyncs
 from .inodes import Backing, Inode, InodeTable, Key, stat_at
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,10 @@ def fsync_all(fds: list[int], point: str) -> None:
         syscalls.fsync_dir_fd(fd)  # EIO if the filesystem went down (XFS answers 0)
 
 
-async def sync_dirs(dirs: list[Inode], point: str = "dirs.before_fsync") -> None:
-    """fsync directories in a worker thread.
+async def sync_dirs(dirs: list[Inode], point: str = "dirs.before_fsync",
+                    record: DirSyncs | None = None) -> None:
+    """fsync directories in a worker thread (``record``: noted there once done, so a
+    program's fsync of one of them right after returns at once: atomicfs/dirsync.py).
 
     The thread gets descriptors opened here, never an inode's O_PATH fd: a
     directory the kernel forgets is dropped and its fd closed while the thread
@@ -106,7 +109,11 @@ async def sync_dirs(dirs: list[Inode], point: str = "dirs.before_fsync") -> None
     try:
         for d in dirs:
             fds.append(syscalls.reopen(d.fd, os.O_RDONLY | os.O_DIRECTORY))
+        # read in the event loop, after the changes and before the fsyncs start
+        snaps = [record.snapshot(fd) for fd in fds] if record is not None else []
         await trio.to_thread.run_sync(fsync_all, fds, point)
+        if record is not None:
+            record.synced(snaps)
     finally:
         for fd in fds:
             os.close(fd)

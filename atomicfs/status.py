@@ -71,6 +71,7 @@ def snapshot(ops: AtomicOperations) -> dict[str, Any]:
         "descriptors": {"held": open_fd_count(), **table},
         "not_durable": commits["not_durable"],
         "housekeeping": ops.housekeeper.stats(),
+        "dir_fsyncs": ops.daemon.dirsyncs.stats(),
     }
 
 

@@ -3,6 +3,7 @@
 
     scripts/bench [--quick] [--only W1,W2] [--targets raw,atomicfs-full,...]
                   [--reps N] [--workdir DIR] [--out DIR] [--install-peers]
+                  [--baseline [NAME=]DIR ...]
 
 ``--install-peers`` installs bindfs and fuse-overlayfs (apt) and matplotlib
 (pip, into the venv) when missing.
@@ -11,9 +12,13 @@ Targets (all in one run, alternating per repetition): ``raw`` (a directory on
 the work dir's filesystem), ``bindfs`` and ``fuse-overlayfs`` when installed,
 ``pyfuse3`` (``scripts/passthrough.py``: a plain pyfuse3 passthrough, the floor
 of what Python plus pyfuse3 can do), ``atomicfs-full`` and ``atomicfs-batch``
-(``-o durability=...``).  Every workload runs in a forked child with a
-timeout, so a hung mount cannot block the suite; a daemon that dies, hangs or
-logs errors is reported, never hidden.
+(``-o durability=...``).  ``--baseline DIR`` adds ``atomicfs-full@base`` and
+``atomicfs-batch@base``: the same mounts run by another checkout (DIR, with its
+own ``DIR/.venv``), so a change is measured side by side with the build before
+it, alternating in one run (``--baseline NAME=DIR``, repeatable: ``@NAME``).
+Every workload runs in a forked child with a timeout, so a hung mount cannot
+block the suite; a daemon that dies, hangs or logs errors is reported, never
+hidden.
 
 Writes ``results.md``, ``results.json`` and (with matplotlib) ``results.png`` to
 ``--out`` (default ``bench-results/`` in the checkout).  Every number is
@@ -88,6 +93,7 @@ MiB = 1024 * KiB
 LOG_BAD = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b|\bException\b")
 LOG_WARN = re.compile(r"\bWARNING\b")
 ALL_TARGETS = ("raw", "bindfs", "fuse-overlayfs", "pyfuse3", "atomicfs-full", "atomicfs-batch")
+ATOMICFS_TARGETS = ("atomicfs-full", "atomicfs-batch")  # each has an @NAME per --baseline
 
 
 def say(msg: str) -> None:
@@ -160,6 +166,7 @@ class Target:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     daemon: Daemon | None = None  # the atomicfs targets: atomicfs/harness.py
+    checkout: Path = ROOT  # the checkout whose atomicfs runs (--baseline: another one)
 
     @property
     def is_fuse(self) -> bool:
@@ -205,10 +212,11 @@ class Target:
         raise ValueError(f"{self.name} is started by atomicfs/harness.py")
 
     def _start_atomicfs(self, timeout: float) -> None:
-        durability = self.name.split("-", 1)[1]
+        durability = self.name.split("@")[0].split("-", 1)[1]
         # a session of its own: Ctrl-C reaches the bench only, which unmounts cleanly
         self.daemon = Daemon(self.base / "src", self.root, [f"durability={durability}"],
-                             self.log_path, code=ROOT, python=self.python, new_session=True)
+                             self.log_path, code=self.checkout, python=self.python,
+                             new_session=True)
         with open(self.log_path, "ab") as log:
             log.write(f"=== bench: starting {' '.join(self.daemon.command())}\n".encode())
         try:
@@ -897,6 +905,26 @@ class Results:
             return None
         return self.paired_ratio(m, (m.key, target), (m.key, "raw"))
 
+    def baseline_lines(self) -> list[str]:
+        """--baseline: each atomicfs target against its @NAME twins, repetition by
+        repetition (>1: this checkout is faster)."""
+        lines = []
+        for _, m in self.metrics():
+            for t, twin in ((t, u) for t in self.targets for u in self.targets
+                            if u.startswith(t + "@")):
+                a, b = self.cells.get((m.key, t)), self.cells.get((m.key, twin))
+                if a is None or b is None:
+                    continue
+                base = dict(zip(b.reps, b.samples, strict=True))
+                ratios = sorted(r for rep, v in zip(a.reps, a.samples, strict=True)
+                                if rep in base and (r := speed_ratio(m, v, base[rep])))
+                if ratios:
+                    wins = sum(r > 1 for r in ratios)
+                    lines.append(f"{m.key}, {t} vs {twin}: {statistics.median(ratios):.3f}× "
+                                 f"(repetitions {ratios[0]:.2f}-{ratios[-1]:.2f}×, faster in "
+                                 f"{wins} of {len(ratios)})")
+        return lines
+
     def goal_lines(self) -> list[str]:
         lines = []
         for g in GOALS:
@@ -1059,6 +1087,7 @@ def collect_meta(args: argparse.Namespace, sizes: Sizes, workdir: Path,
         "bindfs": tool_version(["bindfs", "--version"]) if shutil.which("bindfs") else None,
         "fuse-overlayfs": (tool_version(["fuse-overlayfs", "--version"])
                            if shutil.which("fuse-overlayfs") else None),
+        "baseline": collect_meta_baseline(args),
         "workdir": str(workdir),
         "workdir_fs": fs_of(workdir),
         "tree": tree,
@@ -1215,6 +1244,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--timeout", type=float,
                    help="seconds allowed per workload, target and repetition")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--paired", type=int, metavar="N",
+                   help="instead of the workloads: N rounds of --explain's operations on "
+                        "every atomicfs target (with --baseline: both builds), interleaved "
+                        "one operation at a time (scripts/explain.py)")
+    p.add_argument("--baseline", action="append", default=[], metavar="[NAME=]DIR",
+                   help="also mount the atomicfs of checkout DIR (run by DIR/.venv) as "
+                        "targets atomicfs-full@NAME and atomicfs-batch@NAME (NAME: base); "
+                        "repeatable")
     p.add_argument("--explain", type=int, metavar="N", nargs="?", const=300,
                    help="instead of the workloads: the time budget of N operations of "
                         "each kind (default 300), phase by phase (scripts/explain.py)")
@@ -1223,8 +1260,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         unknown = set(args.only.split(",")) - set(names)
         if unknown:
             p.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
+    baselines: dict[str, Path] = {}
+    for spec in args.baseline:
+        name, _, path = spec.rpartition("=")
+        name, where = name or "base", Path(path).resolve()
+        if not re.fullmatch(r"\w+", name) or name in baselines:
+            p.error(f"--baseline {spec}: NAME must be a word, once")
+        if not (where / ".venv" / "bin" / "python").exists() or not (where / "atomicfs").is_dir():
+            p.error(f"--baseline {spec}: not a checkout with its own .venv "
+                    "(run ./scripts/test --version in it)")
+        baselines[name] = where
+    args.baseline = baselines
     if args.targets:
-        unknown = set(args.targets.split(",")) - set(ALL_TARGETS)
+        unknown = set(args.targets.split(",")) - set(known_targets(args))
         if unknown:
             p.error(f"unknown target(s): {', '.join(sorted(unknown))}")
     if args.reps is not None and args.reps < 1:
@@ -1232,11 +1280,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def known_targets(args: argparse.Namespace) -> tuple[str, ...]:
+    return ALL_TARGETS + tuple(f"{t}@{name}" for name in args.baseline
+                               for t in ATOMICFS_TARGETS)
+
+
 def choose_targets(args: argparse.Namespace, notes: list[str]) -> list[str]:
-    wanted = args.targets.split(",") if args.targets else list(ALL_TARGETS)
+    known = known_targets(args)
+    wanted = args.targets.split(",") if args.targets else list(known)
     chosen = []
     fuse_ok = os.path.exists("/dev/fuse") and shutil.which(fusermount())
-    for name in ALL_TARGETS:
+    for name in known:
         if name not in wanted:
             continue
         tool = {"bindfs": "bindfs", "fuse-overlayfs": "fuse-overlayfs"}.get(name)
@@ -1251,6 +1305,15 @@ def choose_targets(args: argparse.Namespace, notes: list[str]) -> list[str]:
             sys.exit(f"bench: error: {msg}")
         notes.append(msg)
     return chosen
+
+
+def make_target(name: str, base: Path, args: argparse.Namespace) -> Target:
+    """A target; an ``@NAME`` one runs that --baseline checkout with its own venv."""
+    if "@" in name:
+        checkout = args.baseline[name.split("@", 1)[1]]
+        return Target(name, base, python=str(checkout / ".venv" / "bin" / "python"),
+                      checkout=checkout)
+    return Target(name, base)
 
 
 def run_explain(args: argparse.Namespace, target_names: list[str]) -> int:
@@ -1268,7 +1331,7 @@ def run_explain(args: argparse.Namespace, target_names: list[str]) -> int:
              "(atomicfs/timing.py).", ""]
     status = 0
     for name in target_names:
-        target = Target(name, workdir / name)
+        target = make_target(name, workdir / name, args)
         marks = workdir / f"marks-{name}.jsonl"
         os.environ["ATOMICFS_TIMING"] = str(marks)
         try:
@@ -1293,6 +1356,44 @@ def run_explain(args: argparse.Namespace, target_names: list[str]) -> int:
     return status
 
 
+def run_paired(args: argparse.Namespace, target_names: list[str]) -> int:
+    """``--paired N``: builds compared operation by operation (explain.paired)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import explain
+
+    workdir = Path(tempfile.mkdtemp(prefix="atomicfs-paired-", dir="/var/tmp")) \
+        if args.workdir is None else args.workdir.resolve()
+    targets = [make_target(n, workdir / n, args) for n in target_names]
+    status = 0
+    try:
+        for t in targets:
+            t.start()
+            explain.prepare(t.root, args.paired)
+        lines = [f"# Side by side, operation by operation ({args.paired} rounds)", "",
+                 f"`{' '.join(['scripts/bench', *sys.argv[1:]])}`, {datetime.date.today()}, "
+                 f"work dir on {fs_of(workdir)}; {collect_meta_baseline(args)}", ""]
+        lines += explain.paired({t.name: t.root for t in targets}, args.paired)
+    finally:
+        for t in targets:
+            problem = t.stop()
+            if problem:
+                say(f"bench: {t.name}: {problem}")
+                status = 3
+    text = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "paired.md").write_text(text)
+    print(text)
+    if args.workdir is None and not args.keep and not mounts_under(workdir):
+        shutil.rmtree(workdir, ignore_errors=True)
+    return status
+
+
+def collect_meta_baseline(args: argparse.Namespace) -> str:
+    return ", ".join(f"@{name}: {path} at " + tool_version(
+        ["git", "-C", str(path), "rev-parse", "--short", "HEAD"])
+        for name, path in args.baseline.items()) or "no baseline"
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     sizes = QUICK if args.quick else FULL
@@ -1303,6 +1404,8 @@ def main(argv: list[str]) -> int:
         install_peers()
     notes: list[str] = []
     target_names = choose_targets(args, notes)
+    if args.paired is not None:
+        return run_paired(args, [n for n in target_names if n.startswith("atomicfs")])
     if args.explain is not None:
         return run_explain(args, [n for n in target_names if n.startswith("atomicfs")])
     made_workdir = args.workdir is None
@@ -1323,7 +1426,7 @@ def main(argv: list[str]) -> int:
     if args.only:
         only = args.only.split(",")
         workloads = [w for w in workloads if w.name in only]
-    targets = [Target(n, run_dir / n) for n in target_names]
+    targets = [make_target(n, run_dir / n, args) for n in target_names]
     meta = collect_meta(args, sizes, workdir, tree)
     say(f"bench: {meta['mode']} run, targets {', '.join(target_names)}; work dir {run_dir} "
         f"({fstype})")
@@ -1401,6 +1504,10 @@ def write_results(out: Path, results: Results, meta: dict[str, Any]) -> None:
           "", "## Targets checked", ""]
     md += ["Ratios as in the table (per repetition, then the median); the numbers in "
            "brackets are the two medians.", ""] + [f"- {g}" for g in goals]
+    against_base = results.baseline_lines()
+    if against_base:
+        md += ["", f"## Against the baseline ({meta['baseline']})", ""] + \
+            [f"- {line}" for line in against_base]
     if results.failures:
         md += ["", "## Failures", ""] + [f"- {f}" for f in results.failures]
     per = ", ".join(f"{k} {v:.0f}s" for k, v in meta["workload_seconds"].items())

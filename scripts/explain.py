@@ -117,6 +117,38 @@ def drive(root: Path, count: int) -> list[Stream]:
     return streams
 
 
+def paired(roots: dict[str, Path], count: int) -> list[str]:
+    """``scripts/bench --paired N``: the same operations on several mounts (two builds
+    side by side), interleaved one operation at a time in a rotating order, so a
+    load that comes and goes on the machine falls on every build alike.  For each
+    workload: each target's median operation, and for each two builds of one
+    target (``T``, ``T@NAME``; in the order given), the median over rounds of the
+    second one's time / the first one's (>1: the first is faster) and how many
+    rounds the first won."""
+    names = list(roots)
+    lines = [f"Operations interleaved one at a time across {', '.join(names)}, "
+             f"{count} rounds, order rotating each round.", ""]
+    for workload, step in WORKLOADS.items():
+        streams = {n: Stream(workload) for n in names}
+        for i in range(count):
+            k = i % len(names)
+            for n in names[k:] + names[:k]:
+                step(streams[n], roots[n], i)
+                time.sleep(SETTLE / len(names))
+        took = {n: [op[-1][2] - op[0][1] for op in streams[n].calls] for n in names}
+        lines += [f"### {workload}", "", "| target | median µs |", "|---|---:|"]
+        lines += [f"| {n} | {statistics.median(took[n]) / 1000:.0f} |" for n in names]
+        lines.append("")
+        for i, n in enumerate(names):
+            for twin in (t for t in names[i + 1:] if t.split("@")[0] == n.split("@")[0]):
+                ratios = [b / a for a, b in zip(took[n], took[twin], strict=True)]
+                wins = sum(r > 1 for r in ratios)
+                lines.append(f"- {n} vs {twin}: {statistics.median(ratios):.3f}× "
+                             f"(faster in {wins} of {len(ratios)} rounds)")
+        lines.append("")
+    return lines
+
+
 # -- the time line ---------------------------------------------------------------
 
 Event = tuple[int, str]  # (ns, label)
@@ -188,9 +220,13 @@ def category(label: str) -> str:
         return CATEGORIES[3]
     if a.startswith("thread-end:") and b.startswith("resumed:"):
         return CATEGORIES[4]
-    if (a, b) == ("commit.before_fsync", "commit.after_fsync"):
+    if (a, b) in (("commit.before_fsync", "commit.after_fsync"),
+                  ("thread:sync_data", "thread-end:sync_data")):  # batch: the group's
         return CATEGORIES[5]
-    if a.startswith("thread:fsync") and b.startswith("thread-end:fsync"):
+    if ((a.startswith("thread:fsync") and b.startswith("thread-end:fsync"))
+            or (a, b) == ("commit.dir_fsync", "commit.after_dir_fsync")
+            or (a in ("dirs.before_fsync", "persist.before_dir_fsync")
+                and b.startswith("thread-end:"))):
         return CATEGORIES[6]
     if a.endswith("() called") and b.endswith("handler starts"):
         return CATEGORIES[1]

@@ -1,4 +1,4 @@
-"""Command line: ``atomicfs mount|umount|status|recover|install``, and the mount.fuse3 form.
+"""Command line: ``atomicfs mount|umount|status|recover|install|run``, and the mount.fuse3 form.
 
 ``mount -t fuse.atomicfs SOURCE MOUNTPOINT -o OPTS`` makes mount.fuse3 run
 ``atomicfs SOURCE MOUNTPOINT -o OPTS``: a first argument that is not a command
@@ -16,11 +16,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from . import __version__, control, launcher, manual, status
+from . import __version__, control, launcher, manual, runner, status
 from .mount import MountError, MountRequest, recover_offline, run
 from .options import OptionError, parse_options, split_option_args
 
-COMMANDS = ("mount", "umount", "unmount", "status", "recover", "install")
+COMMANDS = ("mount", "umount", "unmount", "status", "recover", "install", "run")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,6 +99,13 @@ def _install_parser(prog: str) -> _Parser:
     return p
 
 
+def _run_parser(prog: str) -> _Parser:
+    p = _Parser(prog, "run")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("command", metavar="CMD", nargs=argparse.REMAINDER)
+    return p
+
+
 def _top_parser() -> _Parser:
     p = _Parser("atomicfs", "atomicfs")
     p.add_argument("--version", action="version", version=f"atomicfs {__version__}")
@@ -107,7 +114,7 @@ def _top_parser() -> _Parser:
 
 
 PARSERS = {"mount": _mount_parser, "umount": _umount_parser, "status": _status_parser,
-           "recover": _recover_parser, "install": _install_parser}
+           "recover": _recover_parser, "install": _install_parser, "run": _run_parser}
 
 
 def _fail(prog: str, message: str) -> int:
@@ -181,6 +188,22 @@ def cmd_install(prog: str, argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_run(prog: str, argv: Sequence[str]) -> int:
+    args = list(argv)
+    if args and args[0] in ("-h", "--help"):
+        _run_parser(prog).print_page()
+    if len(args) < 2 or (args[1] == "--" and len(args) < 3):
+        _run_parser(prog).error("want MOUNTPOINT [--] CMD [ARGS...]")
+    mountpoint, command = args[0], args[1:]
+    if command[0] == "--":
+        command = command[1:]
+    try:
+        return runner.run(mountpoint, command)
+    except runner.RunError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return runner.FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
@@ -194,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_recover(prog, rest)
         if command == "install":
             return cmd_install(prog, rest)
+        if command == "run":
+            return cmd_run(prog, rest)
         return cmd_umount(prog, rest)
     if argv and not argv[0].startswith("-"):
         if len(argv) >= 2 and (os.path.sep in argv[0] or os.path.exists(argv[0])):

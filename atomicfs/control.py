@@ -16,6 +16,7 @@ A dead mount (its daemon was killed) answers ENOTCONN; it is detached the same w
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -265,13 +266,24 @@ def unmount(mountpoint: str, lazy: bool = False, if_dead: bool = False,
     entry = fuse_mount_at(mountpoint)
     daemon: tuple[int, str | None] | None = None
     sessions: list[str] = []
+    transactions: list[dict[str, Any]] = []
     try:
         doc = read_status(mountpoint)
         pid = int(doc["pid"])
         daemon = (pid, _start_time(pid))
         sessions = [str(s.get("path")) for s in doc.get("sessions", [])]
+        transactions = list(doc.get("transactions", []))
     except (MountError, KeyError, TypeError, ValueError):
         daemon = None  # dead, hung, not atomicfs: unmount all the same, without waiting
+    if transactions and not lazy:
+        # docs/semantics.md §14: refused while a transaction's command runs
+        t = transactions[0]
+        raise MountError(f"{mountpoint!r} is not unmounted: a transaction is open "
+                         f"(pid {t.get('root_pid')}: {t.get('command')}); wait for it, or "
+                         "use --lazy, which aborts it")
+    if transactions:
+        with contextlib.suppress(OSError):  # --lazy: abort them first (nothing stays)
+            os.getxattr(entry.point, "user.atomicfs.tx.abort-all:0")
     if not lazy:
         found = holders(entry, skip={daemon[0]} if daemon else set())
         if found:

@@ -17,7 +17,10 @@ wired afterwards.  The order (each needs only what is above it):
 6. :class:`Publisher` (with the namespace's name finder), :class:`Shadows`,
    :class:`Reads`, :class:`Batch`, sharing one :class:`CommitStats`;
 7. :class:`Committer`;
-8. :class:`OpenFiles` (which builds its :class:`atomicfs.appends.Appends`).
+8. :class:`OpenFiles` (which builds its :class:`atomicfs.appends.Appends`);
+9. :class:`Transactions` (``atomicfs run``), handed to the open files at once:
+   the one link made after a constructor (the transactions end and drop the
+   open files' sessions; the open files' opens and creates join a transaction).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .options import MountOptions
 from .publish import CommitStats, Publisher, name_finder
 from .reads import Reads
 from .shadows import Shadows
+from .transactions import Transactions
 
 
 class Daemon:
@@ -65,12 +69,17 @@ class Daemon:
                            self.shadows, self.batch, self.reads, self.housekeeper,
                            options.isolation, mountpoint, options.checkpoint,
                            options.checkpoint_bytes)
+        self.transactions = Transactions(self.table, self.namespace, self.files,
+                                         self.committer, self.batch, self.shadows,
+                                         self.housekeeper, self.daemon_dir)
+        self.files.transactions = self.transactions
 
     async def background(self) -> None:
         """Tasks that run beside the request handlers: housekeeping, append
         checkpoints, and the group persist of durability=batch."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.housekeeper.run)
+            nursery.start_soon(self.transactions.run)
             nursery.start_soon(self.files.appends.run,
                                lambda: list(self.files.sessions.values()))
             if self.batch.enabled:
@@ -79,11 +88,15 @@ class Daemon:
     async def finish(self) -> None:
         """After the kernel let go: lost last releases, then every staged commit."""
         with self.table.scope():
+            # a transaction whose command did not end before the unmount: nothing stays
+            self.transactions.abort_all("the file system was unmounted before its "
+                                        "command ended")
             await self.files.release_remaining()
             await self.batch.persist()
 
     def shutdown(self) -> None:
         """Close every fd the components hold (after the main loop ended)."""
+        self.transactions.close_all()
         self.files.close_all()
         self.table.close_all()
         self.housekeeper.close_all()

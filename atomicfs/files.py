@@ -81,6 +81,7 @@ class FileHandle:
     wrote: bool = False  # wrote (or truncated) since this handle's last commit point
     maps_shared: bool = False  # its opener was seen mapping the file MAP_SHARED
     lost: int = 0  # errno of a staged version lost since this handle's last fsync (batch)
+    tx: Any = None  # the transaction of its opener (docs/semantics.md §14)
 
 
 @dataclass(eq=False)
@@ -163,6 +164,7 @@ class OpenFiles:
         self.stale_cache = state.stale_cache
         self.unseen = state.unseen
         self._next_fh = 1
+        self.transactions: Any = None  # atomicfs.transactions.Transactions, once wired
         self.appends = Appends(committer, batch, reads, self._commit, checkpoint, checkpoint_bytes)
 
     def stats(self) -> dict[str, Any]:
@@ -210,6 +212,9 @@ class OpenFiles:
         self.table.hold(inode)
         self.appends.start(session, log=True)
         return session
+
+    def end_session(self, session: Session) -> None:
+        self._end_session(session)
 
     def _end_session(self, session: Session) -> None:
         if self.sessions.get(session.inode.ino) is session:
@@ -266,8 +271,8 @@ class OpenFiles:
             return False
         return True
 
-    async def open(self, inode: Inode, flags: int,
-                   pid: int = 0) -> tuple[FileHandle, pyfuse3.FileInfo]:
+    async def open(self, inode: Inode, flags: int, pid: int = 0,
+                   tx: Any = None) -> tuple[FileHandle, pyfuse3.FileInfo]:
         if inode.gone:
             # The kernel still caches the name of a new file whose first commit failed
             # and was dropped.  ESTALE makes the VFS look the name up again (ENOENT,
@@ -283,11 +288,23 @@ class OpenFiles:
             if os.statvfs(inode.fd).f_flag & os.ST_RDONLY:
                 # as ext4 would: else `: > f` would succeed and its commit be dropped
                 raise OSError(errno.EROFS, "the source filesystem is read-only")
+            if session is not None and session.tx is not tx:
+                # one writer of a file at a time across a transaction's boundary
+                # (docs/semantics.md §14): the other side would share its session
+                raise OSError(errno.EBUSY, "the file is being written "
+                              + ("outside the transaction" if tx is not None
+                                 else "by a transaction"))
             fresh = session is None
             if session is None:
+                if tx is not None and self.batch.source_links(inode) > 1:
+                    raise OSError(errno.EOPNOTSUPP, "a hard-linked file cannot be written "
+                                  "in a transaction yet")
                 session = self._start_session(inode)
+                if tx is not None:
+                    self.transactions.adopt_session(tx, session)
             session.writers += 1
             handle = self._register(inode, flags, session, isolated=False, pid=pid)
+            handle.tx = tx
             if flags & os.O_TRUNC and fresh:
                 # made just now, with no await since: nobody holds its lock or writes
                 # it, and with no other writer it is no log rotation.  Emptied at once:
@@ -295,8 +312,16 @@ class OpenFiles:
                 self._empty_at_open(session, others=0)
             elif flags & os.O_TRUNC:
                 await self._truncate_open(session)
+            if tx is not None and not session.pending:
+                # a transaction's writes bypass the page cache, which every process
+                # shares: it keeps the committed version for the others (§14)
+                return handle, pyfuse3.FileInfo(fh=handle.fh, direct_io=True, keep_cache=True)
             return handle, pyfuse3.FileInfo(fh=handle.fh, keep_cache=self._keep_cache(inode))
-        isolated = session is not None and self._isolated(session, pid)
+        if session is not None and session.tx is not None:
+            # a transaction's content: its members read it, nobody else (§14)
+            isolated = session.tx is not tx
+        else:
+            isolated = session is not None and self._isolated(session, pid)
         if session is not None:
             log.debug("read-only open of %s by pid %d during a session: %s",
                       self.committer.describe(inode), pid,
@@ -309,8 +334,11 @@ class OpenFiles:
                     if upto is not None:
                         await self.appends.try_checkpoint(session, upto, "a reader's open")
         handle = self._register(inode, flags, None, isolated, pid)
+        handle.tx = tx
         keep = isolated or self._keep_cache(inode)  # direct_io: the cache is not used
-        return handle, pyfuse3.FileInfo(fh=handle.fh, direct_io=isolated, keep_cache=keep)
+        direct = isolated or (session is not None and session.tx is not None
+                              and not session.pending)  # a member's: as its writes
+        return handle, pyfuse3.FileInfo(fh=handle.fh, direct_io=direct, keep_cache=keep)
 
     def _isolated(self, session: Session, pid: int) -> bool:
         """Is a read-only open by ``pid`` during ``session`` an isolated handle (direct_io,
@@ -364,11 +392,16 @@ class OpenFiles:
         return rotation
 
     def create(self, parent: Inode, name: bytes, mode: int, flags: int,
-               ctx: pyfuse3.RequestContext) -> tuple[FileHandle, pyfuse3.EntryAttributes]:
-        """A new file: an unnamed shadow that gets its name at its first commit."""
-        self.namespace._creatable(parent, name)
-        if self.namespace.exists(parent, name):
-            raise OSError(errno.EEXIST, "file exists")
+               ctx: pyfuse3.RequestContext, tx: Any = None
+               ) -> tuple[FileHandle, pyfuse3.EntryAttributes]:
+        """A new file: an unnamed shadow that gets its name at its first commit (in a
+        transaction: at the transaction's commit)."""
+        if tx is not None:
+            self.transactions.creatable(tx, parent, name)
+        else:
+            self.namespace._creatable(parent, name)
+            if self.namespace.exists(parent, name):
+                raise OSError(errno.EEXIST, "file exists")
         parent_st = os.stat(parent.fd)
         shadow = self.shadows.for_new_file(parent, parent_st, mode)
         try:
@@ -380,21 +413,27 @@ class OpenFiles:
         st = os.stat(shadow)
         inode = self.table.learn(parent.ino, name, path_fd, st)
         inode.names.discard((parent.ino, name))
-        self.namespace.add_pending(parent, name, inode)
+        if tx is not None:
+            self.transactions.add_entry(tx, parent, name, inode)
+        else:
+            self.namespace.add_pending(parent, name, inode)
         self.table.remember(inode)
         session = Session(inode, ExtentMap(0), base_size=0, shadow=shadow, pending=True)
         session.mtime_ns = st.st_mtime_ns
         self.sessions[inode.ino] = session
         self.table.hold(inode)
+        if tx is not None:
+            self.transactions.adopt_session(tx, session)
         # a new file is a log only if its creator appends (§10); else it appears whole
         self.appends.start(session, log=bool(flags & os.O_APPEND))
         session.writers += 1
         handle = self._register(inode, flags, session, isolated=False, pid=ctx.pid)
-        return handle, self.attributes(inode)
+        return handle, self.attributes(inode, tx)
 
     # -- attributes ------------------------------------------------------------
-    def attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        """The file's attributes through the mount: the session's, if it has one."""
+    def attributes(self, inode: Inode, viewer: Any = None) -> pyfuse3.EntryAttributes:
+        """The file's attributes through the mount: the session's, if it has one
+        (a transaction's session: only for its members, ``viewer``)."""
         st = os.stat(inode.fd)
         attr = metadata.entry_attributes(inode.ino, st)
         staged = self.batch.staged.get(inode.ino)
@@ -402,9 +441,12 @@ class OpenFiles:
             attr.st_nlink = (self.namespace.pending_links(inode) if staged.new_file
                              else self.batch.source_links(inode))
         session = self.sessions.get(inode.ino)
-        if session is None:
+        if session is None or (session.tx is not None and session.tx is not viewer):
             return attr
-        if session.pending:  # pending names, plus the one its first commit is making
+        if session.pending and session.tx is not None:
+            attr.st_nlink = len(inode.names)
+            attr.st_blocks = session.blocks(None, None)
+        elif session.pending:  # pending names, plus the one its first commit is making
             attr.st_nlink = self.namespace.pending_links(inode) + st.st_nlink
             attr.st_blocks = session.blocks(None, None)
         else:
@@ -418,7 +460,10 @@ class OpenFiles:
     # -- I/O ---------------------------------------------------------------------
     async def read(self, handle: FileHandle, off: int, size: int) -> bytes:
         session = self.sessions.get(handle.inode.ino)
-        if session is None or handle.isolated:
+        if session is None or handle.isolated or (session.tx is not None
+                                                  and handle.tx is not session.tx):
+            # (a transaction's content is for its members only; a descriptor opened
+            # before it began reads the committed version too, docs/semantics.md §14)
             if session is not None and session.pending:
                 return b""  # a new file has no committed version yet
             return await self.reads.read_committed(handle.inode, size, off)
@@ -473,8 +518,15 @@ class OpenFiles:
         self.appends.wrote(session, off, written, size_before)
         return written
 
-    async def truncate(self, inode: Inode, size: int, handle: FileHandle | None) -> None:
+    async def truncate(self, inode: Inode, size: int, handle: FileHandle | None,
+                       tx: Any = None) -> None:
         session = handle.session if handle is not None else self.sessions.get(inode.ino)
+        if handle is None and session is not None and session.tx is not tx:
+            raise OSError(errno.EBUSY, "the file is being written on the other side of "
+                          "a transaction")
+        if handle is None and session is None and tx is not None:
+            session = self._start_session(inode)  # a transaction's: committed with it
+            self.transactions.adopt_session(tx, session)
         while session is not None:
             async with session.lock:
                 # by path: the session may have ended (last release) while we waited
@@ -502,6 +554,8 @@ class OpenFiles:
         session = handle.session
         if session is None or not handle.wrote or self._unfinished(handle, session):
             return
+        if session.tx is not None:
+            return  # committed by its transaction (docs/semantics.md §14)
         async with session.lock:
             await self._commit(session, "close")
             session.killed_by = 0
@@ -530,6 +584,8 @@ class OpenFiles:
 
     async def fsync(self, handle: FileHandle, datasync: bool) -> None:
         session = handle.session or self.sessions.get(handle.inode.ino)
+        if session is not None and session.tx is not None:
+            return  # a transaction's: durable with its commit, not before (§14)
         if session is not None:
             async with session.lock:
                 await self._commit(session, "fsync")
@@ -558,6 +614,8 @@ class OpenFiles:
             self.table.release(handle.inode)
 
     async def _last_release(self, session: Session) -> None:
+        if session.tx is not None:
+            return  # kept by its transaction until it commits or aborts (§14)
         try:
             async with session.lock:
                 if session.writers == 0 and session.dirty and session.write_errno:
@@ -584,6 +642,8 @@ class OpenFiles:
         whole writes of a log (a last checkpoint, docs/semantics.md §10).
         """
         for session in list(self.sessions.values()):
+            if session.tx is not None:
+                continue  # its transaction was aborted (the daemon is stopping)
             if session.killed_by or any(h.wrote for h in self.handles.values()
                                         if h.session is session):
                 upto = self.appends.whole_writes(session)

@@ -18,6 +18,7 @@ SYNOPSIS
     atomicfs status MOUNTPOINT [--json]
     atomicfs recover SOURCE
     atomicfs install [--bindir DIR] [--if-missing]
+    atomicfs run MOUNTPOINT [--] CMD [ARGS...]
     atomicfs --version
 
 DESCRIPTION
@@ -293,6 +294,37 @@ EXAMPLES
     atomicfs install --bindir ~/.local/bin
 """
 
-PAGES = {"atomicfs": TOP, "mount": MOUNT, "umount": UMOUNT, "unmount": UMOUNT,
+RUN = """\
+NAME
+    atomicfs run - run a command whose changes under a mount are one transaction
+
+SYNOPSIS
+    atomicfs run MOUNTPOINT [--] CMD [ARGS...]
+
+DESCRIPTION
+    Runs CMD. What CMD and its descendants change under MOUNTPOINT (file
+    contents, new files, directories, symlinks and fifos, renames and removals
+    of what they made) is one transaction: other processes see none of it
+    until CMD exits with status 0; then all of it becomes visible and durable
+    in one step. If CMD fails or is killed, or the daemon stops first,
+    nothing of it remains. See docs/semantics.md, section 14, for what is
+    covered and the limits.
+
+OPTIONS
+    -h, --help
+        print this page.
+
+EXIT STATUS
+    CMD's own status (128+N when signal N killed it: nothing is applied).
+    125 the transaction could not be begun or committed: one line on
+        stderr says why, and nothing of CMD's changes was applied.
+    126 CMD could not be run; 127 CMD was not found.
+
+EXAMPLES
+    atomicfs run /srv/data -- sh -c 'echo 2 > a.conf && echo 2 > b.conf'
+    atomicfs run /srv/www -- tar xf site.tar -C /srv/www
+"""
+
+PAGES = {"atomicfs": TOP, "run": RUN, "mount": MOUNT, "umount": UMOUNT, "unmount": UMOUNT,
          "status": STATUS, "recover": RECOVER, "install": INSTALL}
 SECTIONS = ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXIT STATUS", "EXAMPLES")

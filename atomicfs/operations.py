@@ -14,6 +14,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from .daemon import Daemon
 from .inodes import EXHAUSTED, Inode
 from .namespace import DirHandle
 from .options import MountOptions
+from .transactions import CONTROL_PREFIX, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,7 @@ class AtomicOperations(pyfuse3.Operations):
         self.info = status.DaemonInfo()
         self.root_fd = root_fd
         self.dirs: dict[int, DirHandle] = {}
+        self.dir_tx: dict[int, Transaction] = {}  # directory handles opened by members
         self._next_dh = 1
 
     def prepare(self) -> None:
@@ -124,21 +127,47 @@ class AtomicOperations(pyfuse3.Operations):
         self.batch = self.daemon.batch
         self.committer = self.daemon.committer
         self.files = self.daemon.files
+        self.tx = self.daemon.transactions
 
-    def _attrs(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+    def _attrs(self, inode: Inode, st: os.stat_result, tx: Transaction | None = None,
+               name: tuple[int, bytes] | None = None) -> pyfuse3.EntryAttributes:
         if inode.is_reg:
-            return self.files.attributes(inode)
-        attr = metadata.entry_attributes(inode.ino, st)
-        if inode is self.table.root:
-            attr.st_nlink -= self.namespace.hidden_dirs(inode)
+            attr = self.files.attributes(inode, tx)
+        else:
+            attr = metadata.entry_attributes(inode.ino, st)
+            if inode is self.table.root:
+                attr.st_nlink -= self.namespace.hidden_dirs(inode)
+        if self.tx.open and (self.tx.touched_inode(inode)
+                             or (name is not None and self.tx.touched_name(*name))):
+            # the kernel's caches are shared by all processes: what a transaction
+            # touched is asked again every time (docs/semantics.md §14)
+            attr.entry_timeout = 0
+            attr.attr_timeout = 0
         return attr
+
+    def _owned(self, tx: Transaction | None, node: Inode) -> bool:
+        """Is ``node`` something the member's transaction made (changes to it are
+        invisible to others already)?"""
+        if tx is None:
+            return False
+        session = tx.sessions.get(node.ino)
+        return ((session is not None and session.pending) or node.ino in tx.staged
+                or any(p in tx.private for p, _ in node.names))
 
     # -- lookup and attributes -------------------------------------------
     @_handler
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        inode, st = self.namespace.lookup(self.table.get(parent_inode), name)
-        return self._attrs(inode, st)
+        parent = self.table.get(parent_inode)
+        tx = self.tx.member(ctx)
+        entry = self.tx.entry(tx, parent, name)
+        if entry is not None:
+            entry.lookups += 1
+            return self._attrs(entry, os.stat(entry.fd), tx, (parent_inode, name))
+        if self.tx.whited(tx, parent, name):
+            raise OSError(errno.ENOENT, "removed by the transaction")
+        inode, st = self.namespace.lookup(parent, name)
+        return self._attrs(inode, st, tx, (parent_inode, name))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
@@ -150,13 +179,16 @@ class AtomicOperations(pyfuse3.Operations):
     @_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.table.get(inode)
-        return self._attrs(node, os.stat(node.fd))
+        return self._attrs(node, os.stat(node.fd), self.tx.member(ctx))
 
     @_handler
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.table.get(inode)
+        tx = self.tx.member(ctx)
+        if tx is not None:
+            return await self._tx_setattr(tx, node, attr, fields, fh, ctx)
         if fields.update_size:
             handle = self.files.get(fh) if fh is not None else None
             await self.files.truncate(node, attr.st_size, handle)
@@ -184,6 +216,35 @@ class AtomicOperations(pyfuse3.Operations):
                                        or fields.update_mtime):
             await self._after_metadata_change(node)
         return self._attrs(node, os.stat(node.fd))
+
+    async def _tx_setattr(self, tx: Transaction, node: Inode, attr: pyfuse3.EntryAttributes,
+                          fields: pyfuse3.SetattrFields, fh: int | None,
+                          ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        """setattr by a member of a transaction (docs/semantics.md §14)."""
+        if fields.update_size:
+            handle = self.files.get(fh) if fh is not None else None
+            await self.files.truncate(node, attr.st_size, handle, tx)
+        owned = self._owned(tx, node)
+        session = self.files.sessions.get(node.ino)
+        if not owned:
+            st = os.stat(node.fd)
+            if ((fields.update_mode and stat.S_IMODE(attr.st_mode) != stat.S_IMODE(st.st_mode))
+                    or (fields.update_uid and attr.st_uid != st.st_uid)
+                    or (fields.update_gid and attr.st_gid != st.st_gid)
+                    or ((fields.update_atime or fields.update_mtime)
+                        and (session is None or session.tx is not tx))):
+                raise OSError(errno.EOPNOTSUPP, "changing the metadata of a committed file "
+                              "inside a transaction is not supported yet")
+            if fields.update_mtime and session is not None:
+                session.mtime_ns = attr.st_mtime_ns  # goes with the new version
+            return self._attrs(node, os.stat(node.fd), tx)
+        metadata.apply_setattr(node.fd, attr, fields)
+        if fields.update_size or not (fields.update_mode or fields.update_uid or fields.update_gid
+                                      or fields.update_atime or fields.update_mtime):
+            metadata.drop_set_id(node.fd, ctx)
+        if session is not None and fields.update_mtime:
+            session.mtime_ns = attr.st_mtime_ns
+        return self._attrs(node, os.stat(node.fd), tx)
 
     async def _before_metadata_change(self, node: Inode) -> None:
         """durability=batch: order a metadata change of SOURCE behind the commits
@@ -227,6 +288,10 @@ class AtomicOperations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
+        tx = self.tx.member(ctx)
+        if tx is not None:
+            inode, st = self.tx.make(tx, parent, name, "node", mode, ctx, rdev=rdev)
+            return self._attrs(inode, st, tx, (parent_inode, name))
         await self.batch.before_change()
         inode, st = self.namespace.mknod(parent, name, mode, rdev, ctx)
         await self.batch.after_change([parent])
@@ -236,6 +301,10 @@ class AtomicOperations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
+        tx = self.tx.member(ctx)
+        if tx is not None:
+            inode, st = self.tx.make(tx, parent, name, "dir", mode, ctx)
+            return self._attrs(inode, st, tx, (parent_inode, name))
         await self.batch.before_change()
         inode, st = self.namespace.mkdir(parent, name, mode, ctx)
         await self.batch.after_change([parent])
@@ -245,6 +314,10 @@ class AtomicOperations(pyfuse3.Operations):
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
+        tx = self.tx.member(ctx)
+        if tx is not None:
+            inode, st = self.tx.make(tx, parent, name, "symlink", 0o777, ctx, target=target)
+            return self._attrs(inode, st, tx, (parent_inode, name))
         await self.batch.before_change()
         inode, st = self.namespace.symlink(parent, name, target, ctx)
         await self.batch.after_change([parent])
@@ -255,6 +328,9 @@ class AtomicOperations(pyfuse3.Operations):
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.table.get(inode)
         parent = self.table.get(new_parent_inode)
+        if self.tx.member(ctx) is not None:
+            raise OSError(errno.EOPNOTSUPP, "hard links inside a transaction are not "
+                          "supported yet")
         await self.files.publish(node)  # a new file gets its first name before a second
         await self.batch.before_change()
         node, st = self.namespace.link(node, parent, new_name)
@@ -264,6 +340,11 @@ class AtomicOperations(pyfuse3.Operations):
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self.table.get(parent_inode)
+        tx = self.tx.member(ctx)
+        if tx is not None:
+            if not self.tx.unlink(tx, parent, name):
+                self.namespace.unlink(parent, name)  # inside a directory it made
+            return
         if self.namespace.pending_at(parent, name) is not None:
             self.namespace.unlink(parent, name)  # never in SOURCE: nothing to order or sync
             return
@@ -274,6 +355,10 @@ class AtomicOperations(pyfuse3.Operations):
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self.table.get(parent_inode)
+        tx = self.tx.member(ctx)
+        if tx is not None:
+            self.tx.rmdir(tx, parent, name)
+            return
         await self.batch.before_change()
         self.namespace.rmdir(parent, name)
         await self.batch.after_change([parent])
@@ -283,6 +368,11 @@ class AtomicOperations(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         old_parent = self.table.get(parent_inode_old)
         new_parent = self.table.get(parent_inode_new)
+        tx = self.tx.member(ctx)
+        if tx is not None:
+            if not self.tx.rename(tx, old_parent, name_old, new_parent, name_new, flags):
+                self.namespace.rename(old_parent, name_old, new_parent, name_new, flags)
+            return
         for parent, name in ((old_parent, name_old), (new_parent, name_new)):
             pending = self.namespace.pending_at(parent, name)
             if pending is not None and self._rename_needs_real(old_parent, name_old,
@@ -311,14 +401,21 @@ class AtomicOperations(pyfuse3.Operations):
         dh = self._next_dh
         self._next_dh += 1
         self.dirs[dh] = handle
+        tx = self.tx.member(ctx)
+        if tx is not None:
+            self.dir_tx[dh] = tx
         self.table.hold(handle.inode)
         return dh
 
     @_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self.dirs[fh]
+        tx = self.dir_tx.get(fh)
+        if tx is not None and tx.state != "open":
+            tx = None
         if start_id == 0:
-            handle.names = [b".", b".."] + self.namespace.list_names(handle)
+            handle.names = [b".", b".."] + self.tx.listing(tx, handle.inode,
+                                                         self.namespace.list_names(handle))
         for index in range(start_id, len(handle.names)):
             name = handle.names[index]
             if index < 2:  # "." and "..": the kernel counts no lookup for them
@@ -327,11 +424,14 @@ class AtomicOperations(pyfuse3.Operations):
                     break
                 continue
             with self.table.scope():  # one entry's inode pinned at a time, not the batch
-                found = self.namespace.readdir_entry(handle, name)
+                entry = self.tx.entry(tx, handle.inode, name)
+                found = ((entry, os.stat(entry.fd)) if entry is not None
+                         else self.namespace.readdir_entry(handle, name))
                 if found is None:
                     continue
                 inode, st = found
-                if not pyfuse3.readdir_reply(token, name, self._attrs(inode, st), index + 1):
+                attr = self._attrs(inode, st, tx, (handle.inode.ino, name))
+                if not pyfuse3.readdir_reply(token, name, attr, index + 1):
                     self.table.maybe_drop(inode)
                     break
                 self.table.remember(inode)
@@ -339,6 +439,7 @@ class AtomicOperations(pyfuse3.Operations):
     @_handler
     async def releasedir(self, fh: int) -> None:
         handle = self.dirs.pop(fh)
+        self.dir_tx.pop(fh, None)
         os.close(handle.fd)
         self.table.release(handle.inode)
 
@@ -363,14 +464,18 @@ class AtomicOperations(pyfuse3.Operations):
         node = self.table.get(inode)
         if flags & os.O_TRUNC:  # the kernel drops no privileges for an atomic O_TRUNC
             metadata.drop_set_id(node.fd, ctx)
-        _, info = await self.files.open(node, flags, ctx.pid)
+        _, info = await self.files.open(node, flags, ctx.pid, self.tx.member(ctx))
         return info
 
     @_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        handle, attr = self.files.create(self.table.get(parent_inode), name, mode, flags, ctx)
+        tx = self.tx.member(ctx)
+        handle, attr = self.files.create(self.table.get(parent_inode), name, mode, flags, ctx,
+                                         tx)
+        if tx is not None or self.tx.touched_name(parent_inode, name):
+            attr.entry_timeout = attr.attr_timeout = 0  # a transaction's name (§14)
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True), attr
 
     @_handler
@@ -398,6 +503,13 @@ class AtomicOperations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
         node = self.table.get(inode)
+        tx = self.tx.member(ctx)
+        if tx is not None:
+            if not self._owned(tx, node):
+                raise OSError(errno.EOPNOTSUPP, "changing the xattrs of a committed file "
+                              "inside a transaction is not supported yet")
+            metadata.set_xattr(node.fd, name, value)
+            return
         await self._before_metadata_change(node)
         metadata.set_xattr(node.fd, name, value)
         await self._after_metadata_change(node)
@@ -406,6 +518,8 @@ class AtomicOperations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == self.table.root.ino and name == status.STATUS_XATTR:
             return status.render(self)
+        if inode == self.table.root.ino and name.startswith(CONTROL_PREFIX.encode()):
+            return await self.tx.control(name.decode("utf-8", "replace"), ctx)
         return metadata.get_xattr(self.table.get(inode).fd, name)
 
     @_handler
@@ -415,6 +529,13 @@ class AtomicOperations(pyfuse3.Operations):
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self.table.get(inode)
+        tx = self.tx.member(ctx)
+        if tx is not None:
+            if not self._owned(tx, node):
+                raise OSError(errno.EOPNOTSUPP, "changing the xattrs of a committed file "
+                              "inside a transaction is not supported yet")
+            metadata.remove_xattr(node.fd, name)
+            return
         await self._before_metadata_change(node)
         metadata.remove_xattr(node.fd, name)
         await self._after_metadata_change(node)

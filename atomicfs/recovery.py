@@ -17,7 +17,7 @@ import logging
 import os
 import stat
 
-from . import appends, journal
+from . import appends, journal, txrecord
 from .namespace import DAEMON_DIR
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ def recover(root_fd: int, daemon_dir: int) -> list[str]:
         if name.startswith("commit-"):
             os.unlink(name, dir_fd=daemon_dir)
             done.append(f"removed unfinished commit leftover {name}")
+    # multi-file transactions: replay a complete record, discard an incomplete one
+    done += txrecord.recover(root_fd, daemon_dir, names)
     for line in done:
         log.info("recovery: %s", line)
     return done

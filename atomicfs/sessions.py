@@ -27,6 +27,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -67,6 +68,9 @@ class Session:
     write_errno: int = 0  # errno of a write that failed: no commit until truncated to zero
     spill_at: int = MAX_EXTENTS  # map size that triggers the next spill
     spilled: int = 0  # committed bytes copied into the shadow to bound the map
+    # the multi-file transaction this session belongs to (atomicfs.transactions): not
+    # committed at close, fsync or last release, but by the transaction's commit
+    tx: Any = None
 
     @property
     def dirty(self) -> bool:

@@ -51,6 +51,9 @@ def snapshot(ops: AtomicOperations) -> dict[str, Any]:
         "uptime_s": round(info.uptime(), 3),
         "options": ops.options_summary,
         "sessions": files["sessions"],
+        # multi-file transactions (docs/semantics.md §14): open ones, and counts
+        "transactions": ops.tx.status(),
+        "transactions_done": dict(ops.tx.counts),
         "open_handles": files["open_handles"],
         "inodes": table.pop("inodes"),
         "commits": commits["commits"],
@@ -131,6 +134,19 @@ def format_text(doc: dict[str, Any]) -> str:
                     else "rewrite")
             rows.append((str(s["writers"]), human_bytes(s["buffered_bytes"]), str(s["extents"]),
                          human_duration(s["age_s"]), kind, path))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        for r in rows:
+            lines.append("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=False))
+                         + "  " + r[5])
+    txs = doc.get("transactions", [])
+    done = doc.get("transactions_done", {})
+    lines.append(f"open transactions: {len(txs)} (since mount: "
+                 f"{counts_text(done) if done else 'none'})")
+    if txs:
+        rows = [("ROOT PID", "AGE", "FILES", "BYTES", "CHANGES", "COMMAND")]
+        for t in txs:
+            rows.append((str(t["root_pid"]), human_duration(t["age_s"]), str(t["files"]),
+                         human_bytes(t["bytes"]), str(t["changes"]), t["command"]))
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         for r in rows:
             lines.append("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=False))

@@ -17,10 +17,11 @@ wired afterwards.  The order (each needs only what is above it):
 6. :class:`Publisher` (with the namespace's name finder), :class:`Shadows`,
    :class:`Reads`, :class:`Batch`, sharing one :class:`CommitStats`;
 7. :class:`Committer`;
-8. :class:`OpenFiles` (which builds its :class:`atomicfs.appends.Appends`);
-9. :class:`Transactions` (``atomicfs run``), handed to the open files at once:
-   the one link made after a constructor (the transactions end and drop the
-   open files' sessions; the open files' opens and creates join a transaction).
+8. :class:`OpenFiles`, which builds its :class:`atomicfs.appends.Appends` and its
+   :class:`atomicfs.transactions.Transactions` (``atomicfs run``), handing each
+   itself: appends commit through the open files, a transaction's end drops its
+   sessions through them, and the open files' opens and creates join a
+   transaction.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from .options import MountOptions
 from .publish import CommitStats, Publisher, name_finder
 from .reads import Reads
 from .shadows import Shadows
-from .transactions import Transactions
 
 
 class Daemon:
@@ -66,13 +66,10 @@ class Daemon:
                                    self.batch, self.reads, self.housekeeper, self.counters,
                                    self.dirsyncs, options.commit)
         self.files = OpenFiles(self.state, self.table, self.namespace, self.committer,
-                           self.shadows, self.batch, self.reads, self.housekeeper,
-                           options.isolation, mountpoint, options.checkpoint,
-                           options.checkpoint_bytes)
-        self.transactions = Transactions(self.table, self.namespace, self.files,
-                                         self.committer, self.batch, self.shadows,
-                                         self.housekeeper, self.daemon_dir)
-        self.files.transactions = self.transactions
+                               self.shadows, self.batch, self.reads, self.housekeeper,
+                               self.daemon_dir, options.isolation, mountpoint,
+                               options.checkpoint, options.checkpoint_bytes)
+        self.transactions = self.files.transactions
 
     async def background(self) -> None:
         """Tasks that run beside the request handlers: housekeeping, append

@@ -59,6 +59,7 @@ from .namespace import Namespace
 from .reads import Reads
 from .sessions import Session
 from .shadows import Shadows
+from .transactions import Transactions
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class LostVersions:
 class OpenFiles:
     def __init__(self, state: OpenState, table: InodeTable, namespace: Namespace,
                  committer: Committer, shadows: Shadows, batch: Batch, reads: Reads,
-                 housekeeper: Housekeeper,
+                 housekeeper: Housekeeper, daemon_dir: int,
                  isolation: str = "committed", mountpoint: str | None = None,
                  checkpoint: float = 5.0, checkpoint_bytes: int = 64 << 20) -> None:
         self.table = table
@@ -164,8 +165,11 @@ class OpenFiles:
         self.stale_cache = state.stale_cache
         self.unseen = state.unseen
         self._next_fh = 1
-        self.transactions: Any = None  # atomicfs.transactions.Transactions, once wired
         self.appends = Appends(committer, batch, reads, self._commit, checkpoint, checkpoint_bytes)
+        # built here, like the appends: a transaction's opens and creates join it, and
+        # its end drops its sessions through these open files
+        self.transactions = Transactions(table, namespace, self, committer, batch, shadows,
+                                         housekeeper, daemon_dir)
 
     def stats(self) -> dict[str, Any]:
         """For the status document: the open sessions (by inode) and handles."""

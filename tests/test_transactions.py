@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,37 @@ def start_run(m: Mount, *cmd: str, cwd: Path | None = None) -> subprocess.Popen[
     return subprocess.Popen([PYTHON, "-m", "atomicfs", "run", str(m.mountpoint), "--", *cmd],
                             cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+
+class Paused:
+    """A transaction whose command ran ``script`` (sh) and now waits: ``go()`` lets it
+    exit 0, ``wait()`` returns its status."""
+
+    def __init__(self, proc: subprocess.Popen[str], go: Path) -> None:
+        self.proc, self._go = proc, go
+
+    def go(self) -> None:
+        self._go.touch()
+
+    def wait(self) -> int:
+        return self.proc.wait(timeout=TIMEOUT)
+
+
+@contextlib.contextmanager
+def paused_run(m: Mount, script: str, tmp_path: Path, cwd: Path) -> Iterator[Paused]:
+    """Run ``script`` in a transaction and hold it open (until ``go()``) once the script
+    has run; on the way out let it go, and kill it if it did not end."""
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    proc = start_run(m, "sh", "-c", f"{script}; touch {ready}; "
+                     f"while [ ! -e {go} ]; do sleep 0.02; done", cwd=cwd)
+    try:
+        assert wait_for(lambda: ready.exists(), TIMEOUT), "the transaction's script did not run"
+        yield Paused(proc, go)
+    finally:
+        go.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def seed(m: Mount) -> None:
@@ -221,25 +253,16 @@ def test_a_descriptor_opened_before_the_transaction_reads_committed_then_new(
     """The kernel keeps one page cache and one size per file: the transaction's
     writes (and its O_TRUNC) must not reach a reader that held the file open."""
     seed(mount)
-    ready, go = tmp_path / "ready", tmp_path / "go"
     fd = os.open(mount.path("a"), os.O_RDONLY)
     try:
         assert os.pread(fd, 100, 0) == b"a old\n"  # cached by the kernel now
-        proc = start_run(mount, "sh", "-c", f"echo 'a new and longer' > a; cat a > /dev/null; "
-                         f"touch {ready}; while [ ! -e {go} ]; do sleep 0.02; done",
-                         cwd=mount.mountpoint)
-        try:
-            assert wait_for(lambda: ready.exists(), TIMEOUT)
+        with paused_run(mount, "echo 'a new and longer' > a; cat a > /dev/null", tmp_path,
+                        mount.mountpoint) as run:
             for _ in range(3):
                 assert os.pread(fd, 100, 0) == b"a old\n"
                 assert os.fstat(fd).st_size == 6
-            go.touch()
-            assert proc.wait(timeout=TIMEOUT) == 0
-        finally:
-            go.touch()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            run.go()
+            assert run.wait() == 0
         assert os.pread(fd, 100, 0) == b"a new and longer\n"
     finally:
         os.close(fd)
@@ -339,21 +362,12 @@ def test_fsync_inside_a_transaction_commits_nothing_outside(mount: Mount) -> Non
 def test_an_outsider_cannot_write_a_file_the_transaction_writes(
         mount: Mount, tmp_path: Path) -> None:
     seed(mount)
-    ready, go = tmp_path / "ready", tmp_path / "go"
-    proc = start_run(mount, "sh", "-c", f"echo 'a new' > a; touch {ready}; "
-                     f"while [ ! -e {go} ]; do sleep 0.02; done", cwd=mount.mountpoint)
-    try:
-        assert wait_for(lambda: ready.exists(), TIMEOUT)
+    with paused_run(mount, "echo 'a new' > a", tmp_path, mount.mountpoint) as run:
         with pytest.raises(OSError) as err:
             mount.path("a").write_text("outsider\n")
         assert err.value.errno == 16  # EBUSY
-        go.touch()
-        assert proc.wait(timeout=TIMEOUT) == 0
-    finally:
-        go.touch()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        run.go()
+        assert run.wait() == 0
     assert mount.path("a").read_text() == "a new\n"
 
 
@@ -493,20 +507,12 @@ def test_known_limit_no_conflict_detection_the_last_commit_wins(
     """Not built yet (stage 3): a name created outside while the transaction
     created it too is replaced by the transaction's at its commit."""
     seed(mount)
-    ready, go = tmp_path / "ready", tmp_path / "go"
-    proc = start_run(mount, "sh", "-c", f"echo 'from the transaction' > c; touch {ready}; "
-                     f"while [ ! -e {go} ]; do sleep 0.02; done", cwd=mount.mountpoint)
-    try:
-        assert wait_for(lambda: ready.exists(), TIMEOUT)
+    with paused_run(mount, "echo 'from the transaction' > c", tmp_path,
+                    mount.mountpoint) as run:
         assert not mount.path("c").exists()
         mount.path("c").write_text("from outside\n")
-        go.touch()
-        assert proc.wait(timeout=TIMEOUT) == 0
-    finally:
-        go.touch()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        run.go()
+        assert run.wait() == 0
     assert mount.path("c").read_text() == "from the transaction\n"
 
 

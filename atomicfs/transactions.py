@@ -150,6 +150,26 @@ class Membership:
         return found
 
 
+# -- conflicts (pure) ------------------------------------------------------------------
+Identity = tuple[int, int, int, int]  # dev, ino, mtime_ns, size
+
+
+def identity_of(st: os.stat_result | None) -> Identity | None:
+    """What a committed name leads to, for conflict detection: another file (dev,
+    ino), or the same file with other contents (mtime, size), or nothing."""
+    if st is None:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def conflicts(seen: dict[tuple[int, bytes], Identity | None],
+              changed: set[tuple[int, bytes]],
+              now: Callable[[int, bytes], Identity | None]) -> list[tuple[int, bytes]]:
+    """The names the transaction changes whose committed identity differs from the
+    one it saw when it first touched them (sorted)."""
+    return sorted(key for key in changed if key in seen and now(*key) != seen[key])
+
+
 # -- one transaction -------------------------------------------------------------------
 @dataclass(eq=False)
 class Transaction:
@@ -169,6 +189,11 @@ class Transaction:
     # dev, ino, file handle)
     whiteouts: dict[tuple[int, bytes], tuple[Inode, int, int, str]] = field(
         default_factory=dict)
+    # conflicts (docs/semantics.md §14): what each committed name the transaction
+    # changes led to when it first touched it -- (dev, ino, mtime, size) or None
+    # (absent) -- and the name of each committed file it rewrites (ino -> name)
+    seen: dict[tuple[int, bytes], Identity | None] = field(default_factory=dict)
+    rewrites: dict[int, tuple[int, bytes]] = field(default_factory=dict)
     result: dict[str, Any] | None = None
     runner_fd: int | None = None  # pidfd of the runner: it dying aborts
     tokens: int = 0
@@ -422,12 +447,29 @@ class Transactions:
         tx.sessions[session.inode.ino] = session
         self.table.hold(session.inode)
         if not session.pending:
+            self._see_rewrite(tx, session.inode)
             # attributes the kernel cached (with their timeout) go now: from here every
             # reply about the file has timeout 0, so each process asks and gets its own
             # view; an attribute-only invalidation touches no page (safe in a handler)
             _invalidate_attrs(session.inode.ino)
 
+    def _see_rewrite(self, tx: Transaction, inode: Inode) -> None:
+        """First touch of a committed file's contents: remember its name and what it
+        is now (the committed version the mount serves)."""
+        if inode.ino in tx.rewrites:
+            return
+        try:
+            parent, name = self.shadows.find_name(inode, inode.key)
+        except OSError:
+            return  # no name (unlinked): nothing to put in place at the commit
+        if parent.ino in tx.private:
+            return
+        tx.rewrites[inode.ino] = (parent.ino, name)
+        tx.seen.setdefault((parent.ino, name), identity_of(os.stat(inode.fd)))
+
     def add_entry(self, tx: Transaction, parent: Inode, name: bytes, inode: Inode) -> None:
+        if parent.ino not in tx.private:  # first touch of a committed name: what it is
+            tx.seen.setdefault((parent.ino, name), identity_of(stat_at(parent.fd, name)))
         tx.entries[(parent.ino, name)] = inode
         inode.names.add((parent.ino, name))
         if self.whited(tx, parent, name) or stat_at(parent.fd, name) is not None:
@@ -522,6 +564,7 @@ class Transactions:
         finally:
             os.close(fd)
         tx.whiteouts[(parent.ino, name)] = (parent, st.st_dev, st.st_ino, handle)
+        tx.seen.setdefault((parent.ino, name), identity_of(st))
         self.table.hold(parent)  # its inode number must not change while it is recorded
         # outsiders' cached name: asked again from now on (replies carry timeout 0)
         self.housekeeper.forget_entry(parent.ino, name)
@@ -834,6 +877,7 @@ class Transactions:
         backings: dict[int, Backing] = {}
         dirs: dict[int, Inode] = {}
         sfd = tx.staging_fd
+        self._check_conflicts(tx)
         try:
             # committed names removed (before the new names: one may take the place)
             for (_pino, name), (parent, dev, ino, fid) in tx.whiteouts.items():
@@ -914,6 +958,28 @@ class Transactions:
         for ino, session in list(tx.sessions.items()):
             self._release_session(tx, ino, session, drop=False)
         return list(dirs.values())
+
+    def _check_conflicts(self, tx: Transaction) -> None:
+        """First committer wins: a committed name the transaction changes that was
+        changed by anyone else since the transaction first touched it (through the
+        mount, or in SOURCE directly) fails the commit.  Called in _apply, with no
+        await between this check and the renames."""
+        changed = set(tx.entries) | set(tx.whiteouts)
+        changed.update(tx.rewrites[ino] for ino, s in tx.sessions.items()
+                       if ino in tx.rewrites and s.dirty and not s.pending)
+
+        def now(parent_ino: int, name: bytes) -> Identity | None:
+            parent = self.table.by_ino.get(parent_ino)
+            if parent is None:
+                return None
+            return identity_of(stat_at(parent.fd, name))
+
+        for parent_ino, name in conflicts(tx.seen, changed, now):
+            parent = self.table.by_ino.get(parent_ino)
+            path = (b"/".join((*self._path(parent), name)) if parent is not None
+                    else name).decode(errors="replace")
+            raise TxFailed(f"conflict: {path} was changed outside the transaction "
+                           "since the transaction first changed it")
 
     def _committed(self, session: Session) -> None:
         size = session.size

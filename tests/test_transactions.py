@@ -24,7 +24,7 @@ from conftest import PYTHON, Mount, MountFactory, cli_env, run_cli
 from sessionkit import TIMEOUT, assert_no_debris, git_env, status_of, wait_for
 
 from atomicfs import txrecord
-from atomicfs.transactions import Membership, parse_stat
+from atomicfs.transactions import Membership, conflicts, identity_of, parse_stat
 
 RUN_FAILED = 125
 
@@ -502,18 +502,91 @@ def test_known_limit_a_member_cannot_map_shared_a_file_it_rewrites(mount: Mount)
     assert_old(mount)
 
 
-def test_known_limit_no_conflict_detection_the_last_commit_wins(
-        mount: Mount, tmp_path: Path) -> None:
-    """Not built yet (stage 3): a name created outside while the transaction
-    created it too is replaced by the transaction's at its commit."""
+def _replace_by_rename(path: Path, text: str) -> None:
+    """An outsider's save by rename (an editor's): a new file, then rename over."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text)
+    os.rename(tmp, path)
+
+
+def _write_source_in_place(m: Mount) -> None:
+    """A change made directly in SOURCE, beside the mount (in place, new size)."""
+    with open(m.src("a"), "w") as f:
+        f.write("a changed in SOURCE\n")
+
+
+# (the transaction's script, what an outsider does meanwhile, the path to be named,
+#  what the outsider leaves there: None = removed)
+CONFLICTS = {
+    "outside-rename-over-a-file-it-rewrote": (
+        "echo 'a tx' > a", lambda m: _replace_by_rename(m.path("a"), "a outside\n"),
+        "a", "a outside\n"),
+    "outside-rewrite-of-a-file-it-replaced-by-rename": (
+        "echo 'a tx' > a.tmp && mv a.tmp a", lambda m: m.path("a").write_text("a outside\n"),
+        "a", "a outside\n"),
+    "outside-create-of-a-name-it-created": (
+        "echo 'c tx' > c", lambda m: m.path("c").write_text("c outside\n"),
+        "c", "c outside\n"),
+    "outside-unlink-of-a-file-it-rewrote": (
+        "echo 'a tx' > a", lambda m: m.path("a").unlink(), "a", None),
+    "outside-unlink-of-a-file-it-unlinked": (
+        "rm a", lambda m: m.path("a").unlink(), "a", None),
+    "outside-rewrite-of-a-file-it-unlinked": (
+        "rm a", lambda m: _replace_by_rename(m.path("a"), "a outside\n"), "a", "a outside\n"),
+    "direct-change-in-source-of-a-file-it-rewrote": (
+        "echo 'a tx' > a", _write_source_in_place, "a", "a changed in SOURCE\n"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFLICTS))
+def test_a_conflicting_change_outside_fails_the_commit(
+        mount: Mount, tmp_path: Path, case: str) -> None:
+    """First committer wins: a change committed outside (through the mount or in
+    SOURCE) to a name the transaction changed, after its first touch, fails the
+    commit: status 125, one line naming the path, nothing of the transaction
+    applied (its change of b included)."""
+    script, outside, path, left = CONFLICTS[case]
     seed(mount)
-    with paused_run(mount, "echo 'from the transaction' > c", tmp_path,
-                    mount.mountpoint) as run:
-        assert not mount.path("c").exists()
-        mount.path("c").write_text("from outside\n")
+    with paused_run(mount, f"echo 'b tx' > b; {script}", tmp_path, mount.mountpoint) as run:
+        outside(mount)
+        run.go()
+        code = run.wait()
+        _, err = run.proc.communicate(timeout=TIMEOUT)
+    assert code == RUN_FAILED, (code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "conflict" in lines[0] and f"{path} was changed" in lines[0], lines
+    mount.expect_log(r"WARNING .*commit failed \(conflict: ")
+    for where in (mount.path, mount.src):
+        assert where("b").read_text() == "b old\n"
+        if left is None:
+            assert not where(path).exists()
+        else:
+            assert where(path).read_text() == left
+        assert not where("a.tmp").exists()
+        if path != "c":
+            assert not where("c").exists()
+    assert_no_debris(mount.source)
+
+
+def test_changes_outside_to_other_names_are_no_conflict(mount: Mount, tmp_path: Path) -> None:
+    """Only the names the transaction changes count: an outsider rewriting, creating
+    and removing other names meanwhile (and reading the transaction's files) does
+    not fail the commit; neither do plain reads by the transaction."""
+    seed(mount)
+    mount.src("r").write_text("read by the transaction\n")
+    mount.src("gone").write_text("x\n")
+    with paused_run(mount, "cat r > /dev/null; echo 'a tx' > a; echo 'c tx' > c; "
+                    "echo 't tx' > t && mv t b", tmp_path, mount.mountpoint) as run:
+        _replace_by_rename(mount.path("r"), "r outside\n")
+        mount.path("o").write_text("o outside\n")
+        mount.path("gone").unlink()
+        assert mount.path("a").read_text() == "a old\n"
         run.go()
         assert run.wait() == 0
-    assert mount.path("c").read_text() == "from the transaction\n"
+    for where in (mount.path, mount.src):
+        assert [where(p).read_text() for p in ("a", "b", "c", "r", "o")] == [
+            "a tx\n", "t tx\n", "c tx\n", "r outside\n", "o outside\n"]
+    assert_no_debris(mount.source)
 
 
 # -- crashes: kill -9 of the daemon, and exits at exact steps of the commit ---------------
@@ -578,6 +651,24 @@ def test_run_without_a_mount_or_command_is_refused(tmp_path: Path) -> None:
 
 
 # -- pure logic, no FUSE ----------------------------------------------------------------------
+def test_conflicts_compare_only_changed_names_with_what_was_seen(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_text("one")
+    first = identity_of(os.stat(f))
+    assert identity_of(None) is None
+    seen = {(1, b"f"): first, (1, b"new"): None, (1, b"dropped"): None}
+    now = {(1, b"f"): first, (1, b"new"): None, (1, b"dropped"): first}
+    look = lambda p, n: now[(p, n)]  # noqa: E731
+    # alone: nothing differs; a name it no longer changes does not count
+    assert conflicts(seen, {(1, b"f"), (1, b"new")}, look) == []
+    assert conflicts(seen, {(1, b"dropped")}, look) == [(1, b"dropped")]
+    f.write_text("two!")  # same file, other contents
+    now[(1, b"f")] = identity_of(os.stat(f))
+    now[(1, b"new")] = first  # a name made meanwhile
+    assert conflicts(seen, {(1, b"f"), (1, b"new"), (2, b"unseen")}, look) == [
+        (1, b"f"), (1, b"new")]
+
+
 def test_record_round_trip_and_torn_records() -> None:
     ops = [txrecord.Unlink((b"a",), b"old", 2049, 1234, "1:00ff"),
            txrecord.Put("f1", (b"a", b"\xffb"), b"name"), txrecord.Put("d2", (), b"top")]

@@ -538,14 +538,16 @@ CONFLICTS = {
 }
 
 
+@pytest.mark.parametrize("durability", ["full", "batch"])
 @pytest.mark.parametrize("case", sorted(CONFLICTS))
 def test_a_conflicting_change_outside_fails_the_commit(
-        mount: Mount, tmp_path: Path, case: str) -> None:
+        mount_factory: MountFactory, tmp_path: Path, case: str, durability: str) -> None:
     """First committer wins: a change committed outside (through the mount or in
     SOURCE) to a name the transaction changed, after its first touch, fails the
     commit: status 125, one line naming the path, nothing of the transaction
     applied (its change of b included)."""
     script, outside, path, left = CONFLICTS[case]
+    mount = mount_factory(options=[f"durability={durability}"])
     seed(mount)
     with paused_run(mount, f"echo 'b tx' > b; {script}", tmp_path, mount.mountpoint) as run:
         outside(mount)
@@ -568,10 +570,13 @@ def test_a_conflicting_change_outside_fails_the_commit(
     assert_no_debris(mount.source)
 
 
-def test_changes_outside_to_other_names_are_no_conflict(mount: Mount, tmp_path: Path) -> None:
+@pytest.mark.parametrize("durability", ["full", "batch"])
+def test_changes_outside_to_other_names_are_no_conflict(
+        mount_factory: MountFactory, tmp_path: Path, durability: str) -> None:
     """Only the names the transaction changes count: an outsider rewriting, creating
     and removing other names meanwhile (and reading the transaction's files) does
     not fail the commit; neither do plain reads by the transaction."""
+    mount = mount_factory(options=[f"durability={durability}"])
     seed(mount)
     mount.src("r").write_text("read by the transaction\n")
     mount.src("gone").write_text("x\n")

@@ -581,9 +581,10 @@ def test_changes_outside_to_other_names_are_no_conflict(
     mount.src("r").write_text("read by the transaction\n")
     mount.src("gone").write_text("x\n")
     with paused_run(mount, "cat r > /dev/null; echo 'a tx' > a; echo 'c tx' > c; "
-                    "echo 't tx' > t && mv t b", tmp_path, mount.mountpoint) as run:
+                    "echo 't tx' > t && mv t b; echo x > o && rm o",
+                    tmp_path, mount.mountpoint) as run:
         _replace_by_rename(mount.path("r"), "r outside\n")
-        mount.path("o").write_text("o outside\n")
+        mount.path("o").write_text("o outside\n")  # a name it made and dropped again
         mount.path("gone").unlink()
         assert mount.path("a").read_text() == "a old\n"
         run.go()

@@ -47,6 +47,27 @@ def stderr_is_journal() -> bool:
     return (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
+class DroppedReplies(logging.Filter):
+    """libfuse logs (through pyfuse3) an ERROR when the kernel no longer waits for an
+    answer: "fuse_reply_* failed with No such file or directory". The kernel gave the
+    request up (the file system is being unmounted while an asynchronous RELEASE is
+    answered, or the caller was interrupted), so the answer no longer matters and
+    nothing was lost. It is not an error an operator can act on: kept as a DEBUG line
+    under ``--debug``, dropped otherwise."""
+
+    def __init__(self, debug: bool) -> None:
+        super().__init__()
+        self.debug = debug
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "fuse_reply_* failed with No such file or directory" not in record.getMessage():
+            return True
+        if not self.debug:
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
 def setup(debug: bool, log_file: str | None) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -66,8 +87,13 @@ def setup(debug: bool, log_file: str | None) -> None:
             "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    fuse_log = logging.getLogger("pyfuse3")
+    for f in list(fuse_log.filters):
+        if isinstance(f, DroppedReplies):
+            fuse_log.removeFilter(f)
+    fuse_log.addFilter(DroppedReplies(debug))
     if not debug:
-        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+        fuse_log.setLevel(logging.WARNING)
 
 
 def summary(mountpoint: str, stats: CommitStats, uptime: float) -> str:

@@ -11,6 +11,7 @@ import array
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import secrets
@@ -41,7 +42,7 @@ from conftest import (
 )
 from sessionkit import status_of, wait_for
 
-from atomicfs import cli, launcher, manual
+from atomicfs import cli, launcher, logs, manual
 from atomicfs.mounttable import top_mount
 
 SYSTEM_LAUNCHER = Path("/usr/local/bin/atomicfs")
@@ -794,3 +795,33 @@ def test_a_user_mounts_their_own_directory(user: tuple[int, int], cleanup: Clean
     finally:
         cleanup.finish()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_reply_the_kernel_no_longer_waits_for_is_not_logged_as_an_error(
+        tmp_path: Path, debug: bool) -> None:
+    """libfuse logs ERROR "fuse_reply_* failed with No such file or directory" when the
+    kernel gave a request up (an asynchronous RELEASE answered during the unmount): not
+    an error an operator can act on. Other pyfuse3 errors stay errors."""
+    log_file = tmp_path / "daemon.log"
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogger("pyfuse3").level)
+    try:
+        logs.setup(debug=debug, log_file=str(log_file))
+        fuse_log = logging.getLogger("pyfuse3")
+        fuse_log.error("fuse_release(): fuse_reply_* failed with No such file or directory")
+        fuse_log.error("fuse_reply_* failed with Invalid argument")
+        for h in logging.getLogger().handlers:
+            h.flush()
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+            h.close()
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+        logging.getLogger("pyfuse3").setLevel(saved[2])
+    text = log_file.read_text()
+    assert "ERROR pyfuse3: fuse_reply_* failed with Invalid argument" in text, text
+    assert "ERROR pyfuse3: fuse_release()" not in text, text
+    assert ("DEBUG pyfuse3: fuse_release(): fuse_reply_*" in text) == debug, text

@@ -54,7 +54,7 @@ from typing import Any
 
 import trio
 
-from . import faults, handoff, journal, metadata, syscalls
+from . import faults, journal, metadata, syscalls
 from .batch import Batch
 from .dirsync import DirSyncs
 from .extents import Kind
@@ -377,7 +377,7 @@ class Committer:
             # read in the event loop after the publish, before the fsync starts
             snap = self.dirsyncs.snapshot(dir_fd)
             with trio.CancelScope(shield=True):
-                durable = await handoff.run_sync(self._sync_dirs, [dir_fd], [inode])
+                durable = await trio.to_thread.run_sync(self._sync_dirs, [dir_fd], [inode])
             if durable:
                 self.dirsyncs.synced([snap])
             if not durable:
@@ -496,14 +496,11 @@ class Committer:
 
 
 async def _blocking(fn: Callable[[], None], quick: bool) -> None:
-    """Run ``fn`` in a worker thread, or right here when ``quick`` (no fsync, no copy).
-
-    The cheaper hand-off (:mod:`atomicfs.handoff`): not cancellable once started,
-    as ``trio.to_thread.run_sync`` was here."""
+    """Run ``fn`` in a worker thread, or right here when ``quick`` (no fsync, no copy)."""
     if quick:
         fn()
     else:
-        await handoff.run_sync(fn)
+        await trio.to_thread.run_sync(fn)
 
 
 def probe_reflink(dir_fd: int) -> bool:

@@ -37,6 +37,13 @@ single prefix fits them all: a later operation survived an earlier one),
 appender's log torn or shorter than its last fsync) and ``early_errors`` (an
 error before the cut).
 
+``--tx`` adds a transaction worker (directory ``x0``): ``atomicfs run`` of a
+program that rewrites four files and replaces a fifth, each carrying the
+transaction's number; after a cut they must carry one number (else ``mixed``),
+not older than the last transaction whose ``atomicfs run`` exited 0 (else
+``older``).  ``--tx-plain`` runs the program without ``atomicfs run``: the check
+must see mixed states there.
+
 The seed fixes every choice (delays, recovery kind, the workers' operations);
 timing still decides where each cut lands.  Exit status: 0 clean, 1 a
 violation, 77 this machine cannot run it (no root, loop device or mkfs).

@@ -811,7 +811,8 @@ class PowerCuts:
         self.say("VIOLATIONS (first 40):\n  " + "\n  ".join(self.violations[:40]))
         self.say(f"replay: scripts/torture --power-cuts {self.args.power_cuts} --fs "
                  f"{self.args.fs} --seed {self.args.seed} "
-                 + " ".join(f"-o {o}" for o in self.args.options))
+                 + " ".join(f"-o {o}" for o in self.args.options)
+                 + (" --tx-plain" if self.args.tx_plain else " --tx" if self.args.tx else ""))
         return 1
 
     def total(self) -> dict[str, int]:

@@ -37,6 +37,13 @@ single prefix fits them all: a later operation survived an earlier one),
 appender's log torn or shorter than its last fsync) and ``early_errors`` (an
 error before the cut).
 
+``--tx`` adds a transaction worker (directory ``x0``): ``atomicfs run`` of a
+program that rewrites four files and replaces a fifth, each carrying the
+transaction's number; after a cut they must carry one number (else ``mixed``),
+not older than the last transaction whose ``atomicfs run`` exited 0 (else
+``older``).  ``--tx-plain`` runs the program without ``atomicfs run``: the check
+must see mixed states there.
+
 The seed fixes every choice (delays, recovery kind, the workers' operations);
 timing still decides where each cut lands.  Exit status: 0 clean, 1 a
 violation, 77 this machine cannot run it (no root, loop device or mkfs).
@@ -47,6 +54,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import hashlib
 import json
 import mmap
 import os
@@ -87,7 +95,7 @@ MAX_FILES = 14
 MAX_DIRS = 4
 VSTEP = 10**6  # versions of cut r are r * VSTEP + n
 KINDS = ("torn", "older", "lost", "out_of_order", "split_links", "debris", "log",
-         "early_errors")
+         "early_errors", "mixed")
 NAME_RE = re.compile(r"^[WRHTDBL]\d+$")
 
 
@@ -434,12 +442,179 @@ class Worker:
 def worker_main(cfg_path: str) -> int:
     cfg = json.loads(Path(cfg_path).read_text())
     try:
-        return Worker(cfg).run()
+        return tx_worker(cfg) if cfg.get("kind") == "tx" else Worker(cfg).run()
     except Exception:
         import traceback
 
         traceback.print_exc()
         return 1
+
+
+# ================================================================================
+# The transaction worker (``--tx``): ``atomicfs run MNT -- _txprog``, over and over
+# ================================================================================
+# Directory ``x0`` holds TX_FILES files ``X0``... and one file ``N<t>``.  Transaction
+# t rewrites every ``X<i>`` and replaces ``N<previous>`` by ``N<t>`` (an unlink of a
+# committed file and a create); each file's content names its file and t and
+# carries a checksum.  After a cut all of them must carry one t (else ``mixed``),
+# t must be >= the last transaction whose ``atomicfs run`` exited 0 (else
+# ``older``), and t must be one that was begun (else ``lost``).  ``--tx-plain``
+# runs the same program without ``atomicfs run`` (each file committed on its own
+# at close): the check must see mixed states there.
+TX_DIR = "x0"
+TX_FILES = 4
+TX_MAGIC = b"ATFTX1 "
+TX_FIGURES = ("tx_begun", "tx_acked", "tx_unacked_kept", "tx_replayed", "tx_discarded")
+TX_NAME_RE = re.compile(r"^(X\d+|N\d+)$")
+
+
+def make_tx(name: str, t: int) -> bytes:
+    """The content of file ``name`` as transaction ``t`` writes it (self-checking)."""
+    rng = random.Random(f"{name}/{t}")
+    payload = rng.randbytes(rng.randrange(64, 24576))
+    head = f"{name} {t} {len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
+    return TX_MAGIC + head + payload
+
+
+def parse_tx(data: bytes, name: str) -> int:
+    """The transaction number in a complete ``name``; Torn otherwise."""
+    if not data.startswith(TX_MAGIC) or b"\n" not in data:
+        raise Torn(f"{len(data)} bytes, no transaction header")
+    head, payload = data[len(TX_MAGIC):].split(b"\n", 1)
+    try:
+        fname, t, size, digest = head.decode().split(" ")
+        tnum, nbytes = int(t), int(size)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise Torn(f"bad header {head[:80]!r}") from exc
+    if fname != name:
+        raise Torn(f"written for {fname}, not {name}")
+    if len(payload) != nbytes or hashlib.sha256(payload).hexdigest() != digest:
+        raise Torn(f"transaction {tnum}: {len(payload)} of {nbytes} bytes or bad checksum")
+    return tnum
+
+
+def tx_program(d: str, t: int, stop: int | None = None, ready: str = "") -> int:
+    """One transaction (run inside ``atomicfs run``, or plainly for ``--tx-plain``).
+    With ``stop`` (tests): after ``stop`` files, create ``ready`` and sleep until killed."""
+    top = Path(d)
+    for i in range(TX_FILES):
+        if i == stop:
+            Path(ready).touch()
+            while True:
+                time.sleep(60)
+        name = f"X{i}"
+        fd = os.open(top / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, make_tx(name, t))
+        finally:
+            os.close(fd)
+    for old in os.listdir(top):
+        if old.startswith("N"):
+            os.unlink(top / old)
+    new = f"N{t}"
+    fd = os.open(top / new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, make_tx(new, t))
+    finally:
+        os.close(fd)
+    return 0
+
+
+def tx_setup(d: Path, t: int) -> None:
+    """``d`` (on SOURCE) as transaction ``t`` left it."""
+    d.mkdir(exist_ok=True)
+    for name in os.listdir(d):
+        os.unlink(d / name)
+    tx_program(str(d), t)
+
+
+def tx_worker(cfg: dict[str, Any]) -> int:
+    log_fd = os.open(cfg["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def record(**rec: Any) -> None:
+        rec["t"] = time.monotonic()
+        os.write(log_fd, (json.dumps(rec) + "\n").encode())
+
+    prog = [PYTHON, str(Path(__file__).resolve()), "_txprog", cfg["dir"]]
+    runner = [PYTHON, "-m", "atomicfs", "run", cfg["mnt"], "--"]
+    record(ready=0)
+    n = 0
+    while True:
+        n += 1
+        t = cfg["vbase"] + n
+        record(s=n, tx=t)
+        res = subprocess.run([*([] if cfg["plain"] else runner), *prog, str(t)],
+                             capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if res.returncode != 0:
+            record(e=n, tx=t, msg=f"transaction {t}: exit {res.returncode}: "
+                   f"{(res.stderr or res.stdout).strip()[-400:]}")
+            return 0
+        record(a=n, tx=t)
+
+
+def load_tx_log(path: Path) -> tuple[list[int], int | None, dict[str, Any] | None]:
+    """(transactions begun, the last acknowledged one or None, the error record)."""
+    begun: list[int] = []
+    acked, err = None, None
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "s" in rec:
+                begun.append(rec["tx"])
+            elif "a" in rec:
+                acked = rec["tx"]
+            elif "e" in rec:
+                err = rec
+    return begun, acked, err
+
+
+def observe_tx(d: Path) -> tuple[dict[str, int], dict[str, str], list[str]]:
+    """(name -> transaction number, name -> why torn, debris) of the directory."""
+    nums: dict[str, int] = {}
+    torn: dict[str, str] = {}
+    debris: list[str] = []
+    for name in sorted(os.listdir(d)):
+        if not TX_NAME_RE.match(name) or not os.path.isfile(d / name):
+            debris.append(f"{TX_DIR}/{name}")
+            continue
+        try:
+            nums[name] = parse_tx((d / name).read_bytes(), name)
+        except Torn as exc:
+            torn[name] = str(exc)
+    return nums, torn, debris
+
+
+def verify_tx(base: int, begun: list[int], acked: int | None, nums: dict[str, int],
+              torn: dict[str, str], debris: list[str]) -> tuple[Verdict, int | None]:
+    """All or nothing: every X file and the one N file carry one transaction number
+    t, N is ``N<t>``, t is ``base`` (before this cut) or one begun in it, and t is
+    not older than the last acknowledged.  Returns the verdict and t (None if mixed)."""
+    ver = Verdict(started=len(begun), acked=0 if acked is None else begun.index(acked) + 1)
+    for name, why in torn.items():
+        ver.bad("torn", f"{TX_DIR}/{name}: {why}")
+    for d in debris:
+        ver.bad("debris", d)
+    ns = {n: t for n, t in nums.items() if n.startswith("N")}
+    missing = [f"X{i}" for i in range(TX_FILES) if f"X{i}" not in nums and f"X{i}" not in torn]
+    values = set(nums.values())
+    shape = [f"{n}={t}" for n, t in sorted(nums.items())]
+    if torn or missing or len(ns) != 1 or len(values) != 1 or \
+            any(n != f"N{t}" for n, t in ns.items()):
+        ver.bad("mixed", f"{TX_DIR}: not one transaction: {' '.join(shape)}"
+                + (f"; missing {missing}" if missing else "")
+                + (f"; torn {sorted(torn)}" if torn else "")
+                + f" (before the cut {base}, begun {begun[-3:]}, acknowledged {acked})")
+        return ver, None
+    t = values.pop()
+    if acked is not None and t < acked:
+        ver.bad("older", f"{TX_DIR}: transaction {t}, but {acked} was acknowledged")
+    elif t != base and t not in begun:
+        ver.bad("lost", f"{TX_DIR}: transaction {t} was never begun (before the cut {base}, "
+                f"begun {begun[-3:]})")
+    return ver, t
 
 
 # ================================================================================
@@ -471,7 +646,7 @@ def last_ack_time(path: Path) -> float | None:
     return t
 
 
-def late_acks(logs: dict[int, Path], t_cut: float) -> str:
+def late_acks(logs: dict[str, Path], t_cut: float) -> str:
     """``w1 +2.1 ms``...: the workers whose last acknowledgement came after the cut
     began.  A real power cut answers nothing after it; here a call may still
     return, and one that returns 0 must be durable: an ack just after the cut on
@@ -481,7 +656,7 @@ def late_acks(logs: dict[int, Path], t_cut: float) -> str:
     for w, path in logs.items():
         t = last_ack_time(path)
         if t is not None and t > t_cut:
-            out.append(f"w{w} +{(t - t_cut) * 1000:.1f} ms")
+            out.append(f"{w} +{(t - t_cut) * 1000:.1f} ms")
     return ", ".join(out)
 
 
@@ -610,6 +785,7 @@ class PowerCuts:
         self.rng = random.Random(args.seed)
         self.mode = "batch" if "durability=batch" in args.options else "full"
         self.totals: dict[str, Counter[str]] = {}
+        self.tx_base = 0  # the transaction in x0 before the cut
         self.violations: list[str] = []
 
     def say(self, msg: str) -> None:
@@ -635,15 +811,17 @@ class PowerCuts:
         self.say("VIOLATIONS (first 40):\n  " + "\n  ".join(self.violations[:40]))
         self.say(f"replay: scripts/torture --power-cuts {self.args.power_cuts} --fs "
                  f"{self.args.fs} --seed {self.args.seed} "
-                 + " ".join(f"-o {o}" for o in self.args.options))
+                 + " ".join(f"-o {o}" for o in self.args.options)
+                 + (" --tx-plain" if self.args.tx_plain else " --tx" if self.args.tx else ""))
         return 1
 
     def total(self) -> dict[str, int]:
         t: Counter[str] = Counter()
         for c in self.totals.values():
             t.update(c)
+        tx = {k: t[k] for k in TX_FIGURES} if self.args.tx else {}
         return {"cuts": t["cuts"], **{k: t[k] for k in KINDS}, "ops_started": t["started"],
-                "ops_acked": t["acked"], "daemon_ebadf": t["ebadf"],
+                "ops_acked": t["acked"], **tx, "daemon_ebadf": t["ebadf"],
                 "daemon_tracebacks": t["tracebacks"]}
 
     def setup(self, pc: Any) -> dict[int, Model]:
@@ -660,6 +838,9 @@ class PowerCuts:
                 model.names[B_NAME] = fid
                 model.inodes[fid] = [1, 0o644, None]
             models[w] = model
+        if self.args.tx:
+            tx_setup(pc.source / TX_DIR, 0)
+            self.tx_base = 0
         pc.sync()
         return models
 
@@ -674,9 +855,11 @@ class PowerCuts:
             rdir = self.work / "logs" / pc.kind / f"cut{r:03d}"
             rdir.mkdir(parents=True, exist_ok=True)
             logs = {w: rdir / f"worker{w}.log" for w in models}
+            txlog = rdir / "tx.log"
 
             def workload(top: Path, r: int = r, rdir: Path = rdir, seeds: list[int] = seeds,
-                         logs: dict[int, Path] = logs) -> list[subprocess.Popen[bytes]]:
+                         logs: dict[int, Path] = logs, txlog: Path = txlog
+                         ) -> list[subprocess.Popen[bytes]]:
                 procs = []
                 for w, model in models.items():
                     cfg = {"id": w, "dir": str(top / f"w{w}"), "mode": self.mode,
@@ -689,12 +872,25 @@ class PowerCuts:
                             [PYTHON, str(Path(__file__).resolve()), "_pcworker",
                              str(cfg_path)], stdout=out, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL))
+                if self.args.tx:
+                    cfg_path = rdir / "tx.json"
+                    cfg_path.write_text(json.dumps({
+                        "kind": "tx", "dir": str(top / TX_DIR), "mnt": str(top),
+                        "vbase": r * VSTEP, "log": str(txlog), "plain": self.args.tx_plain}))
+                    with open(rdir / "tx.out", "wb") as out:
+                        procs.append(subprocess.Popen(
+                            [PYTHON, str(Path(__file__).resolve()), "_pcworker",
+                             str(cfg_path)], stdout=out, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL))
+                    logs_all = [*logs.values(), txlog]
+                else:
+                    logs_all = list(logs.values())
                 # the delay to the cut starts once every worker runs (Python's start
                 # takes a second or more on a loaded machine)
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline and any(
-                        p.poll() is None and not (logs[w].exists() and logs[w].stat().st_size)
-                        for w, p in zip(models, procs, strict=True)):
+                        p.poll() is None and not (log.exists() and log.stat().st_size)
+                        for log, p in zip(logs_all, procs, strict=True)):
                     time.sleep(0.01)
                 return procs
 
@@ -705,9 +901,13 @@ class PowerCuts:
             tally["cuts"] += 1
             tally["ebadf"] += len(re.findall(r"EBADF|Bad file descriptor", cut.daemon_log))
             tally["tracebacks"] += cut.daemon_log.count("Traceback")
+            said = cut.recovery + cut.daemon_log
+            tally["tx_replayed"] += said.count("replayed the committed transaction")
+            tally["tx_discarded"] += said.count("discarded the uncommitted transaction")
             found = self.check(pc, r, models, logs, t_cut, rdir, tally)
             status = "ok" if not found else f"{len(found)} violation(s)"
-            late = late_acks(logs, t_cut)
+            late = late_acks({**{f"w{w}": p for w, p in logs.items()},
+                              **({TX_DIR: txlog} if self.args.tx else {})}, t_cut)
             if late:
                 status += f" (acknowledged after the cut: {late})"
             self.say(f"{pc.kind} cut {r}: after {delay:.2f} s, recovered by {cut.recovered_by}: "
@@ -718,14 +918,16 @@ class PowerCuts:
             if found and not self.args.keep_going:
                 break
         self.say(f"{pc.kind} {self.mode}: " + " ".join(
-            f"{k}={tally[k]}" for k in ("cuts", *KINDS, "started", "acked", "ebadf", "tracebacks")))
+            f"{k}={tally[k]}" for k in ("cuts", *KINDS, "started", "acked",
+                                        *(TX_FIGURES if self.args.tx else ()),
+                                        "ebadf", "tracebacks")))
 
     def check(self, pc: Any, r: int, models: dict[int, Model], logs: dict[int, Path],
               t_cut: float, rdir: Path, tally: Counter[str]) -> list[str]:
         found: list[str] = []
         top = sorted(os.listdir(pc.source))
         for name in top:
-            if not re.fullmatch(r"w\d+", name):
+            if not re.fullmatch(r"w\d+", name) and not (self.args.tx and name == TX_DIR):
                 extra = ""
                 if os.path.isdir(pc.source / name):
                     extra = f": {sorted(os.listdir(pc.source / name))[:8]}"
@@ -752,7 +954,34 @@ class PowerCuts:
             if seen.log is not None and seen.log[1]:
                 os.unlink(pc.source / f"w{w}" / L_NAME)
             models[w] = self.model_of(seen)
+        if self.args.tx:
+            found += self.check_tx(pc, rdir, t_cut, tally)
         pc.sync()
+        return found
+
+    def check_tx(self, pc: Any, rdir: Path, t_cut: float, tally: Counter[str]) -> list[str]:
+        begun, acked, err = load_tx_log(rdir / "tx.log")
+        found = []
+        out = (rdir / "tx.out").read_text(errors="replace")
+        if out.strip():
+            found.append(f"early_errors: the transaction worker printed: {out.strip()[-800:]}")
+            tally["early_errors"] += 1
+        if err is not None and err["t"] < t_cut - 0.05:
+            found.append(f"early_errors: the transaction worker failed before the cut: "
+                         f"{err['msg']}")
+            tally["early_errors"] += 1
+        nums, torn, debris = observe_tx(pc.source / TX_DIR)
+        ver, t = verify_tx(self.tx_base, begun, acked, nums, torn, debris)
+        tally.update(ver.counts)
+        tally["tx_begun"] += len(begun)
+        tally["tx_acked"] += ver.acked
+        found += ver.lines
+        if t is not None and begun and t == begun[-1] and t != acked:
+            tally["tx_unacked_kept"] += 1  # committed, but the cut came before the ack
+        if t is None or debris:  # go on from one whole transaction (--keep-going)
+            t = max(nums.values(), default=self.tx_base)
+            tx_setup(pc.source / TX_DIR, t)
+        self.tx_base = t
         return found
 
     @staticmethod
@@ -773,6 +1002,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_pcworker"]:
         return worker_main(argv[1])
+    if argv[:1] == ["_txprog"]:
+        return tx_program(argv[1], int(argv[2]), *(
+            (int(argv[3]), argv[4]) if len(argv) > 4 else ()))
     p = argparse.ArgumentParser(prog="torture --power-cuts", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--power-cuts", type=int, required=True, metavar="N",
@@ -787,12 +1019,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-delay", type=float, default=0.3, help="earliest cut (s)")
     p.add_argument("--max-delay", type=float, default=2.0, help="latest cut (s)")
     p.add_argument("--keep-going", action="store_true", help="go on after a violation")
+    p.add_argument("--tx", action="store_true",
+                   help="add a transaction worker: `atomicfs run` of a program rewriting "
+                   f"{TX_FILES} files and replacing one, in {TX_DIR}/ (all or nothing)")
+    p.add_argument("--tx-plain", action="store_true",
+                   help="the transaction worker's program without `atomicfs run` (each "
+                   "file committed on its own: the check should see mixed states)")
     p.add_argument("--big-all", action="store_true",
                    help="a 10 MiB file for every worker (default: worker 0 only)")
     args = p.parse_args(argv)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
     args.options = [x for o in args.options for x in o.split(",") if x]
+    args.tx = args.tx or args.tx_plain
     made = args.workdir is None
     work = Path(args.workdir or tempfile.mkdtemp(prefix="atomicfs-powercut-")).resolve()
     rc = 1

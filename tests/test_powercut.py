@@ -8,6 +8,12 @@ filesystem and durability mode:
   creating, rewriting, renaming, linking... through the mount); every worker's
   directory must be a prefix of its operations that includes every
   acknowledged one (docs/semantics.md §1.2, §3, §9).
+- ``test_powercut_transactions``: the torture with its transaction worker
+  (``--tx``: ``atomicfs run`` of a program rewriting four files and replacing a
+  fifth); after each cut the five files carry one transaction, not older than
+  the last acknowledged, and no staging is left (docs/semantics.md §14.6).
+  ``test_a_transaction_cut_half_way`` shows the check failing for the same
+  program run without ``atomicfs run``, and holding with it.
 - ``test_app_through_mount``: sqlite3 (DELETE and WAL, synchronous=FULL), git,
   LMDB and a no-fsync JSON writer through the mount, each checked with its own
   invariant and its acknowledged data (tests/powercut_apps.py).
@@ -78,6 +84,97 @@ def test_powercut_torture(tmp_path: Path, fs: str, mode: str) -> None:
     for kind in powercut.KINDS:
         assert fields[kind] == "0", out
     assert int(fields["ops_acked"]) > 20, f"too little was acknowledged to mean anything\n{out}"
+
+
+# == transactions =======================================================================
+@needs_fuse
+@pytest.mark.parametrize("fs", FS_KINDS)
+def test_powercut_transactions(tmp_path: Path, fs: str) -> None:
+    cmd = [sys.executable, str(ROOT / "scripts" / "torture.py"), "--power-cuts", "3",
+           "--fs", fs, "-o", "durability=full", "--tx", "--writers", "1",
+           "--min-delay", "1.5", "--max-delay", "3", "--seed", str(seed()),
+           "--workdir", str(tmp_path / "pc")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=cli_env(),
+                         cwd=ROOT)
+    out = f"$ {' '.join(cmd)}\n{res.stdout[-15000:]}\n{res.stderr[-3000:]}"
+    if res.returncode == 77:
+        pytest.skip(res.stdout.strip().splitlines()[-1])
+    summary = re.search(r"^POWERCUT (.*)$", res.stdout, re.M)
+    assert summary, out
+    fields = dict(re.findall(r"(\w+)=(\S+)", summary.group(1)))
+    print(out)
+    assert res.returncode == 0, out
+    assert fields["cuts"] == "3", out
+    for kind in powercut.KINDS:
+        assert fields[kind] == "0", out
+    assert int(fields["tx_acked"]) >= 1, f"no transaction was acknowledged\n{out}"
+
+
+TX_AT = 2  # the transaction cut half way rewrites TX_AT of the files, then waits
+
+
+def cut_half_way(pc: PowerCutFs, work: Path, wrapped: bool) -> tuple[powercut.Verdict, int | None]:
+    """Transaction 2 over transaction 1 in SOURCE/x0, cut after it rewrote TX_AT files
+    (inside ``atomicfs run`` if ``wrapped``, else plainly, each close a commit)."""
+    powercut.tx_setup(pc.source / powercut.TX_DIR, 1)
+    pc.sync()
+    ready = work / "ready"
+
+    def workload(top: Path) -> list[subprocess.Popen[bytes]]:
+        prog = [sys.executable, str(ROOT / "scripts" / "powercut.py"), "_txprog",
+                str(top / powercut.TX_DIR), "2", str(TX_AT), str(ready)]
+        run = [sys.executable, "-m", "atomicfs", "run", str(top), "--"] if wrapped else []
+        with open(work / "prog.out", "wb") as out:
+            proc = subprocess.Popen([*run, *prog], stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=cli_env())
+        deadline = time.monotonic() + 60
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ready.exists(), (work / "prog.out").read_text(errors="replace")
+        return [proc]
+
+    cut = pc.cycle(workload, 0.2, ["durability=full"], recovered_by="recover")
+    assert not cut.early_exits, (work / "prog.out").read_text(errors="replace")
+    assert sorted(os.listdir(pc.source)) == [powercut.TX_DIR], cut.recovery
+    return powercut.verify_tx(1, [2], None, *powercut.observe_tx(pc.source / powercut.TX_DIR))
+
+
+@needs_fuse
+@pytest.mark.parametrize("wrapped", [True, False], ids=["atomicfs-run", "per-file"])
+def test_a_transaction_cut_half_way(tmp_path: Path, wrapped: bool) -> None:
+    """Cut while the program has rewritten two of the files: inside ``atomicfs run``
+    nothing of transaction 2 remains (and no staging); run plainly, the two files it
+    closed are committed (durability=full) and the check sees a mixed state."""
+    with powercut_fs(tmp_path, "ext4") as pc:
+        ver, t = cut_half_way(pc, tmp_path, wrapped)
+    if wrapped:
+        assert (ver.lines, t) == ([], 1)
+    else:
+        assert ver.counts == {"mixed": 1}, ver.lines
+        assert "X0=2 X1=2 X2=1 X3=1" in ver.lines[0], ver.lines
+
+
+def test_verify_tx() -> None:
+    tx = powercut.make_tx
+    whole = {f"X{i}": 5 for i in range(powercut.TX_FILES)} | {"N5": 5}
+    ver, t = powercut.verify_tx(4, [5, 6], 5, dict(whole), {}, [])
+    assert (ver.lines, t) == ([], 5)
+    ver, t = powercut.verify_tx(4, [5, 6], 6, dict(whole), {}, [])
+    assert ver.counts == {"older": 1} and t == 5, ver.lines
+    ver, t = powercut.verify_tx(1, [2, 3], None, dict(whole), {}, [])
+    assert ver.counts == {"lost": 1}, ver.lines
+    for bad in ({**whole, "X1": 6}, {**whole, "N6": 6}, {k: v for k, v in whole.items()
+                                                       if k != "N5"}):
+        ver, t = powercut.verify_tx(4, [5, 6], None, bad, {}, [])
+        assert ver.counts == {"mixed": 1} and t is None, (bad, ver.lines)
+    ver, _ = powercut.verify_tx(4, [5], None, {k: v for k, v in whole.items() if k != "X2"},
+                                {"X2": "short"}, ["x0/.tmp"])
+    assert ver.counts == {"torn": 1, "mixed": 1, "debris": 1}, ver.lines
+    data = tx("X1", 7)
+    assert powercut.parse_tx(data, "X1") == 7
+    for broken in (data[:-1], data[:20], b"", data.replace(b"X1 7", b"X2 7")):
+        with pytest.raises(powercut.Torn):
+            powercut.parse_tx(broken, "X1")
 
 
 # == real programs ======================================================================

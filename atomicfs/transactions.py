@@ -197,6 +197,7 @@ class Transaction:
     result: dict[str, Any] | None = None
     runner_fd: int | None = None  # pidfd of the runner: it dying aborts
     tokens: int = 0
+    applied: int = 0  # operations of its redo record, once written
 
     def token(self, kind: str) -> str:
         self.tokens += 1
@@ -348,7 +349,8 @@ class Transactions:
         self.open[root] = tx
         self.membership.add(root, st[1], tx)
         self._send.send_nowait(tx)
-        log.info("transaction of pid %d began: %s", root, tx.command)
+        # the command is not known yet: the root has not exec'd it (status shows it)
+        log.info("transaction of pid %d began (atomicfs run pid %d)", root, runner)
         return b'{"ok": true}'
 
     async def run(self) -> None:
@@ -735,8 +737,9 @@ class Transactions:
         await self._sync_dirs(dirs)
         self._retire(tx)
         self.counts["committed"] += 1
-        log.info("transaction of pid %d committed: %d changes in %.1f ms", tx.root,
-                 len(dirs), (time.monotonic() - started) * 1000)
+        log.info("transaction of pid %d committed: %d names put in place or removed, "
+                 "%d directories synced, in %.1f ms", tx.root, tx.applied, len(dirs),
+                 (time.monotonic() - started) * 1000)
         self._finish(tx, "committed", {"ok": True})
 
     def _removed(self, tx: Transaction, session: Session) -> bool:
@@ -910,6 +913,7 @@ class Transactions:
                 backings[session.inode.ino] = self.table.prepare(fd)
             faults.point("tx.before_record")
             txrecord.write(sfd, ops)
+            tx.applied = len(ops)
         except BaseException:
             # the record is not there: nothing of the tree changed (the caller aborts)
             for backing in backings.values():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -167,6 +168,19 @@ def assert_new(m: Mount) -> None:
 
 
 # -- stage 1: contents and creates ---------------------------------------------------------
+def test_the_log_names_the_transaction_and_counts_its_changes(mount: Mount) -> None:
+    seed(mount)
+    res = atomicfs_run(mount, "sh", "-c", "echo x > a; echo y > b; echo z > c; rm b",
+                       cwd=mount.mountpoint)
+    assert res.returncode == 0, res.stderr
+    log = mount.log()
+    assert re.search(r"INFO atomicfs\.transactions: transaction of pid \d+ began "
+                     r"\(atomicfs run pid \d+\)$", log, re.M), log
+    # a rewritten, c created, b rewritten then removed: two puts and one removal
+    assert re.search(r"transaction of pid \d+ committed: 3 names put in place or removed, "
+                     r"1 directories synced", log), log
+
+
 def test_contents_and_creates_become_visible_together(mount: Mount, tmp_path: Path) -> None:
     seed(mount)
     poller = Poller([mount.path(p) for p in PATHS], tmp_path / "stop")

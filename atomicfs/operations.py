@@ -145,15 +145,6 @@ class AtomicOperations(pyfuse3.Operations):
             attr.attr_timeout = 0
         return attr
 
-    def _owned(self, tx: Transaction | None, node: Inode) -> bool:
-        """Is ``node`` something the member's transaction made (changes to it are
-        invisible to others already)?"""
-        if tx is None:
-            return False
-        session = tx.sessions.get(node.ino)
-        return ((session is not None and session.pending) or node.ino in tx.staged
-                or any(p in tx.private for p, _ in node.names))
-
     # -- lookup and attributes -------------------------------------------
     @_handler
     async def lookup(self, parent_inode: int, name: bytes,
@@ -224,7 +215,7 @@ class AtomicOperations(pyfuse3.Operations):
         if fields.update_size:
             handle = self.files.get(fh) if fh is not None else None
             await self.files.truncate(node, attr.st_size, handle, tx)
-        owned = self._owned(tx, node)
+        owned = self.tx.owns(tx, node)
         session = self.files.sessions.get(node.ino)
         if not owned:
             st = os.stat(node.fd)
@@ -505,7 +496,7 @@ class AtomicOperations(pyfuse3.Operations):
         node = self.table.get(inode)
         tx = self.tx.member(ctx)
         if tx is not None:
-            if not self._owned(tx, node):
+            if not self.tx.owns(tx, node):
                 raise OSError(errno.EOPNOTSUPP, "changing the xattrs of a committed file "
                               "inside a transaction is not supported yet")
             metadata.set_xattr(node.fd, name, value)
@@ -531,7 +522,7 @@ class AtomicOperations(pyfuse3.Operations):
         node = self.table.get(inode)
         tx = self.tx.member(ctx)
         if tx is not None:
-            if not self._owned(tx, node):
+            if not self.tx.owns(tx, node):
                 raise OSError(errno.EOPNOTSUPP, "changing the xattrs of a committed file "
                               "inside a transaction is not supported yet")
             metadata.remove_xattr(node.fd, name)

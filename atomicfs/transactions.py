@@ -278,6 +278,15 @@ class Transactions:
                 return tx
         return None
 
+    def owns(self, tx: Transaction | None, node: Inode) -> bool:
+        """Is ``node`` something the member's transaction made (changes to it are
+        invisible to others already)?"""
+        if tx is None:
+            return False
+        session = tx.sessions.get(node.ino)
+        return ((session is not None and session.pending) or node.ino in tx.staged
+                or any(p in tx.private for p, _ in node.names))
+
     def private_parent(self, tx: Transaction | None, parent: Inode) -> bool:
         """Is ``parent`` a directory the transaction made (its content is real)?"""
         return tx is not None and parent.ino in tx.private

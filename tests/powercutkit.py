@@ -139,6 +139,13 @@ class PowerCutFs:
                                f"{res.stderr.strip()} {res.stdout.strip()}")
         return res.stdout + res.stderr
 
+    def restart(self) -> str:
+        """After a cut: stop what this harness started, remount the image (its log
+        recovery) and run ``atomicfs recover``; returns the recovery's output."""
+        self.release()
+        self.remount()
+        return self.recover()
+
     def release(self) -> None:
         """Kill what this harness started and detach the FUSE mounts (idempotent)."""
         stop(self.procs)

@@ -168,6 +168,12 @@ def logrotate(tmp_path: Path, body: str) -> None:
     assert res.returncode == 0, f"logrotate failed: {res.stderr}"
 
 
+def assert_rotated(rotated: bytes, current: bytes) -> None:
+    """The first 100 lines went to log.1, the next 100 to log: none lost or doubled."""
+    assert parse(rotated) == list(range(100))
+    assert parse(current) == list(range(100, 200))
+
+
 @pytest.mark.parametrize("how", ["logrotate", "cp-and-truncate"])
 def test_copytruncate_loses_no_line(mount: Mount, tmp_path: Path, how: str) -> None:
     """logrotate's copytruncate (and its shell form, `cp log log.1 && : > log`, whose
@@ -187,12 +193,10 @@ def test_copytruncate_loses_no_line(mount: Mount, tmp_path: Path, how: str) -> N
                            timeout=60)
         logger.write(100)
         # while the logger still holds it: log.1 has the first part, log the second
-        assert parse(read_via_mount(mount, "app.log.1")) == list(range(100))
-        assert parse(read_via_mount(mount, "app.log")) == list(range(100, 200))
+        assert_rotated(read_via_mount(mount, "app.log.1"), read_via_mount(mount, "app.log"))
     finally:
         logger.close()
-    assert parse(mount.src("app.log.1").read_bytes()) == list(range(100))
-    assert parse(mount.src("app.log").read_bytes()) == list(range(100, 200))
+    assert_rotated(mount.src("app.log.1").read_bytes(), mount.src("app.log").read_bytes())
 
 
 def test_create_rotation_with_sighup_loses_no_line(mount: Mount, tmp_path: Path) -> None:
@@ -205,12 +209,10 @@ def test_create_rotation_with_sighup_loses_no_line(mount: Mount, tmp_path: Path)
         logrotate(tmp_path, f"{log} {{\n  create 0644\n  rotate 1\n  postrotate\n"
                             f"    kill -HUP {logger.pid}\n  endscript\n}}\n")
         logger.write(100)  # reopens first
-        assert parse(read_via_mount(mount, "app.log.1")) == list(range(100))
-        assert parse(read_via_mount(mount, "app.log")) == list(range(100, 200))
+        assert_rotated(read_via_mount(mount, "app.log.1"), read_via_mount(mount, "app.log"))
     finally:
         logger.close()
-    assert parse(mount.src("app.log.1").read_bytes()) == list(range(100))
-    assert parse(mount.src("app.log").read_bytes()) == list(range(100, 200))
+    assert_rotated(mount.src("app.log.1").read_bytes(), mount.src("app.log").read_bytes())
 
 
 # -- concurrent appenders, large writes ------------------------------------------------------

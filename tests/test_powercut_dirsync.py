@@ -72,9 +72,7 @@ def cut_during_commit(pc: powercutkit.PowerCutFs, fault: str, reached: Callable[
         saver.join(60)
     assert not saver.is_alive(), "close() never returned"
     log = m.log()
-    pc.release()
-    pc.remount()
-    pc.recover()
+    pc.restart()
     return result["err"], (pc.source / "f").read_bytes(), log
 
 
@@ -147,9 +145,7 @@ def test_batch_an_fsync_while_the_group_persist_syncs_the_directory(tmp_path: Pa
         syncer.join(60)
         assert not syncer.is_alive(), "fsync() never returned"
         log = m.log()
-        pc.release()
-        pc.remount()
-        pc.recover()
+        pc.restart()
         check(result["err"], (pc.source / "f").read_bytes(), log)
 
 

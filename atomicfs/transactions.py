@@ -48,6 +48,7 @@ from . import faults, metadata, syscalls, txrecord
 from .extents import Kind
 from .inodes import Backing, Inode, open_path, stat_at
 from .namespace import check_name, is_reserved
+from .publish import sync_dirs
 from .sessions import Session
 
 if TYPE_CHECKING:
@@ -1007,22 +1008,11 @@ class Transactions:
         session.pending = False
 
     async def _sync_dirs(self, dirs: list[Inode]) -> None:
-        fds = []
         try:
-            for d in dirs:
-                fds.append(syscalls.reopen(d.fd, os.O_RDONLY | os.O_DIRECTORY))
-
-            def sync() -> None:
-                for fd in fds:
-                    syscalls.fsync_dir_fd(fd)
-
-            await trio.to_thread.run_sync(sync)
+            await sync_dirs(dirs, "tx.before_dir_fsync")
         except OSError as exc:
             log.error("a committed transaction's directories could not be synced (%s); "
                       "the next mount replays its record", exc)
-        finally:
-            for fd in fds:
-                os.close(fd)
 
     # -- status and shutdown ---------------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from atomicfs.mounttable import top_fstype
 
@@ -183,3 +184,70 @@ def log_since(path: Path, offset: int) -> str:
             return f.read().decode(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+# -- driven child processes -------------------------------------------------------------
+CHILD_TIMEOUT = 20  # seconds a driven child may take to end once its input is closed
+
+_READER = r"""
+import os, sys
+for line in sys.stdin:
+    try:
+        fd = os.open(line.rstrip("\n"), os.O_RDONLY)
+        try:
+            data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+        finally:
+            os.close(fd)
+        sys.stdout.write("ok " + data.hex() + "\n")
+    except OSError as exc:
+        sys.stdout.write("err %d\n" % exc.errno)
+    sys.stdout.flush()
+"""
+
+
+class ChildProcess:
+    """A Python child driven line by line through its stdin and stdout (``script``:
+    its code); closed (and killed if it does not end) on close or at ``with`` exit."""
+
+    def __init__(self, script: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=CHILD_TIMEOUT)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ReaderProcess(ChildProcess):
+    """Another process that opens, reads (all of it) and closes a file on request.
+
+    Start it *before* opening a file for writing: every fork+exec while a written
+    descriptor is open closes the child's copy at exec, which sends a FLUSH for
+    the writer's open file (a commit point).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_READER)
+
+    def read(self, path: Path) -> bytes:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{path}\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer.startswith("ok "):
+            raise OSError(int(answer.split()[1]) if answer else 5, f"reader: {answer!r}")
+        return bytes.fromhex(answer[3:].strip())

@@ -35,61 +35,16 @@ import mmap
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from atomicfs.appends import IDLE_WHOLE, is_whole
+from atomicfs.harness import ReaderProcess
 
 SETTLE = 5.0  # seconds an asynchronous release commit may take to reach SOURCE
 PAGE = mmap.PAGESIZE
-
-
-_READER = r"""
-import os, sys
-for line in sys.stdin:
-    try:
-        fd = os.open(line.rstrip("\n"), os.O_RDONLY)
-        try:
-            data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
-        finally:
-            os.close(fd)
-        sys.stdout.write("ok " + data.hex() + "\n")
-    except OSError as exc:
-        sys.stdout.write("err %d\n" % exc.errno)
-    sys.stdout.flush()
-"""
-
-
-class Reader:
-    """Another process that opens, reads and closes the file on request."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", _READER], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-
-    def read(self, path: Path) -> bytes:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{path}\n")
-        self.proc.stdin.flush()
-        answer = self.proc.stdout.readline()
-        if not answer.startswith("ok "):
-            raise OSError(int(answer.split()[1]) if answer else 5, f"reader: {answer!r}")
-        return bytes.fromhex(answer[3:].strip())
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 class FsxError(AssertionError):
@@ -343,7 +298,7 @@ class Fsx:
                 p.unlink()
         names = list(self.OPS)
         weights = [self.OPS[n] for n in names]
-        self.reader = Reader()  # before the file is open: it inherits no descriptor of it
+        self.reader = ReaderProcess()  # before the file is open: it inherits no descriptor of it
         try:
             self.open()
             if self.link:

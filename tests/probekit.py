@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sessionkit import ChildProcess
+from atomicfs.harness import ChildProcess
 
 _PROBE = r"""
 import json, mmap, os, sys

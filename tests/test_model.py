@@ -70,7 +70,8 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from sessionkit import ReaderProcess
+
+from atomicfs.harness import ReaderProcess
 
 NAMES = ["a", "b", "c"]
 MAX_HANDLES = 6

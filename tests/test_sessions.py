@@ -25,7 +25,6 @@ from sessionkit import (
     TIMEOUT,
     TOOL_IDS,
     TOOLS,
-    ReaderProcess,
     Tool,
     assert_no_debris,
     data_map,
@@ -34,6 +33,8 @@ from sessionkit import (
     user_entries,
     wait_for,
 )
+
+from atomicfs.harness import ReaderProcess
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 

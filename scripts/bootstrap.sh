@@ -51,7 +51,7 @@ bootstrap() {
     if [ "$extra" = test ]; then
         # tools the test suite drives through the mount
         debs+=(attr acl rsync sqlite3 git xfsprogs e2fsprogs util-linux mount strace tar sed diffutils
-               systemd passwd quota btrfs-progs logrotate vim-tiny)
+               systemd passwd quota btrfs-progs logrotate vim-tiny make)
     fi
     if command -v dpkg-query >/dev/null 2>&1; then
         _apt_install "${debs[@]}" || return 1

@@ -481,11 +481,11 @@ class AtomicOperations(pyfuse3.Operations):
             return status.render(self)
         if inode == self.table.root.ino and name.startswith(CONTROL_PREFIX.encode()):
             return await self.tx.control(name.decode("utf-8", "replace"), ctx)
-        return self.tx.getxattr(self.tx.member(ctx), self.table.get(inode), name)
+        return self.tx.getxattr(self.tx.xattr_viewer(ctx), self.table.get(inode), name)
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        return self.tx.listxattr(self.tx.member(ctx), self.table.get(inode), ctx)
+        return self.tx.listxattr(self.tx.xattr_viewer(ctx), self.table.get(inode), ctx)
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

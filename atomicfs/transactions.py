@@ -841,6 +841,14 @@ class Transactions:
             changes.mode = dropped
             changes.ctime_ns = time.time_ns()
 
+    def xattr_viewer(self, ctx: pyfuse3.RequestContext) -> Transaction | None:
+        """The caller's transaction, for getxattr and listxattr: asked only while a
+        transaction has changed attributes (the kernel asks for security.capability
+        before every write; it need not cost a look in /proc)."""
+        if not any(tx.attrs for tx in self.open.values()):
+            return None
+        return self.member(ctx)
+
     def getxattr(self, tx: Transaction | None, node: Inode, name: bytes) -> bytes:
         changes = tx.attrs.get(node.ino) if tx is not None else None
         if changes is None:

@@ -577,6 +577,28 @@ def test_attributes_of_committed_names_change_with_the_transaction(
     assert_no_debris(mount.source)
 
 
+def test_attributes_of_the_root_and_of_a_symlink(mount: Mount, tmp_path: Path) -> None:
+    """The mount's root (no name: its own record operation) and a symlink itself
+    (lchown, utimes without following)."""
+    seed(mount)
+    os.symlink("a", mount.src("link"))
+    os.chmod(mount.source, 0o755)
+    paths = [".", "link", "a"]
+    old = [view(mount.src(p)) for p in paths]  # (the kernel may hold the root's from before)
+    script = "chmod 711 . && chown -h 1234:5678 link && touch -h -d @1000000000 link"
+    with paused_run(mount, script, tmp_path, mount.mountpoint) as run:
+        assert [view(mount.path(p)) for p in paths] == old
+        run.go()
+        assert run.wait() == 0, run.proc.communicate(timeout=TIMEOUT)
+    new = [view(mount.path(p)) for p in paths]
+    assert [view(mount.src(p)) for p in paths] == new
+    assert stat_mode(mount.source) == 0o711
+    st = os.lstat(mount.src("link"))
+    assert (st.st_uid, st.st_gid, st.st_mtime) == (1234, 5678, 1_000_000_000)
+    assert new[2] == old[2]  # the symlink's target is untouched
+    assert_no_debris(mount.source)
+
+
 def test_attribute_changes_are_dropped_by_an_abort(mount: Mount, tmp_path: Path) -> None:
     seed_attrs(mount)
     old = views(mount.path)

@@ -599,6 +599,28 @@ def test_attributes_of_the_root_and_of_a_symlink(mount: Mount, tmp_path: Path) -
     assert_no_debris(mount.source)
 
 
+def test_set_id_bits_follow_the_same_rules_as_outside(mount: Mount, tmp_path: Path) -> None:
+    """A chown clears set-uid (and set-gid with group execute) of a file, not of a
+    directory, inside a transaction as outside it."""
+    seed(mount)
+    for name, mode in (("a", 0o6755), ("b", 0o6755), ("dir", 0o2755), ("dir2", 0o2755)):
+        if name.startswith("dir"):
+            mount.src(name).mkdir()
+        os.chmod(mount.src(name), mode)
+    os.chown(mount.path("b"), 1234, -1)  # outside
+    os.chown(mount.path("dir2"), 1234, -1)
+    with paused_run(mount, f"chown 1234 a dir && stat -c %a a dir > {tmp_path}/member",
+                    tmp_path, mount.mountpoint) as run:
+        assert (tmp_path / "member").read_text().split() == ["755", "2755"]
+        assert stat_mode(mount.path("a")) == 0o6755  # outside: committed
+        run.go()
+        assert run.wait() == 0
+    for where in (mount.path, mount.src):
+        assert stat_mode(where("a")) == stat_mode(where("b")) == 0o755
+        assert stat_mode(where("dir")) == stat_mode(where("dir2")) == 0o2755
+        assert os.stat(where("a")).st_uid == 1234
+
+
 def test_attribute_changes_are_dropped_by_an_abort(mount: Mount, tmp_path: Path) -> None:
     seed_attrs(mount)
     old = views(mount.path)
@@ -682,10 +704,12 @@ def test_permissions_are_judged_by_each_side_s_mode(mount: Mount, tmp_path: Path
 
     assert outsider_reads()
     result = tmp_path / "member"
-    inner = "chmod 000 a && (cat a > /dev/null 2>&1 && echo read || echo denied)"
+    inner = ("chmod 000 a && (cat a > /dev/null 2>&1 && echo read || echo denied); "
+             "chown 1234 a 2>/dev/null && echo chowned || echo refused")
     script = f"{shlex.join(as_nobody('sh', '-c', inner))} > {result}"
     with paused_run(mount, script, tmp_path, mount.mountpoint) as run:
-        assert result.read_text() == "denied\n"  # the member: by its own mode 000
+        # the member: by its own mode 000; and the kernel's rule: no chown for a user
+        assert result.read_text() == "denied\nrefused\n"
         assert outsider_reads()  # an outsider: by the committed 0644
         assert stat_mode(mount.path("a")) == 0o644
         run.go()

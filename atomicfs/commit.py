@@ -80,18 +80,6 @@ JOURNAL_RATIO = 4
 _DROPPED_AT = ("last close", "unmount")
 
 
-def _replace_xattrs(src_fd: int, dst_fd: int) -> None:
-    """Make dst's xattrs exactly src's (dst may have inherited default ACLs)."""
-    wanted = metadata.list_xattrs(src_fd)
-    for name in metadata.list_xattrs(dst_fd):
-        if name not in wanted:
-            try:
-                metadata.remove_xattr(dst_fd, name)
-            except Exception:  # a label the fs will not drop: keep it
-                log.debug("could not remove xattr %r from a shadow", name)
-    metadata.copy_xattrs(src_fd, dst_fd, wanted)
-
-
 class Committer:
     """Makes commits; the caller holds ``session.lock``."""
 
@@ -261,7 +249,7 @@ class Committer:
                     elif ext.kind is Kind.HOLE:
                         syscalls.punch_hole(shadow, ext.start, ext.length)
             os.ftruncate(shadow, size)
-            _replace_xattrs(inode.fd, shadow)
+            metadata.replace_xattrs(inode.fd, shadow)
             syscalls.fchown_fd(shadow, committed.st_uid, committed.st_gid)
             os.fchmod(shadow, stat.S_IMODE(committed.st_mode))
             syscalls.utimens_fd(shadow, committed.st_atime_ns, mtime)

@@ -8,6 +8,7 @@ never its target).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ import pyfuse3
 import xattr
 
 from . import processes, syscalls
+
+log = logging.getLogger(__name__)
 
 IS_ROOT = os.geteuid() == 0
 
@@ -101,14 +104,23 @@ def drop_set_id(fd: int, ctx: pyfuse3.RequestContext) -> None:
     open with O_TRUNC.
     """
     st = os.stat(fd)
-    mode = stat.S_IMODE(st.st_mode)
-    if not stat.S_ISREG(st.st_mode) or not mode & (stat.S_ISUID | stat.S_ISGID):
-        return
+    mode = set_id_dropped(st.st_mode, st.st_gid, ctx)
+    if mode is not None:
+        os.chmod(syscalls.proc_path(fd), mode)
+
+
+def set_id_dropped(st_mode: int, st_gid: int, ctx: pyfuse3.RequestContext) -> int | None:
+    """The permission bits a write or truncate by the caller leaves (:func:`drop_set_id`),
+    or None when they stay as they are."""
+    mode = stat.S_IMODE(st_mode)
+    if not stat.S_ISREG(st_mode) or not mode & (stat.S_ISUID | stat.S_ISGID):
+        return None
     kill = stat.S_ISUID
-    if mode & stat.S_IXGRP or not caller_in_group(ctx, st.st_gid):
+    if mode & stat.S_IXGRP or not caller_in_group(ctx, st_gid):
         kill |= stat.S_ISGID
     if mode & kill and not caller_capable(ctx, CAP_FSETID):
-        os.chmod(syscalls.proc_path(fd), mode & ~kill)
+        return mode & ~kill
+    return None
 
 
 def new_owner(ctx: pyfuse3.RequestContext, parent_st: os.stat_result) -> tuple[int, int]:
@@ -173,6 +185,19 @@ def remove_xattr(fd: int, name: bytes) -> None:
         if exc.errno == errno.ENODATA:
             raise pyfuse3.FUSEError(errno.ENODATA) from None
         raise
+
+
+def replace_xattrs(src_fd: int, dst_fd: int) -> None:
+    """Make dst's xattrs exactly src's (dst may have inherited default ACLs); a name
+    the filesystem will not drop from dst (a security label) is kept."""
+    wanted = list_xattrs(src_fd)
+    for name in list_xattrs(dst_fd):
+        if name not in wanted:
+            try:
+                remove_xattr(dst_fd, name)
+            except Exception:
+                log.debug("could not remove xattr %r from a new version", name)
+    copy_xattrs(src_fd, dst_fd, wanted)
 
 
 def copy_xattrs(src_fd: int, dst_fd: int, names: Sequence[bytes] | None = None) -> None:

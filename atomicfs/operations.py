@@ -14,7 +14,6 @@ import errno
 import functools
 import logging
 import os
-import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -137,6 +136,7 @@ class AtomicOperations(pyfuse3.Operations):
             attr = metadata.entry_attributes(inode.ino, st)
             if inode is self.table.root:
                 attr.st_nlink -= self.namespace.hidden_dirs(inode)
+        self.tx.fold(tx, inode, attr)  # a member's changes of its attributes
         if self.tx.open and (self.tx.touched_inode(inode)
                              or (name is not None and self.tx.touched_name(*name))):
             # the kernel's caches are shared by all processes: what a transaction
@@ -179,7 +179,8 @@ class AtomicOperations(pyfuse3.Operations):
         node = self.table.get(inode)
         tx = self.tx.member(ctx)
         if tx is not None:
-            return await self._tx_setattr(tx, node, attr, fields, fh, ctx)
+            await self.tx.setattr(tx, node, attr, fields, fh, ctx)
+            return self._attrs(node, os.stat(node.fd), tx)
         if fields.update_size:
             handle = self.files.get(fh) if fh is not None else None
             await self.files.truncate(node, attr.st_size, handle)
@@ -207,35 +208,6 @@ class AtomicOperations(pyfuse3.Operations):
                                        or fields.update_mtime):
             await self._after_metadata_change(node)
         return self._attrs(node, os.stat(node.fd))
-
-    async def _tx_setattr(self, tx: Transaction, node: Inode, attr: pyfuse3.EntryAttributes,
-                          fields: pyfuse3.SetattrFields, fh: int | None,
-                          ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        """setattr by a member of a transaction (docs/semantics.md §14)."""
-        if fields.update_size:
-            handle = self.files.get(fh) if fh is not None else None
-            await self.files.truncate(node, attr.st_size, handle, tx)
-        owned = self.tx.owns(tx, node)
-        session = self.files.sessions.get(node.ino)
-        if not owned:
-            st = os.stat(node.fd)
-            if ((fields.update_mode and stat.S_IMODE(attr.st_mode) != stat.S_IMODE(st.st_mode))
-                    or (fields.update_uid and attr.st_uid != st.st_uid)
-                    or (fields.update_gid and attr.st_gid != st.st_gid)
-                    or ((fields.update_atime or fields.update_mtime)
-                        and (session is None or session.tx is not tx))):
-                raise OSError(errno.EOPNOTSUPP, "changing the metadata of a committed file "
-                              "inside a transaction is not supported yet")
-            if fields.update_mtime and session is not None:
-                session.mtime_ns = attr.st_mtime_ns  # goes with the new version
-            return self._attrs(node, os.stat(node.fd), tx)
-        metadata.apply_setattr(node.fd, attr, fields)
-        if fields.update_size or not (fields.update_mode or fields.update_uid or fields.update_gid
-                                      or fields.update_atime or fields.update_mtime):
-            metadata.drop_set_id(node.fd, ctx)
-        if session is not None and fields.update_mtime:
-            session.mtime_ns = attr.st_mtime_ns
-        return self._attrs(node, os.stat(node.fd), tx)
 
     async def _before_metadata_change(self, node: Inode) -> None:
         """durability=batch: order a metadata change of SOURCE behind the commits
@@ -453,9 +425,10 @@ class AtomicOperations(pyfuse3.Operations):
     @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.table.get(inode)
+        tx = self.tx.member(ctx)
         if flags & os.O_TRUNC:  # the kernel drops no privileges for an atomic O_TRUNC
-            metadata.drop_set_id(node.fd, ctx)
-        _, info = await self.files.open(node, flags, ctx.pid, self.tx.member(ctx))
+            self.tx.drop_set_id(tx, node, ctx)
+        _, info = await self.files.open(node, flags, ctx.pid, tx)
         return info
 
     @_handler
@@ -496,10 +469,7 @@ class AtomicOperations(pyfuse3.Operations):
         node = self.table.get(inode)
         tx = self.tx.member(ctx)
         if tx is not None:
-            if not self.tx.owns(tx, node):
-                raise OSError(errno.EOPNOTSUPP, "changing the xattrs of a committed file "
-                              "inside a transaction is not supported yet")
-            metadata.set_xattr(node.fd, name, value)
+            self.tx.setxattr(tx, node, name, value)
             return
         await self._before_metadata_change(node)
         metadata.set_xattr(node.fd, name, value)
@@ -511,21 +481,18 @@ class AtomicOperations(pyfuse3.Operations):
             return status.render(self)
         if inode == self.table.root.ino and name.startswith(CONTROL_PREFIX.encode()):
             return await self.tx.control(name.decode("utf-8", "replace"), ctx)
-        return metadata.get_xattr(self.table.get(inode).fd, name)
+        return self.tx.getxattr(self.tx.xattr_viewer(ctx), self.table.get(inode), name)
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        return metadata.listed_xattrs(self.table.get(inode).fd, ctx)
+        return self.tx.listxattr(self.tx.xattr_viewer(ctx), self.table.get(inode), ctx)
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self.table.get(inode)
         tx = self.tx.member(ctx)
         if tx is not None:
-            if not self.tx.owns(tx, node):
-                raise OSError(errno.EOPNOTSUPP, "changing the xattrs of a committed file "
-                              "inside a transaction is not supported yet")
-            metadata.remove_xattr(node.fd, name)
+            self.tx.removexattr(tx, node, name)
             return
         await self._before_metadata_change(node)
         metadata.remove_xattr(node.fd, name)

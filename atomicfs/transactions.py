@@ -31,6 +31,7 @@ mount replays the record.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import pyfuse3
 import trio
 
-from . import faults, metadata, syscalls, txrecord
+from . import faults, metadata, syscalls, txattrs, txrecord
 from .extents import Kind
 from .inodes import Backing, Inode, open_path, stat_at
 from .namespace import check_name, is_reserved
@@ -152,7 +153,7 @@ class Membership:
 
 
 # -- conflicts (pure) ------------------------------------------------------------------
-Identity = tuple[int, int, int, int]  # dev, ino, mtime_ns, size
+Identity = tuple[int, ...]  # dev, ino, mtime_ns, size (names); dev, ino, ctime_ns (attributes)
 
 
 def identity_of(st: os.stat_result | None) -> Identity | None:
@@ -161,6 +162,15 @@ def identity_of(st: os.stat_result | None) -> Identity | None:
     if st is None:
         return None
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def attr_identity_of(st: os.stat_result | None) -> Identity | None:
+    """What an object whose attributes the transaction changes is, for conflict
+    detection: the same object (dev, ino) unchanged since (ctime: any chmod, chown,
+    utimes, xattr change, write, link count change by anyone else moves it)."""
+    if st is None:
+        return None
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
 def conflicts(seen: dict[tuple[int, bytes], Identity | None],
@@ -195,6 +205,13 @@ class Transaction:
     # (absent) -- and the name of each committed file it rewrites (ino -> name)
     seen: dict[tuple[int, bytes], Identity | None] = field(default_factory=dict)
     rewrites: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+    # attributes of committed objects it changed (held): ino -> changes
+    # (atomicfs/txattrs.py); the name of each as first touched (parent held; b"": the
+    # root itself) and what it was then, (dev, ino, ctime)
+    attrs: dict[int, txattrs.Changes] = field(default_factory=dict)
+    attr_names: dict[int, tuple[Inode, bytes]] = field(default_factory=dict)
+    attr_seen: dict[tuple[int, bytes], Identity | None] = field(default_factory=dict)
+    metas: int = 0  # attribute operations of its record, once written
     result: dict[str, Any] | None = None
     runner_fd: int | None = None  # pidfd of the runner: it dying aborts
     tokens: int = 0
@@ -215,7 +232,7 @@ class Transaction:
                 "age_s": round(time.monotonic() - self.started, 3), "state": self.state,
                 "files": files,
                 "bytes": sum(s.size for s in self.sessions.values()),
-                "changes": len(self.entries) + len(self.whiteouts)
+                "changes": len(self.entries) + len(self.whiteouts) + len(self.attrs)
                 + sum(1 for s in self.sessions.values() if not s.pending and s.dirty)}
 
 
@@ -266,7 +283,7 @@ class Transactions:
         replies keep the usual timeouts."""
         for tx in self.open.values():
             session = tx.sessions.get(inode.ino)
-            if session is not None and not session.pending:
+            if (session is not None and not session.pending) or inode.ino in tx.attrs:
                 return True
             if (session is not None or inode.ino in tx.staged) and any(
                     p not in tx.private for p, _ in inode.names):
@@ -411,6 +428,7 @@ class Transactions:
         tx.staged.clear()
         self._release_all_private(tx)
         self._release_whiteouts(tx)
+        self._release_attrs(tx)
         self._retire(tx)
         self.counts["aborted"] += 1
         log.info("transaction of pid %d aborted: %s", tx.root, why)
@@ -458,6 +476,10 @@ class Transactions:
         self.files.appends.forget(session)  # no checkpoints: not a log (§10) inside
         tx.sessions[session.inode.ino] = session
         self.table.hold(session.inode)
+        changes = tx.attrs.get(session.inode.ino)
+        if changes is not None and changes.mtime_ns is not None:
+            # the mtime goes with the content from here (a write moves it on)
+            session.mtime_ns, changes.mtime_ns = changes.mtime_ns, None
         if not session.pending:
             self._see_rewrite(tx, session.inode)
             # attributes the kernel cached (with their timeout) go now: from here every
@@ -715,6 +737,192 @@ class Transactions:
             os.unlink(name, dir_fd=parent.fd)
         self.table.name_removed(parent, name, st)
 
+    # -- attributes (atomicfs/txattrs.py) -----------------------------------------------
+    # A member's change of a committed object's attributes goes into tx.attrs; one of
+    # something the transaction made (owns) is real.  No await between reading the
+    # committed attributes and recording the change.
+    def fold(self, tx: Transaction | None, inode: Inode, attr: pyfuse3.EntryAttributes) -> None:
+        """The attributes a member sees: with its transaction's changes."""
+        changes = tx.attrs.get(inode.ino) if tx is not None else None
+        if changes is not None:
+            txattrs.fold(attr, changes)
+
+    def _changes(self, tx: Transaction, node: Inode) -> txattrs.Changes:
+        """The overlay of a committed object; made at the first change: its name and
+        what it is now are remembered (conflicts), it and its parent held (their
+        inode numbers must not change), the kernel's cached attributes dropped."""
+        changes = tx.attrs.get(node.ino)
+        if changes is not None:
+            return changes
+        if node is self.table.root:
+            parent, name = node, b""
+        else:
+            parent, name = self.shadows.find_name(node, node.key)
+        changes = tx.attrs[node.ino] = txattrs.Changes()
+        tx.attr_names[node.ino] = (parent, name)
+        tx.attr_seen.setdefault((parent.ino, name), attr_identity_of(os.stat(node.fd)))
+        self.table.hold(node)
+        self.table.hold(parent)
+        session = tx.sessions.get(node.ino)
+        if session is None or session.pending:
+            # attribute-only invalidation: safe in a handler (docs/design-transactions.md)
+            _invalidate_attrs(node.ino)
+        return changes
+
+    def _release_attrs(self, tx: Transaction) -> None:
+        """The transaction lets go of its overlay (committed or aborted): everyone's
+        next stat asks again."""
+        for ino, (parent, _name) in list(tx.attr_names.items()):
+            node = self.table.by_ino.get(ino)
+            _invalidate_attrs(ino)
+            if node is not None:
+                self.table.release(node)
+            self.table.release(parent)
+        tx.attrs.clear()
+        tx.attr_names.clear()
+        tx.attr_seen.clear()
+
+    async def setattr(self, tx: Transaction, node: Inode, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> None:
+        """setattr by a member (docs/semantics.md §14); the caller replies with the
+        attributes the member sees."""
+        if fields.update_size:
+            handle = self.files.get(fh) if fh is not None else None
+            await self.files.truncate(node, attr.st_size, handle, tx)
+        session = self.files.sessions.get(node.ino)
+        meta = (fields.update_mode or fields.update_uid or fields.update_gid
+                or fields.update_atime or fields.update_mtime)
+        if self.owns(tx, node):  # something it made: real
+            metadata.apply_setattr(node.fd, attr, fields)
+            if fields.update_size or not meta:
+                metadata.drop_set_id(node.fd, ctx)
+            if session is not None and fields.update_mtime:
+                session.mtime_ns = attr.st_mtime_ns
+            return
+        # from here to the change recorded: no await
+        ours = session is not None and session.tx is tx and not session.pending
+        if ours and fields.update_mtime:
+            assert session is not None
+            session.mtime_ns = attr.st_mtime_ns  # goes with the new version
+        if fields.update_size or not meta:
+            # a truncate, or the SETATTR the kernel sends before a write: the set-id rule
+            self.drop_set_id(tx, node, ctx)
+            if fields.update_size:
+                return  # (its times are the content's)
+        st = os.stat(node.fd)
+        current = tx.attrs.get(node.ino) or txattrs.Changes()
+        mode = st.st_mode if current.mode is None else stat.S_IFMT(st.st_mode) | current.mode
+        uid = st.st_uid if current.uid is None else current.uid
+        gid = st.st_gid if current.gid is None else current.gid
+        trial = dataclasses.replace(current, xattrs=dict(current.xattrs))
+        if txattrs.setattr(trial, mode, uid, gid, attr, fields, time.time_ns(),
+                           times=not ours):
+            self._changes(tx, node)  # (first touch: remembered and held)
+            tx.attrs[node.ino] = trial
+
+    def drop_set_id(self, tx: Transaction | None, node: Inode,
+                    ctx: pyfuse3.RequestContext) -> None:
+        """The set-id rule of a write or truncate (metadata.drop_set_id); for a member
+        and a committed file, into the transaction's overlay."""
+        if tx is None or self.owns(tx, node):
+            metadata.drop_set_id(node.fd, ctx)
+            return
+        st = os.stat(node.fd)
+        current = tx.attrs.get(node.ino)
+        mode = st.st_mode
+        if current is not None:
+            mode = stat.S_IFMT(mode) | (stat.S_IMODE(mode) if current.mode is None
+                                        else current.mode)
+        gid = st.st_gid if current is None or current.gid is None else current.gid
+        dropped = metadata.set_id_dropped(mode, gid, ctx)
+        if dropped is not None:
+            changes = self._changes(tx, node)
+            changes.mode = dropped
+            changes.ctime_ns = time.time_ns()
+
+    def xattr_viewer(self, ctx: pyfuse3.RequestContext) -> Transaction | None:
+        """The caller's transaction, for getxattr and listxattr: asked only while a
+        transaction has changed attributes (the kernel asks for security.capability
+        before every write; it need not cost a look in /proc)."""
+        if not any(tx.attrs for tx in self.open.values()):
+            return None
+        return self.member(ctx)
+
+    def getxattr(self, tx: Transaction | None, node: Inode, name: bytes) -> bytes:
+        changes = tx.attrs.get(node.ino) if tx is not None else None
+        if changes is None:
+            return metadata.get_xattr(node.fd, name)
+        return txattrs.get_xattr(changes, name, lambda: metadata.get_xattr(node.fd, name))
+
+    def listxattr(self, tx: Transaction | None, node: Inode,
+                  ctx: pyfuse3.RequestContext) -> list[bytes]:
+        names = list(metadata.listed_xattrs(node.fd, ctx))
+        changes = tx.attrs.get(node.ino) if tx is not None else None
+        if changes is None:
+            return names
+        names = txattrs.xattr_names(changes, names)
+        if any(n.startswith(b"trusted.") for n in names) and not metadata.caller_capable(
+                ctx, metadata.CAP_SYS_ADMIN):  # as metadata.listed_xattrs
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
+
+    def setxattr(self, tx: Transaction, node: Inode, name: bytes, value: bytes) -> None:
+        if self.owns(tx, node):
+            metadata.set_xattr(node.fd, name, value)
+            return
+        txattrs.set_xattr(self._changes(tx, node), name, value, time.time_ns())
+
+    def removexattr(self, tx: Transaction, node: Inode, name: bytes) -> None:
+        if self.owns(tx, node):
+            metadata.remove_xattr(node.fd, name)
+            return
+        try:
+            self.getxattr(tx, node, name)
+        except pyfuse3.FUSEError:
+            raise OSError(errno.ENODATA, "no such attribute") from None
+        txattrs.remove_xattr(self._changes(tx, node), name, True, time.time_ns())
+
+    def _meta_steps(self, tx: Transaction, built: set[int], ops: list[txrecord.Op]
+                    ) -> list[tuple[txrecord.Op, Inode, Inode]]:
+        """The record's ``meta`` operations (appended to ``ops``): the attributes of the
+        committed objects the transaction changed, but those rewritten (their new
+        version carries them) or removed by it."""
+        steps: list[tuple[txrecord.Op, Inode, Inode]] = []
+        tx.metas = 0
+        for ino, changes in sorted(tx.attrs.items()):
+            parent, name = tx.attr_names[ino]
+            node = self.table.by_ino.get(ino)
+            if ino in built or node is None or changes.empty() or (
+                    (parent.ino, name) in tx.whiteouts):
+                continue
+            st = os.stat(node.fd)
+            op = txrecord.Meta(self._path(parent), name, st.st_dev, st.st_ino,
+                               txrecord.identity(node.fd), changes)
+            ops.append(op)
+            steps.append((op, parent, node))
+            tx.metas += 1
+        return steps
+
+    async def _sync_attributes(self) -> None:
+        """Attributes set in place are durable before the commit is acknowledged: one
+        syncfs (they are in the filesystem's journal, not in any file's data)."""
+        root = self.table.root.fd
+
+        def sync() -> None:
+            fd = syscalls.reopen(root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                syscalls.syncfs(fd)
+                syscalls.check_up(fd)
+            finally:
+                os.close(fd)
+
+        try:
+            await trio.to_thread.run_sync(sync)
+        except OSError as exc:
+            log.error("a committed transaction's attributes could not be synced (%s); "
+                      "the next mount replays its record", exc)
+
     # -- commit ----------------------------------------------------------------------------
     async def commit(self, tx: Transaction) -> None:
         """Make everything the transaction did visible and durable at once, or nothing."""
@@ -745,6 +953,8 @@ class Transactions:
                         tx.root, why)
             return
         await self._sync_dirs(dirs)
+        if tx.metas:
+            await self._sync_attributes()
         self._retire(tx)
         self.counts["committed"] += 1
         log.info("transaction of pid %d committed: %d names put in place or removed, "
@@ -782,17 +992,16 @@ class Transactions:
             self.shadows.make(inode)
         data_fd = os.dup(self.table.data(inode))
 
+        changes = session.tx.attrs.get(inode.ino) if session.tx is not None else None
+
         def build() -> None:
-            from .commit import _replace_xattrs
             for ext in plan:
                 if ext.kind is Kind.COMMITTED:
                     for a, b in syscalls.data_ranges(data_fd, ext.start, ext.end):
                         syscalls.copy_range(data_fd, shadow, a, b - a)
             os.ftruncate(shadow, size)
-            _replace_xattrs(inode.fd, shadow)
-            syscalls.fchown_fd(shadow, committed.st_uid, committed.st_gid)
-            os.fchmod(shadow, stat.S_IMODE(committed.st_mode))
-            syscalls.utimens_fd(shadow, committed.st_atime_ns, mtime)
+            # xattrs, owner, mode, times: the committed file's with the transaction's
+            txattrs.copy_onto(inode.fd, shadow, committed, changes, mtime)
 
         try:
             await trio.to_thread.run_sync(build)
@@ -919,6 +1128,8 @@ class Transactions:
                 op = txrecord.Put(staged, self._path(parent), name)
                 ops.append(op)
                 steps.append((op, parent, inode))
+            # attributes of committed objects, in place, once every name is there
+            steps.extend(self._meta_steps(tx, {s.inode.ino for s, _ in built}, ops))
             for session, fd in built:
                 backings[session.inode.ino] = self.table.prepare(fd)
             faults.point("tx.before_record")
@@ -966,6 +1177,7 @@ class Transactions:
             if node is not None:
                 node.names.discard((parent.ino, name))
         self._release_whiteouts(tx)
+        self._release_attrs(tx)
         tx.entries.clear()
         tx.staged.clear()
         self._release_all_private(tx)
@@ -982,16 +1194,20 @@ class Transactions:
         changed.update(tx.rewrites[ino] for ino, s in tx.sessions.items()
                        if ino in tx.rewrites and s.dirty and not s.pending)
 
-        def now(parent_ino: int, name: bytes) -> Identity | None:
+        def stat_now(parent_ino: int, name: bytes) -> os.stat_result | None:
             parent = self.table.by_ino.get(parent_ino)
             if parent is None:
                 return None
-            return identity_of(stat_at(parent.fd, name))
+            return stat_at(parent.fd, name) if name else os.stat(parent.fd)
 
-        for parent_ino, name in conflicts(tx.seen, changed, now):
+        found = conflicts(tx.seen, changed, lambda p, n: identity_of(stat_now(p, n)))
+        found += conflicts(tx.attr_seen, {(parent.ino, name) for ino, (parent, name)
+                                          in tx.attr_names.items() if ino in tx.attrs},
+                           lambda p, n: attr_identity_of(stat_now(p, n)))
+        for parent_ino, name in found:
             parent = self.table.by_ino.get(parent_ino)
-            path = (b"/".join((*self._path(parent), name)) if parent is not None
-                    else name).decode(errors="replace")
+            path = (b"/".join((*self._path(parent), name)).rstrip(b"/")
+                    if parent is not None else name).decode(errors="replace") or "/"
             raise TxFailed(f"conflict: {path} was changed outside the transaction "
                            "since the transaction first changed it")
 

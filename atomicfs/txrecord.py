@@ -13,6 +13,11 @@ apply (or after it) ends in the same tree:
   replacing what is there.  Done once the token is gone from the staging
   directory.
 
+- ``meta PARENT NAME DEV INO HANDLE CHANGES``: set mode, owner, times and xattrs
+  (:class:`atomicfs.txattrs.Changes`) of ``PARENT/NAME`` in place if it still
+  is that object (as ``unlink`` tells); setting them again changes nothing.
+  After every ``put``: a directory's times are set after the names put into it.
+
 - ``unlink PARENT NAME DEV INO HANDLE``: remove ``PARENT/NAME`` if it still is
   the file the transaction removed: (DEV, INO), and its file handle
   (``name_to_handle_at``: it holds the inode's generation, so a new file that
@@ -38,7 +43,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from . import faults, journal
+from . import faults, journal, syscalls, txattrs
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +77,20 @@ def identity(path_fd: int) -> str:
     return f"{fid.handle_type}:{fid.handle.hex()}"
 
 
-Op = Put | Unlink
+@dataclass(frozen=True)
+class Meta:
+    """Set attributes of ``PARENT/NAME`` in place (``NAME`` b"": the directory PARENT
+    itself, SOURCE's root) if it still is the object the transaction changed."""
+
+    parent: tuple[bytes, ...]
+    name: bytes
+    dev: int
+    ino: int
+    handle: str
+    changes: txattrs.Changes
+
+
+Op = Put | Unlink | Meta
 
 
 def encode(ops: list[Op]) -> bytes:
@@ -82,8 +100,14 @@ def encode(ops: list[Op]) -> bytes:
                                    "name": os.fsdecode(op.name)}
         if isinstance(op, Put):
             item.update(op="put", token=op.token)
-        else:
+        elif isinstance(op, Unlink):
             item.update(op="unlink", dev=op.dev, ino=op.ino, handle=op.handle)
+        else:
+            c = op.changes
+            item.update(op="meta", dev=op.dev, ino=op.ino, handle=op.handle, mode=c.mode,
+                        uid=c.uid, gid=c.gid, atime=c.atime_ns, mtime=c.mtime_ns,
+                        xattrs=[[os.fsdecode(n), None if v is None else v.hex()]
+                                for n, v in sorted(c.xattrs.items())])
         lines.append(json.dumps(item, sort_keys=True))
     body = ("\n".join(lines) + "\n").encode()
     return body + b"end " + hashlib.sha256(body).hexdigest().encode() + b"\n"
@@ -102,16 +126,29 @@ def decode(data: bytes) -> list[Op] | None:
         item = json.loads(line)
         name = os.fsencode(item["name"])
         parent = tuple(os.fsencode(p) for p in item["parent"])
-        if not _safe(name) or not all(_safe(p) for p in parent):
+        itself = item.get("op") == "meta" and name == b""  # the parent itself
+        if not (itself or _safe(name)) or not all(_safe(p) for p in parent):
             return None
         if item.get("op") == "put" and "/" not in item["token"]:
             ops.append(Put(item["token"], parent, name))
         elif item.get("op") == "unlink":
             ops.append(Unlink(parent, name, int(item["dev"]), int(item["ino"]),
                               str(item.get("handle", ""))))
+        elif item.get("op") == "meta":
+            changes = txattrs.Changes(
+                mode=_int(item["mode"]), uid=_int(item["uid"]), gid=_int(item["gid"]),
+                atime_ns=_int(item["atime"]), mtime_ns=_int(item["mtime"]),
+                xattrs={os.fsencode(n): None if v is None else bytes.fromhex(v)
+                        for n, v in item["xattrs"]})
+            ops.append(Meta(parent, name, int(item["dev"]), int(item["ino"]),
+                            str(item["handle"]), changes))
         else:
             return None
     return ops
+
+
+def _int(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
 
 
 def _safe(name: bytes) -> bool:
@@ -169,6 +206,8 @@ def open_parent(root_fd: int, parent: tuple[bytes, ...]) -> int:
 
 def apply_op(staging_fd: int, op: Op, parent_fd: int) -> bool:
     """Do one operation (if not done yet); returns whether it changed anything."""
+    if isinstance(op, Meta):
+        return _apply_meta(op, parent_fd)
     if isinstance(op, Unlink):
         try:
             fd = os.open(op.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
@@ -190,6 +229,25 @@ def apply_op(staging_fd: int, op: Op, parent_fd: int) -> bool:
         if _exists(staging_fd, op.token):
             raise  # the target's directory is gone
         return False  # done before
+    return True
+
+
+def _apply_meta(op: Meta, parent_fd: int) -> bool:
+    """Set the attributes if the name still is the object (setting them again is
+    harmless: a replay does it once more)."""
+    try:
+        fd = os.open(op.name or b".", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=parent_fd)
+    except FileNotFoundError:
+        return False
+    try:
+        st = os.stat(fd)
+        if (st.st_dev, st.st_ino) != (op.dev, op.ino) or (
+                op.handle and identity(fd) != op.handle):
+            return False  # removed, or replaced since (by the transaction itself too)
+        txattrs.apply(fd, op.changes, stat.S_ISLNK(st.st_mode))
+    finally:
+        os.close(fd)
     return True
 
 
@@ -238,6 +296,13 @@ def replay(root_fd: int, daemon_dir: int, name: str) -> str:
                             _fsync_dir(pfd)
                 finally:
                     os.close(pfd)
+            if any(isinstance(op, Meta) for op in ops):
+                # attributes set in place: durable before the record goes
+                fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
+                try:
+                    syscalls.syncfs(fd)
+                finally:
+                    os.close(fd)
     finally:
         os.close(sfd)
     remove_tree(daemon_dir, name)

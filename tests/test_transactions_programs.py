@@ -258,9 +258,6 @@ def test_make_install_over_an_existing_install_appears_whole(
 
 
 @needs_make
-@pytest.mark.xfail(strict=True, reason="needs chmod of committed names inside a transaction: "
-                   "EOPNOTSUPP on fchmod(2) of the existing DESTDIR/usr/local/share/demo "
-                   "by install -d")
 def test_make_install_that_resets_a_directory_mode_appears_whole(
         mount: Mount, tmp_path: Path) -> None:
     """Over an install whose data directory was made 0700 since: ``install -d`` of

@@ -19,6 +19,15 @@ apply (or after it) ends in the same tree:
   got the freed inode number is not taken for it) where the filesystem has
   handles.  Done once it is not.
 
+- ``rmdir PARENT NAME DEV INO HANDLE``: the same for a directory (empty by then:
+  the operations that empty it come first).
+
+A record lists its operations in two phases: first every removal, deepest path
+first (paths of the tree before the commit), then every ``put``, shallowest
+path first (paths of the tree after it).  A moved or hard-linked object was
+linked into the staging directory under its token before the record was
+written, so the removal of its old name never takes its last link.
+
 ``PARENT`` is a list of names from SOURCE's root; every step is opened with
 ``O_NOFOLLOW``, so a replay never follows a symlink out of SOURCE.
 
@@ -72,7 +81,16 @@ def identity(path_fd: int) -> str:
     return f"{fid.handle_type}:{fid.handle.hex()}"
 
 
-Op = Put | Unlink
+@dataclass(frozen=True)
+class Rmdir:
+    parent: tuple[bytes, ...]
+    name: bytes
+    dev: int
+    ino: int
+    handle: str = ""
+
+
+Op = Put | Unlink | Rmdir
 
 
 def encode(ops: list[Op]) -> bytes:
@@ -83,7 +101,8 @@ def encode(ops: list[Op]) -> bytes:
         if isinstance(op, Put):
             item.update(op="put", token=op.token)
         else:
-            item.update(op="unlink", dev=op.dev, ino=op.ino, handle=op.handle)
+            item.update(op="unlink" if isinstance(op, Unlink) else "rmdir", dev=op.dev,
+                        ino=op.ino, handle=op.handle)
         lines.append(json.dumps(item, sort_keys=True))
     body = ("\n".join(lines) + "\n").encode()
     return body + b"end " + hashlib.sha256(body).hexdigest().encode() + b"\n"
@@ -106,9 +125,10 @@ def decode(data: bytes) -> list[Op] | None:
             return None
         if item.get("op") == "put" and "/" not in item["token"]:
             ops.append(Put(item["token"], parent, name))
-        elif item.get("op") == "unlink":
-            ops.append(Unlink(parent, name, int(item["dev"]), int(item["ino"]),
-                              str(item.get("handle", ""))))
+        elif item.get("op") in ("unlink", "rmdir"):
+            kind = Unlink if item["op"] == "unlink" else Rmdir
+            ops.append(kind(parent, name, int(item["dev"]), int(item["ino"]),
+                            str(item.get("handle", ""))))
         else:
             return None
     return ops
@@ -169,20 +189,25 @@ def open_parent(root_fd: int, parent: tuple[bytes, ...]) -> int:
 
 def apply_op(staging_fd: int, op: Op, parent_fd: int) -> bool:
     """Do one operation (if not done yet); returns whether it changed anything."""
-    if isinstance(op, Unlink):
+    if isinstance(op, Unlink | Rmdir):
+        is_dir = isinstance(op, Rmdir)
         try:
             fd = os.open(op.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
         except FileNotFoundError:
             return False
         try:
             st = os.stat(fd)
-            same = ((st.st_dev, st.st_ino) == (op.dev, op.ino) and not stat.S_ISDIR(st.st_mode)
+            same = ((st.st_dev, st.st_ino) == (op.dev, op.ino)
+                    and stat.S_ISDIR(st.st_mode) == is_dir
                     and (not op.handle or identity(fd) == op.handle))
         finally:
             os.close(fd)
         if not same:
             return False  # done before (and the name made again since)
-        os.unlink(op.name, dir_fd=parent_fd)
+        if is_dir:
+            os.rmdir(op.name, dir_fd=parent_fd)
+        else:
+            os.unlink(op.name, dir_fd=parent_fd)
         return True
     try:
         os.rename(op.token, op.name, src_dir_fd=staging_fd, dst_dir_fd=parent_fd)
@@ -229,7 +254,12 @@ def replay(root_fd: int, daemon_dir: int, name: str) -> str:
         done = 0
         if ops is not None:
             for op in ops:
-                pfd = open_parent(root_fd, op.parent)
+                try:
+                    pfd = open_parent(root_fd, op.parent)
+                except FileNotFoundError:
+                    if isinstance(op, Put):
+                        raise
+                    continue  # a removal inside a directory removed since: done before
                 try:
                     done += apply_op(sfd, op, pfd)
                     faults.point("tx.replay")

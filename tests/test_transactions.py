@@ -548,6 +548,13 @@ NAMES = {
 }
 
 
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
 @pytest.mark.parametrize("case", sorted(NAMES))
 def test_names_of_the_committed_tree_change_with_the_commit(
         mount: Mount, tmp_path: Path, case: str) -> None:
@@ -568,6 +575,7 @@ def test_names_of_the_committed_tree_change_with_the_commit(
             time.sleep(0.2)
         with paused_run(mount, f"set -e; {script}", tmp_path, mount.mountpoint) as run:
             assert tree(mount.mountpoint) == before  # an outsider: the committed tree
+            assert [_read(mount.path(p)) for p in paths] == old  # by path (dentries)
             if poller is None:
                 poller = Poller([mount.path(p) for p in paths], tmp_path / "stop")
                 time.sleep(0.2)
@@ -608,12 +616,18 @@ def test_an_outsider_keeps_using_a_directory_a_member_removed(
     still lists the directory and opens files in it until the commit."""
     seed_tree(mount)
     assert sorted(os.listdir(mount.path("dir"))) == ["f", "sub"]  # known to the kernel
-    with paused_run(mount, "rm -r dir", tmp_path, mount.mountpoint) as run:
-        assert sorted(os.listdir(mount.path("dir"))) == ["f", "sub"]
-        assert os.listdir(mount.path("dir", "sub")) == ["x"]
-        assert mount.path("dir", "sub", "x").read_text() == "x old\n"
-        run.go()
-        assert run.wait() == 0
+    # a process that keeps the directories' kernel inodes alive (its cwd)
+    holder = subprocess.Popen(["sleep", "60"], cwd=mount.path("dir", "sub"))
+    try:
+        with paused_run(mount, "rm -r dir", tmp_path, mount.mountpoint) as run:
+            assert sorted(os.listdir(mount.path("dir"))) == ["f", "sub"]
+            assert os.listdir(mount.path("dir", "sub")) == ["x"]
+            assert mount.path("dir", "sub", "x").read_text() == "x old\n"
+            run.go()
+            assert run.wait() == 0
+    finally:
+        holder.kill()
+        holder.wait()
     assert not mount.path("dir").exists() and not mount.src("dir").exists()
     mount.path("dir").mkdir()  # the name is free again, for everyone
     assert os.listdir(mount.path("dir")) == []

@@ -541,6 +541,11 @@ NAMES = {
         # (not "a": a reader whose open of a resolved the name just before the commit
         # reads the file's new version, as any descriptor does: semantics.md §14)
         ["dir2/c"], [None], ["a old\nedited\n"]),
+    "mv-and-ln-into-a-new-directory": (
+        "mkdir n; mv a n/a; ln b n/b2; mv dir/f n/f; echo more >> n/f; "
+        "test \"$(stat -c %h b)\" = 2; test \"$(ls n)\" = \"$(printf 'a\\nb2\\nf')\"",
+        ["a", "n/a", "n/b2", "n/f"], ["a old\n", None, None, None],
+        [None, "a old\n", "b old\n", "f old\nmore\n"]),
     "rmdir-then-mkdir-of-the-same-name": (
         "rm -r dir; mkdir dir; echo 'f new' > dir/f; test ! -e dir/sub; "
         "test \"$(ls dir)\" = f",
@@ -594,6 +599,8 @@ def test_names_of_the_committed_tree_change_with_the_commit(
     assert_no_debris(mount.source)
     if case.startswith("ln-"):
         assert os.stat(mount.src("a")).st_ino == os.stat(mount.src("dir", "a3")).st_ino
+    if case == "mv-and-ln-into-a-new-directory":
+        assert os.stat(mount.src("b")).st_ino == os.stat(mount.src("n", "b2")).st_ino
 
 
 @pytest.mark.parametrize("case", sorted(NAMES))

@@ -638,15 +638,15 @@ class Transactions:
         check_name(new)
         if is_reserved(new_parent, new, self.table.root):
             raise OSError(errno.EPERM, "name reserved for atomicfs")
-        if self.whited(tx, old_parent, old):
-            raise OSError(errno.ENOENT, "no such file")
+        if self.whited(tx, old_parent, old) and (old_parent.ino, old) not in tx.entries:
+            raise OSError(errno.ENOENT, "no such file")  # (an entry may take its place)
         moving = tx.entries.get((old_parent.ino, old))
         target = tx.entries.get((new_parent.ino, new))
         src_private = self.private_parent(tx, old_parent)
         dst_private = self.private_parent(tx, new_parent)
         if flags & syscalls.RENAME_EXCHANGE:
-            raise OSError(errno.EOPNOTSUPP, "RENAME_EXCHANGE inside a transaction is not "
-                          "supported yet")
+            self._exchange(tx, old_parent, old, new_parent, new)
+            return True
         if moving is None and not src_private:
             return self._move_committed(tx, old_parent, old, new_parent, new, target, flags)
         if moving is None and dst_private and target is None:
@@ -730,6 +730,61 @@ class Transactions:
             if counted:
                 self.table.forget(moving.ino, 1)
         return True
+
+    def _exchange(self, tx: Transaction, p1: Inode, n1: bytes, p2: Inode, n2: bytes) -> None:
+        """RENAME_EXCHANGE by a member, of two names in committed directories, neither
+        a directory: each name is removed from its view (a whiteout, or the end of an
+        entry) and given the other's object."""
+        ends = ((p1, n1), (p2, n2))
+        if any(self.private_parent(tx, p) for p, _ in ends):
+            raise OSError(errno.EOPNOTSUPP, "RENAME_EXCHANGE in a directory the transaction "
+                          "made is not supported yet")
+        committed = []
+        for parent, name in ends:
+            if (parent.ino, name) in tx.entries:
+                committed.append(False)
+                continue
+            st = stat_at(parent.fd, name)
+            if (st is None or self.whited(tx, parent, name)
+                    or is_reserved(parent, name, self.table.root)):
+                raise OSError(errno.ENOENT, "no such file")
+            committed.append(True)
+        stale = [(p.ino, n) for (p, n), c in zip(ends, committed, strict=True)
+                 if c and (p.ino, n) not in tx.revalidated]
+        if stale:  # the kernel swaps both dentries: both must be expired (_move_committed)
+            tx.revalidated.update(stale)
+            raise OSError(errno.ESTALE, "looked up again by the kernel's retry")
+        nodes: list[Inode] = []
+        counted: list[Inode] = []
+        try:
+            for parent, name in ends:
+                node = tx.entries.get((parent.ino, name))
+                if node is None:
+                    st = stat_at(parent.fd, name)
+                    node = self.table.find(st) if st is not None else None
+                    if node is None:  # (counted as a kernel lookup: not one, undone below)
+                        node, _ = self.namespace.entry(parent, name)
+                        counted.append(node)
+                nodes.append(node)
+            a, b = nodes
+            if a.is_dir or b.is_dir:
+                raise OSError(errno.EOPNOTSUPP, "exchanging a directory inside a "
+                              "transaction is not supported yet")
+            if a is b or a.key == b.key:
+                return  # two names of one file: nothing changes
+            for (parent, name), c, node in zip(ends, committed, nodes, strict=True):
+                if c:
+                    self._whiteout(tx, parent, name)
+                else:
+                    del tx.entries[(parent.ino, name)]
+                    node.names.discard((parent.ino, name))
+            self._place(tx, p1, n1, b)
+            self._place(tx, p2, n2, a)
+            for parent, name in ends:
+                self.housekeeper.forget_entry(parent.ino, name)
+        finally:
+            for node in counted:
+                self.table.forget(node.ino, 1)
 
     def link(self, tx: Transaction, node: Inode, parent: Inode, name: bytes) -> bool:
         """link(2) by a member: an entry leading to ``node``; False: both ends are real

@@ -513,6 +513,9 @@ def tree(root: Path) -> dict[str, str]:
     return out
 
 
+EXCHANGE = (f"{PYTHON} -c 'import sys; from atomicfs import syscalls; syscalls.renameat2("
+            "-100, sys.argv[1].encode(), -100, sys.argv[2].encode(), syscalls.RENAME_EXCHANGE)'")
+
 # name: (the script, run in the mount by sh -e; it checks its own view at once),
 # the paths an outside reader polls (each changed by the commit: the check counts an
 # unchanged one as old), what they hold before and after the commit
@@ -546,6 +549,12 @@ NAMES = {
         "test \"$(stat -c %h b)\" = 2; test \"$(ls n)\" = \"$(printf 'a\\nb2\\nf')\"",
         ["a", "n/a", "n/b2", "n/f"], ["a old\n", None, None, None],
         [None, "a old\n", "b old\n", "f old\nmore\n"]),
+    "rename-exchange-of-committed-files-and-a-new-one": (
+        f"{EXCHANGE} a b; echo 'c new' > c; {EXCHANGE} b c; test \"$(cat c)\" = 'a old'",
+        ["a", "b", "c"], ["a old\n", "b old\n", None], ["b old\n", "c new\n", "a old\n"]),
+    "rm-then-a-new-file-then-mv-of-it": (
+        "rm a; echo 'a again' > a; mv a z; test ! -e a",
+        ["a", "z"], ["a old\n", None], [None, "a again\n"]),
     "rmdir-then-mkdir-of-the-same-name": (
         "rm -r dir; mkdir dir; echo 'f new' > dir/f; test ! -e dir/sub; "
         "test \"$(ls dir)\" = f",
@@ -777,7 +786,7 @@ def test_git_checkout_of_a_branch_that_removes_a_directory(
 
 
 # -- limits (docs/semantics.md §14, "Limits") ------------------------------------------------
-@pytest.mark.parametrize("change", ["mv dir z", "chmod 600 a", "touch -c b",
+@pytest.mark.parametrize("change", ["mv dir z", f"{EXCHANGE} dir a", "chmod 600 a", "touch -c b",
                                     "setfattr -n user.k -v v a"])
 def test_known_limit_changes_of_committed_names_are_refused(mount: Mount, change: str) -> None:
     """Not built yet (stage 2): the call fails, CMD fails, nothing changes."""

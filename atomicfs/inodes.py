@@ -117,6 +117,10 @@ class Inode:
     pins: int = 0  # scopes (requests in progress) using the fd
     dropped: bool = False  # out of the table; its fd closes when the last pin goes
     table: InodeTable | None = field(default=None, repr=False)
+    # FUSE generation: bumped when a transaction's member removes this committed
+    # directory (the kernel marked its inode dead for every process: an outsider's
+    # next lookup must get a fresh kernel inode, docs/design-transactions.md)
+    generation: int = 0
 
     @property
     def fd(self) -> int:

@@ -136,7 +136,8 @@ class AtomicOperations(pyfuse3.Operations):
             attr = metadata.entry_attributes(inode.ino, st)
             if inode is self.table.root:
                 attr.st_nlink -= self.namespace.hidden_dirs(inode)
-        self.tx.fold(tx, inode, attr)  # a member's changes of its attributes
+        attr.generation = inode.generation
+        self.tx.fold(tx, inode, attr)  # a member's view: its changes of attributes and links
         if self.tx.open and (self.tx.touched_inode(inode)
                              or (name is not None and self.tx.touched_name(*name))):
             # the kernel's caches are shared by all processes: what a transaction
@@ -291,9 +292,12 @@ class AtomicOperations(pyfuse3.Operations):
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.table.get(inode)
         parent = self.table.get(new_parent_inode)
-        if self.tx.member(ctx) is not None:
-            raise OSError(errno.EOPNOTSUPP, "hard links inside a transaction are not "
-                          "supported yet")
+        tx = self.tx.member(ctx)
+        if tx is not None:
+            if self.tx.link(tx, node, parent, new_name):
+                return self._attrs(node, os.stat(node.fd), tx, (new_parent_inode, new_name))
+            node, st = self.namespace.link(node, parent, new_name)  # inside directories
+            return self._attrs(node, st, tx)  # the transaction made
         await self.files.publish(node)  # a new file gets its first name before a second
         await self.batch.before_change()
         node, st = self.namespace.link(node, parent, new_name)

@@ -212,6 +212,15 @@ class Transaction:
     attr_names: dict[int, tuple[Inode, bytes]] = field(default_factory=dict)
     attr_seen: dict[tuple[int, bytes], Identity | None] = field(default_factory=dict)
     metas: int = 0  # attribute operations of its record, once written
+    # committed directories it removed: (parent ino, name) -> the directory (held: the
+    # whiteouts of its children are keyed by its inode number)
+    removed_dirs: dict[tuple[int, bytes], Inode | None] = field(default_factory=dict)
+    # real objects (committed, or inside a directory it made) that it gave a name with
+    # an entry -- moved or hard-linked: ino -> inode (held)
+    linked: dict[int, Inode] = field(default_factory=dict)
+    # committed names a member began to move: the kernel looked them up again
+    # (replies about them carry timeout 0; see _move_committed)
+    revalidated: set[tuple[int, bytes]] = field(default_factory=set)
     result: dict[str, Any] | None = None
     runner_fd: int | None = None  # pidfd of the runner: it dying aborts
     tokens: int = 0
@@ -222,7 +231,8 @@ class Transaction:
         return f"{kind}{self.tokens}"
 
     def touches(self, parent_ino: int, name: bytes) -> bool:
-        return (parent_ino, name) in self.entries or (parent_ino, name) in self.whiteouts
+        key = (parent_ino, name)
+        return key in self.entries or key in self.whiteouts or key in self.revalidated
 
     def summary(self) -> dict[str, Any]:
         files = sum(1 for s in self.sessions.values() if s.pending or s.dirty)
@@ -283,12 +293,25 @@ class Transactions:
         replies keep the usual timeouts."""
         for tx in self.open.values():
             session = tx.sessions.get(inode.ino)
-            if (session is not None and not session.pending) or inode.ino in tx.attrs:
+            if ((session is not None and not session.pending) or inode.ino in tx.attrs
+                    or inode.ino in tx.linked):
                 return True
             if (session is not None or inode.ino in tx.staged) and any(
                     p not in tx.private for p, _ in inode.names):
                 return True
         return False
+
+    def nlink_delta(self, tx: Transaction, inode: Inode) -> int:
+        """How a member's link count of ``inode`` differs from SOURCE's: names the
+        transaction gave it (moves, links), less committed names it removed."""
+        if inode.ino not in tx.linked:
+            return 0
+        named = sum(1 for v in tx.entries.values() if v is inode)
+        session = tx.sessions.get(inode.ino)
+        if session is not None and session.pending:
+            return named - 1  # a new file: one name is counted already
+        return named - sum(1 for (_p, dev, ino, _h) in tx.whiteouts.values()
+                           if (dev, ino) == inode.key)
 
     def owner(self, inode: Inode) -> Transaction | None:
         for tx in self.open.values():
@@ -429,6 +452,7 @@ class Transactions:
         self._release_all_private(tx)
         self._release_whiteouts(tx)
         self._release_attrs(tx)
+        self._release_linked(tx)
         self._retire(tx)
         self.counts["aborted"] += 1
         log.info("transaction of pid %d aborted: %s", tx.root, why)
@@ -576,6 +600,7 @@ class Transactions:
         if token is not None:  # a symlink or fifo made by the transaction
             os.unlink(token, dir_fd=tx.staging_fd)
             self.table.release(inode)
+        self._drop_link(tx, inode)
         return True
 
     def _whiteout(self, tx: Transaction, parent: Inode, name: bytes) -> None:
@@ -616,8 +641,8 @@ class Transactions:
                 if child is not None:
                     self._release_private(tx, child.ino)
                 return
-            raise OSError(errno.EOPNOTSUPP, "removing a committed directory inside a "
-                          "transaction is not supported yet")
+            self._remove_dir(tx, parent, name)
+            return
         if not inode.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
         if any(p == inode.ino for p, _ in tx.entries):
@@ -636,18 +661,17 @@ class Transactions:
         check_name(new)
         if is_reserved(new_parent, new, self.table.root):
             raise OSError(errno.EPERM, "name reserved for atomicfs")
-        if self.whited(tx, old_parent, old):
-            raise OSError(errno.ENOENT, "no such file")
+        if self.whited(tx, old_parent, old) and (old_parent.ino, old) not in tx.entries:
+            raise OSError(errno.ENOENT, "no such file")  # (an entry may take its place)
         moving = tx.entries.get((old_parent.ino, old))
         target = tx.entries.get((new_parent.ino, new))
         src_private = self.private_parent(tx, old_parent)
         dst_private = self.private_parent(tx, new_parent)
-        if moving is None and not src_private:
-            raise OSError(errno.EOPNOTSUPP, "renaming a committed name inside a "
-                          "transaction is not supported yet")
         if flags & syscalls.RENAME_EXCHANGE:
-            raise OSError(errno.EOPNOTSUPP, "RENAME_EXCHANGE inside a transaction is not "
-                          "supported yet")
+            self._exchange(tx, old_parent, old, new_parent, new)
+            return True
+        if moving is None and not src_private:
+            return self._move_committed(tx, old_parent, old, new_parent, new, target, flags)
         if moving is None and dst_private and target is None:
             return False  # all real, inside directories the transaction made
         if moving is None:  # a real object in a directory it made: stage it first
@@ -678,8 +702,197 @@ class Transactions:
             self._drop_target(tx, new_parent, new, target)
         elif dst_private and stat_at(new_parent.fd, new) is not None:
             self._remove_real(new_parent, new, moving.is_dir)
-        self.add_entry(tx, new_parent, new, moving)
+        if moving.ino in tx.linked:  # a real object it moved or linked before
+            self._place(tx, new_parent, new, moving)
+            self._drop_link(tx, moving)
+        else:
+            self.add_entry(tx, new_parent, new, moving)
         return True
+
+    def _move_committed(self, tx: Transaction, old_parent: Inode, old: bytes,
+                        new_parent: Inode, new: bytes, target: Inode | None,
+                        flags: int) -> bool:
+        """A member moves a committed name (not a directory): a whiteout at the old
+        name and an entry at the new one, leading to the same inode (the kernel keeps
+        it across the rename)."""
+        st = stat_at(old_parent.fd, old)
+        if st is None or is_reserved(old_parent, old, self.table.root):
+            raise OSError(errno.ENOENT, "no such file")
+        if stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.EOPNOTSUPP, "moving a committed directory inside a "
+                          "transaction is not supported yet")
+        if (old_parent.ino, old) not in tx.revalidated:
+            # The kernel moves the old name's dentry to the new name for every process
+            # when the rename succeeds, keeping its expiry time, and cannot be told to
+            # drop it first (that needs the directory lock the rename holds).  ESTALE
+            # makes it retry the rename once with every name looked up again: this
+            # member's lookup of the old name is answered with timeout 0 from now on,
+            # so the dentry it moves is expired and an outsider asks again.
+            tx.revalidated.add((old_parent.ino, old))
+            raise OSError(errno.ESTALE, "looked up again by the kernel's retry")
+        there = None if target is not None or self.whited(tx, new_parent, new) else \
+            stat_at(new_parent.fd, new)
+        if target is not None and target.key == (st.st_dev, st.st_ino) or (
+                there is not None and (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino)):
+            return True  # two names of one file: rename(2) does nothing
+        moving = self.table.find(st)
+        counted = moving is None
+        if moving is None:  # (counted as a kernel lookup: not one, undone below)
+            moving, st = self.namespace.entry(old_parent, old)
+        try:
+            self._check_target(tx, moving, new_parent, new, target, flags)
+            self._whiteout(tx, old_parent, old)
+            if target is not None:
+                self._drop_target(tx, new_parent, new, target)
+            elif self.private_parent(tx, new_parent) and there is not None:
+                self._remove_real(new_parent, new, False)
+            self._place(tx, new_parent, new, moving)
+            # the kernel moved the old name's dentry here, for every process: forget it
+            self.housekeeper.forget_entry(new_parent.ino, new)
+        finally:
+            if counted:
+                self.table.forget(moving.ino, 1)
+        return True
+
+    def _exchange(self, tx: Transaction, p1: Inode, n1: bytes, p2: Inode, n2: bytes) -> None:
+        """RENAME_EXCHANGE by a member, of two names in committed directories, neither
+        a directory: each name is removed from its view (a whiteout, or the end of an
+        entry) and given the other's object."""
+        ends = ((p1, n1), (p2, n2))
+        if any(self.private_parent(tx, p) for p, _ in ends):
+            raise OSError(errno.EOPNOTSUPP, "RENAME_EXCHANGE in a directory the transaction "
+                          "made is not supported yet")
+        committed = []
+        for parent, name in ends:
+            if (parent.ino, name) in tx.entries:
+                committed.append(False)
+                continue
+            st = stat_at(parent.fd, name)
+            if (st is None or self.whited(tx, parent, name)
+                    or is_reserved(parent, name, self.table.root)):
+                raise OSError(errno.ENOENT, "no such file")
+            committed.append(True)
+        stale = [(p.ino, n) for (p, n), c in zip(ends, committed, strict=True)
+                 if c and (p.ino, n) not in tx.revalidated]
+        if stale:  # the kernel swaps both dentries: both must be expired (_move_committed)
+            tx.revalidated.update(stale)
+            raise OSError(errno.ESTALE, "looked up again by the kernel's retry")
+        nodes: list[Inode] = []
+        counted: list[Inode] = []
+        try:
+            for parent, name in ends:
+                node = tx.entries.get((parent.ino, name))
+                if node is None:
+                    st = stat_at(parent.fd, name)
+                    node = self.table.find(st) if st is not None else None
+                    if node is None:  # (counted as a kernel lookup: not one, undone below)
+                        node, _ = self.namespace.entry(parent, name)
+                        counted.append(node)
+                nodes.append(node)
+            a, b = nodes
+            if a.is_dir or b.is_dir:
+                raise OSError(errno.EOPNOTSUPP, "exchanging a directory inside a "
+                              "transaction is not supported yet")
+            if a is b or a.key == b.key:
+                return  # two names of one file: nothing changes
+            for (parent, name), c, node in zip(ends, committed, nodes, strict=True):
+                if c:
+                    self._whiteout(tx, parent, name)
+                else:
+                    del tx.entries[(parent.ino, name)]
+                    node.names.discard((parent.ino, name))
+            self._place(tx, p1, n1, b)
+            self._place(tx, p2, n2, a)
+            for parent, name in ends:
+                self.housekeeper.forget_entry(parent.ino, name)
+        finally:
+            for node in counted:
+                self.table.forget(node.ino, 1)
+
+    def link(self, tx: Transaction, node: Inode, parent: Inode, name: bytes) -> bool:
+        """link(2) by a member: an entry leading to ``node``; False: both ends are real
+        (inside directories the transaction made)."""
+        if node.is_dir:
+            raise OSError(errno.EPERM, "hard link to a directory")
+        if node.ino in tx.staged:
+            raise OSError(errno.EOPNOTSUPP, "a hard link to a symlink or fifo made in the "
+                          "transaction is not supported")
+        session = tx.sessions.get(node.ino)
+        real = session is None or not session.pending
+        if real and self.private_parent(tx, parent) and self.owns(tx, node) and not any(
+                v is node for v in tx.entries.values()):
+            return False
+        self.creatable(tx, parent, name)
+        self._place(tx, parent, name, node)
+        self.table.remember(node)  # the reply is an entry the kernel counts
+        return True
+
+    def _place(self, tx: Transaction, parent: Inode, name: bytes, inode: Inode) -> None:
+        """Give an existing object (a real one, or a new file) a new name: an entry,
+        or, back at a committed name of its own that the transaction removed, the
+        end of that whiteout."""
+        gone = tx.whiteouts.get((parent.ino, name))
+        if gone is not None and (gone[1], gone[2]) == inode.key:
+            del tx.whiteouts[(parent.ino, name)]
+            self.table.release(gone[0])
+            inode.names.add((parent.ino, name))
+            self.housekeeper.forget_entry(parent.ino, name)
+            return
+        self.add_entry(tx, parent, name, inode)
+        if inode.ino not in tx.linked:
+            tx.linked[inode.ino] = inode
+            self.table.hold(inode)
+
+    def _drop_link(self, tx: Transaction, inode: Inode) -> None:
+        """A moved or linked object lost an entry: let go of it when it has none."""
+        if inode.ino in tx.linked and not any(v is inode for v in tx.entries.values()):
+            del tx.linked[inode.ino]
+            self.table.release(inode)
+
+    def _release_linked(self, tx: Transaction) -> None:
+        for inode in list(tx.linked.values()):
+            self.table.release(inode)
+        tx.linked.clear()
+
+    def _remove_dir(self, tx: Transaction, parent: Inode, name: bytes) -> None:
+        """rmdir of a committed directory by a member: allowed when the member's view
+        of it is empty (every committed name in it removed by the transaction, no
+        entries).  The kernel marks the directory's inode dead for every process: it
+        gets a new generation, so an outsider's next lookup makes a fresh one."""
+        check_name(name)
+        if is_reserved(parent, name, self.table.root) or self.whited(tx, parent, name):
+            raise OSError(errno.ENOENT, "no such directory")
+        try:
+            fd, st = open_path(parent.fd, name, self.table)
+        except FileNotFoundError:
+            raise OSError(errno.ENOENT, "no such directory") from None
+        try:
+            if not stat.S_ISDIR(st.st_mode):
+                raise OSError(errno.ENOTDIR, "not a directory")
+            handle = txrecord.identity(fd)
+            names = _source_names(fd)
+        finally:
+            os.close(fd)
+        child = self.table.find(st)
+        if not self._emptied(tx, child, names):
+            raise OSError(errno.ENOTEMPTY, "directory not empty")
+        tx.whiteouts[(parent.ino, name)] = (parent, st.st_dev, st.st_ino, handle)
+        tx.seen.setdefault((parent.ino, name), identity_of(st))
+        self.table.hold(parent)
+        tx.removed_dirs[(parent.ino, name)] = child
+        if child is not None:
+            self.table.hold(child)  # its children's whiteouts are keyed by its number
+            child.generation += 1
+        self.housekeeper.forget_entry(parent.ino, name)
+
+    def _emptied(self, tx: Transaction, child: Inode | None, names: list[bytes]) -> bool:
+        """Is a committed directory with these names in SOURCE empty for the member?"""
+        if child is None:
+            return not names
+        if self.namespace.pending.get(child.ino) or any(
+                p == child.ino for p, _ in tx.entries):
+            return False
+        return all((child.ino, n) in tx.whiteouts for n in names)
 
     def _check_target(self, tx: Transaction, moving: Inode, new_parent: Inode, new: bytes,
                       target: Inode | None, flags: int) -> None:
@@ -703,6 +916,7 @@ class Transactions:
     def _drop_target(self, tx: Transaction, parent: Inode, name: bytes, target: Inode) -> None:
         del tx.entries[(parent.ino, name)]
         target.names.discard((parent.ino, name))
+        self._drop_link(tx, target)
         token = tx.staged.pop(target.ino, None)
         if token is not None:
             txrecord.remove_tree(tx.staging_fd, token)
@@ -714,6 +928,10 @@ class Transactions:
             del tx.whiteouts[(parent_ino, name)]
             self.table.release(parent)
             self.housekeeper.forget_entry(parent_ino, name)
+        for child in tx.removed_dirs.values():
+            if child is not None:
+                self.table.release(child)
+        tx.removed_dirs.clear()
 
     def _hold_private(self, tx: Transaction, inode: Inode) -> None:
         if inode.ino not in tx.private:
@@ -742,10 +960,15 @@ class Transactions:
     # something the transaction made (owns) is real.  No await between reading the
     # committed attributes and recording the change.
     def fold(self, tx: Transaction | None, inode: Inode, attr: pyfuse3.EntryAttributes) -> None:
-        """The attributes a member sees: with its transaction's changes."""
-        changes = tx.attrs.get(inode.ino) if tx is not None else None
+        """The attributes a member sees: with its transaction's changes of them, and
+        the link count of its moves, links and removals."""
+        if tx is None:
+            return
+        changes = tx.attrs.get(inode.ino)
         if changes is not None:
             txattrs.fold(attr, changes)
+        if not inode.is_dir:
+            attr.st_nlink = max(0, attr.st_nlink + self.nlink_delta(tx, inode))
 
     def _changes(self, tx: Transaction, node: Inode) -> txattrs.Changes:
         """The overlay of a committed object; made at the first change: its name and
@@ -883,26 +1106,39 @@ class Transactions:
             raise OSError(errno.ENODATA, "no such attribute") from None
         txattrs.remove_xattr(self._changes(tx, node), name, True, time.time_ns())
 
-    def _meta_steps(self, tx: Transaction, built: set[int], ops: list[txrecord.Op]
-                    ) -> list[tuple[txrecord.Op, Inode, Inode]]:
-        """The record's ``meta`` operations (appended to ``ops``): the attributes of the
-        committed objects the transaction changed, but those rewritten (their new
-        version carries them) or removed by it."""
-        steps: list[tuple[txrecord.Op, Inode, Inode]] = []
+    def _meta_steps(self, tx: Transaction, built: set[int]) -> list[tuple[txrecord.Op, Inode]]:
+        """The record's ``meta`` operations: the attributes of the committed objects the
+        transaction changed, at a name they have after the commit (a moved object at
+        its new name), but those rewritten (their new version carries them) or
+        removed by it."""
+        steps: list[tuple[txrecord.Op, Inode]] = []
         tx.metas = 0
         for ino, changes in sorted(tx.attrs.items()):
-            parent, name = tx.attr_names[ino]
             node = self.table.by_ino.get(ino)
-            if ino in built or node is None or changes.empty() or (
-                    (parent.ino, name) in tx.whiteouts):
+            if ino in built or node is None or changes.empty():
                 continue
+            where = self._meta_name(tx, node, *tx.attr_names[ino])
+            if where is None:
+                continue  # removed by the transaction: its attributes go with it
+            parent, name = where
             st = os.stat(node.fd)
             op = txrecord.Meta(self._path(parent), name, st.st_dev, st.st_ino,
                                txrecord.identity(node.fd), changes)
-            ops.append(op)
-            steps.append((op, parent, node))
+            steps.append((op, parent))
             tx.metas += 1
         return steps
+
+    def _meta_name(self, tx: Transaction, node: Inode, parent: Inode, name: bytes
+                   ) -> tuple[Inode, bytes] | None:
+        """Where the object whose attributes changed is after the commit: the name it
+        was first touched by, unless the transaction removed or moved it."""
+        if (parent.ino, name) not in tx.whiteouts:
+            return parent, name
+        # names it was given: entries, or names inside directories the transaction
+        # made (_prepare_new linked it there already)
+        given = sorted({k for k, v in tx.entries.items() if v is node}
+                       | {k for k in node.names if k[0] in tx.private})
+        return (self.table.get(given[0][0]), given[0][1]) if given else None
 
     async def _sync_attributes(self) -> None:
         """Attributes set in place are durable before the commit is acknowledged: one
@@ -934,10 +1170,11 @@ class Transactions:
             for session in list(tx.sessions.values()):
                 self._check_session(tx, session)
             for session in list(tx.sessions.values()):
-                if not session.pending and session.dirty and not self._removed(tx, session):
+                if not session.pending and session.dirty and self._final_names(
+                        tx, session.inode):
                     async with session.lock:
                         built.append((session, await self._build(session)))
-            self._prepare_new(tx)
+            self._prepare_new(tx, {s.inode.ino: fd for s, fd in built})
             await self._sync(tx, [fd for _, fd in built])
             # From the record to the last rename, no await: no request sees a part of it.
             dirs = self._apply(tx, built)
@@ -962,13 +1199,19 @@ class Transactions:
                  (time.monotonic() - started) * 1000)
         self._finish(tx, "committed", {"ok": True})
 
-    def _removed(self, tx: Transaction, session: Session) -> bool:
-        """Did the transaction remove the rewritten file's name (its content goes)?"""
+    def _final_names(self, tx: Transaction, inode: Inode) -> list[tuple[int, bytes]]:
+        """The names a rewritten committed file has after the commit: its committed
+        name unless the transaction removed it, and the names it gave it (moves and
+        links); none: its content goes."""
+        names = {k for k, v in tx.entries.items() if v is inode}
         try:
-            parent, name = self.shadows.find_name(session.inode, session.inode.key)
+            parent, name = self.shadows.find_name(inode, inode.key)
         except OSError:
-            return True
-        return (parent.ino, name) in tx.whiteouts
+            pass  # no committed name left (unlinked)
+        else:
+            if (parent.ino, name) not in tx.whiteouts:
+                names.add((parent.ino, name))
+        return sorted(names)
 
     def _check_session(self, tx: Transaction, session: Session) -> None:
         where = self.committer.describe(session.inode)
@@ -1017,7 +1260,7 @@ class Transactions:
             session.shadow = shadow
         return os.dup(shadow)
 
-    def _prepare_new(self, tx: Transaction) -> None:
+    def _prepare_new(self, tx: Transaction, built: dict[int, int]) -> None:
         """New files get their final size and times; what is new inside directories the
         transaction made is put in place there now (nobody else can reach them), so
         that one sync makes it durable before the record."""
@@ -1026,10 +1269,16 @@ class Transactions:
                 continue
             parent = self.table.get(parent_ino)
             token = tx.staged.get(inode.ino)
+            session = tx.sessions.get(inode.ino)
             if token is not None:
                 os.rename(token, name, src_dir_fd=tx.staging_fd, dst_dir_fd=parent.fd)
                 del tx.staged[inode.ino]
                 self.table.release(inode)
+            elif session is None or not session.pending:
+                # a real object moved or linked in: a link (its new version if rewritten);
+                # its committed name goes in the record's first phase
+                fd = built.get(inode.ino)
+                syscalls.link_fd(fd if fd is not None else inode.fd, parent.fd, name)
             else:
                 session = tx.sessions[inode.ino]
                 self._finish_new(session)
@@ -1093,43 +1342,53 @@ class Transactions:
         durable a failure aborts the transaction (nothing changed in the tree);
         after it, the next mount replays the record.
         """
-        ops: list[txrecord.Op] = []
-        steps: list[tuple[txrecord.Op, Inode, Inode]] = []  # op, parent, the object
-        op: txrecord.Op
+        removals: list[tuple[txrecord.Op, Inode]] = []  # op, parent
+        puts: list[tuple[txrecord.Op, Inode]] = []
         backings: dict[int, Backing] = {}
         dirs: dict[int, Inode] = {}
         sfd = tx.staging_fd
         self._check_conflicts(tx)
-        try:
-            # committed names removed (before the new names: one may take the place)
-            for (_pino, name), (parent, dev, ino, fid) in tx.whiteouts.items():
-                gone = txrecord.Unlink(self._path(parent), name, dev, ino, fid)
-                ops.append(gone)
-                steps.append((gone, parent, parent))
-            # content of committed files: their new versions under a token
-            for session, fd in built:
-                inode = session.inode
-                parent, name = self.shadows.find_name(inode, inode.key)
+
+        def put(fd: int | None, token: str | None, parent: Inode, name: bytes) -> None:
+            if token is None:  # a file (or a moved or linked object): linked in now
+                assert fd is not None
                 token = tx.token("f")
                 syscalls.link_fd(fd, sfd, token.encode())
-                op = txrecord.Put(token, self._path(parent), name)
-                ops.append(op)
-                steps.append((op, parent, inode))
+            puts.append((txrecord.Put(token, self._path(parent), name), parent))
+
+        try:
+            # phase A, paths of the committed tree, deepest first: committed names
+            # removed or moved away (a directory after what was in it; a new name may
+            # take the place of one)
+            for key, (parent, dev, ino, fid) in tx.whiteouts.items():
+                kind = txrecord.Rmdir if key in tx.removed_dirs else txrecord.Unlink
+                removals.append((kind(self._path(parent), key[1], dev, ino, fid), parent))
+            removals.sort(key=lambda step: -len(step[0].parent))
+            # phase B, paths of the new tree, shallowest first: the new versions of
+            # committed files at each of their names
+            rebuilt = {session.inode.ino for session, _ in built}
+            for session, fd in built:
+                for parent_ino, name in self._final_names(tx, session.inode):
+                    put(fd, None, self.table.get(parent_ino), name)
             # new names in committed directories (those in new directories are in
-            # place already, _prepare_new): new files get a token
+            # place already, _prepare_new): new files, moved and linked objects get
+            # a token now, staged directories, symlinks and fifos have one
             for (parent_ino, name), inode in sorted(tx.entries.items()):
+                if inode.ino in rebuilt:
+                    continue
                 parent = self.table.get(parent_ino)
+                new = tx.sessions.get(inode.ino)
                 staged = tx.staged.get(inode.ino)
-                if staged is None:  # a new file
-                    shadow = tx.sessions[inode.ino].shadow
-                    assert shadow is not None
-                    staged = tx.token("f")
-                    syscalls.link_fd(shadow, sfd, staged.encode())
-                op = txrecord.Put(staged, self._path(parent), name)
-                ops.append(op)
-                steps.append((op, parent, inode))
+                if staged is not None:
+                    put(None, staged, parent, name)
+                elif new is not None and new.pending:  # a new file
+                    put(new.shadow, None, parent, name)
+                else:  # a real object moved or linked here
+                    put(inode.fd, None, parent, name)
+            puts.sort(key=lambda step: len(step[0].parent))
             # attributes of committed objects, in place, once every name is there
-            steps.extend(self._meta_steps(tx, {s.inode.ino for s, _ in built}, ops))
+            steps = removals + puts + self._meta_steps(tx, rebuilt)
+            ops = [op for op, _ in steps]
             for session, fd in built:
                 backings[session.inode.ino] = self.table.prepare(fd)
             faults.point("tx.before_record")
@@ -1142,7 +1401,7 @@ class Transactions:
             raise
         # Point of no return: the record is durable.
         faults.point("tx.after_record")
-        for i, (op, parent, _inode) in enumerate(steps):
+        for i, (op, parent) in enumerate(steps):
             try:
                 txrecord.apply_op(sfd, op, parent.fd)
             except OSError as exc:
@@ -1178,6 +1437,7 @@ class Transactions:
                 node.names.discard((parent.ino, name))
         self._release_whiteouts(tx)
         self._release_attrs(tx)
+        self._release_linked(tx)
         tx.entries.clear()
         tx.staged.clear()
         self._release_all_private(tx)
@@ -1210,6 +1470,22 @@ class Transactions:
                     if parent is not None else name).decode(errors="replace") or "/"
             raise TxFailed(f"conflict: {path} was changed outside the transaction "
                            "since the transaction first changed it")
+        for (parent_ino, name), child in tx.removed_dirs.items():
+            # a directory it removes holds nothing but what it removes (an outsider's
+            # new name inside is a conflict, not a failed rmdir after the record)
+            parent = self.table.get(parent_ino)  # held by its whiteout
+            try:
+                fd = open_path(parent.fd, name, self.table)[0]
+                try:
+                    names = _source_names(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                names = []  # replaced or gone: the identity check above said so
+            if not self._emptied(tx, child, names):
+                where = b"/".join((*self._path(parent), name)).decode(errors="replace")
+                raise TxFailed(f"conflict: {where} has new content from outside the "
+                               "transaction, which removes it")
 
     def _committed(self, session: Session) -> None:
         size = session.size
@@ -1243,6 +1519,15 @@ class Transactions:
             if tx.runner_fd is not None:
                 os.close(tx.runner_fd)
                 tx.runner_fd = None
+
+
+def _source_names(path_fd: int) -> list[bytes]:
+    """The names in a directory of SOURCE (from an O_PATH fd of it)."""
+    fd = syscalls.reopen(path_fd, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return [os.fsencode(n) for n in os.listdir(fd)]
+    finally:
+        os.close(fd)
 
 
 def _invalidate_attrs(ino: int) -> None:

@@ -24,6 +24,15 @@ apply (or after it) ends in the same tree:
   got the freed inode number is not taken for it) where the filesystem has
   handles.  Done once it is not.
 
+- ``rmdir PARENT NAME DEV INO HANDLE``: the same for a directory (empty by then:
+  the operations that empty it come first).
+
+A record lists its operations in two phases: first every removal, deepest path
+first (paths of the tree before the commit), then every ``put``, shallowest
+path first (paths of the tree after it).  A moved or hard-linked object was
+linked into the staging directory under its token before the record was
+written, so the removal of its old name never takes its last link.
+
 ``PARENT`` is a list of names from SOURCE's root; every step is opened with
 ``O_NOFOLLOW``, so a replay never follows a symlink out of SOURCE.
 
@@ -78,6 +87,15 @@ def identity(path_fd: int) -> str:
 
 
 @dataclass(frozen=True)
+class Rmdir:
+    parent: tuple[bytes, ...]
+    name: bytes
+    dev: int
+    ino: int
+    handle: str = ""
+
+
+@dataclass(frozen=True)
 class Meta:
     """Set attributes of ``PARENT/NAME`` in place (``NAME`` b"": the directory PARENT
     itself, SOURCE's root) if it still is the object the transaction changed."""
@@ -90,7 +108,7 @@ class Meta:
     changes: txattrs.Changes
 
 
-Op = Put | Unlink | Meta
+Op = Put | Unlink | Rmdir | Meta
 
 
 def encode(ops: list[Op]) -> bytes:
@@ -100,8 +118,9 @@ def encode(ops: list[Op]) -> bytes:
                                    "name": os.fsdecode(op.name)}
         if isinstance(op, Put):
             item.update(op="put", token=op.token)
-        elif isinstance(op, Unlink):
-            item.update(op="unlink", dev=op.dev, ino=op.ino, handle=op.handle)
+        elif isinstance(op, Unlink | Rmdir):
+            item.update(op="unlink" if isinstance(op, Unlink) else "rmdir", dev=op.dev,
+                        ino=op.ino, handle=op.handle)
         else:
             c = op.changes
             item.update(op="meta", dev=op.dev, ino=op.ino, handle=op.handle, mode=c.mode,
@@ -131,9 +150,10 @@ def decode(data: bytes) -> list[Op] | None:
             return None
         if item.get("op") == "put" and "/" not in item["token"]:
             ops.append(Put(item["token"], parent, name))
-        elif item.get("op") == "unlink":
-            ops.append(Unlink(parent, name, int(item["dev"]), int(item["ino"]),
-                              str(item.get("handle", ""))))
+        elif item.get("op") in ("unlink", "rmdir"):
+            kind = Unlink if item["op"] == "unlink" else Rmdir
+            ops.append(kind(parent, name, int(item["dev"]), int(item["ino"]),
+                            str(item.get("handle", ""))))
         elif item.get("op") == "meta":
             changes = txattrs.Changes(
                 mode=_int(item["mode"]), uid=_int(item["uid"]), gid=_int(item["gid"]),
@@ -208,20 +228,25 @@ def apply_op(staging_fd: int, op: Op, parent_fd: int) -> bool:
     """Do one operation (if not done yet); returns whether it changed anything."""
     if isinstance(op, Meta):
         return _apply_meta(op, parent_fd)
-    if isinstance(op, Unlink):
+    if isinstance(op, Unlink | Rmdir):
+        is_dir = isinstance(op, Rmdir)
         try:
             fd = os.open(op.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
         except FileNotFoundError:
             return False
         try:
             st = os.stat(fd)
-            same = ((st.st_dev, st.st_ino) == (op.dev, op.ino) and not stat.S_ISDIR(st.st_mode)
+            same = ((st.st_dev, st.st_ino) == (op.dev, op.ino)
+                    and stat.S_ISDIR(st.st_mode) == is_dir
                     and (not op.handle or identity(fd) == op.handle))
         finally:
             os.close(fd)
         if not same:
             return False  # done before (and the name made again since)
-        os.unlink(op.name, dir_fd=parent_fd)
+        if is_dir:
+            os.rmdir(op.name, dir_fd=parent_fd)
+        else:
+            os.unlink(op.name, dir_fd=parent_fd)
         return True
     try:
         os.rename(op.token, op.name, src_dir_fd=staging_fd, dst_dir_fd=parent_fd)
@@ -287,7 +312,12 @@ def replay(root_fd: int, daemon_dir: int, name: str) -> str:
         done = 0
         if ops is not None:
             for op in ops:
-                pfd = open_parent(root_fd, op.parent)
+                try:
+                    pfd = open_parent(root_fd, op.parent)
+                except FileNotFoundError:
+                    if isinstance(op, Put):
+                        raise
+                    continue  # a removal inside a directory removed since: done before
                 try:
                     done += apply_op(sfd, op, pfd)
                     faults.point("tx.replay")

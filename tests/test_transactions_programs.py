@@ -8,10 +8,6 @@ half way must leave the old install exactly as it was (contents, modes, links,
 inode numbers and times).  Where a test passes today, a ``plain`` variant runs
 the same program without ``atomicfs run`` and shows what the check catches
 then (a mix, or a half install).
-
-Tests marked ``xfail(strict=True)`` need changes of committed names that are not
-built yet (docs/semantics.md §14, Limits); they name the call that fails today,
-and turn into failures (XPASS, strict) once it is built: remove the mark then.
 """
 
 from __future__ import annotations
@@ -433,13 +429,6 @@ def test_pip_install_plain_leaves_half_a_package_when_it_fails(
     assert (venv.src_site / PKG / "version.txt").read_text() == "3.0\n"
 
 
-UPGRADE_XFAIL = pytest.mark.xfail(
-    strict=True, reason="needs renames and rmdir of committed directories inside a "
-    "transaction: pip stashes the old version by rename(2) of site-packages/"
-    "tinypkg-1.0.dist-info to ~inypkg-1.0.dist-info: EOPNOTSUPP")
-
-
-@UPGRADE_XFAIL
 def test_pip_upgrade_appears_whole(mount: Mount, tmp_path: Path) -> None:
     """Version 2.0 over 1.0: pip moves the old version's files away (renames of
     committed names), installs the new ones and removes the stash: the outside
@@ -457,7 +446,7 @@ def test_pip_upgrade_appears_whole(mount: Mount, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("over", [
     pytest.param(False, id="fresh"),
-    pytest.param(True, id="upgrade", marks=UPGRADE_XFAIL)])
+    pytest.param(True, id="upgrade")])
 def test_pip_install_that_fails_half_way_leaves_nothing(
         mount: Mount, tmp_path: Path, over: bool) -> None:
     """A wheel whose console script entry is invalid: pip has written the package's
@@ -474,7 +463,9 @@ def test_pip_install_that_fails_half_way_leaves_nothing(
                        timeout=120)
     assert res.returncode == 1, (res.stdout, res.stderr)
     assert "Invalid script entry point" in res.stderr, res.stderr
-    assert inside.read_text() == "3.0\n", "pip failed before it wrote the package"
+    # pip wrote 3.0 before it failed; over 1.0, its own rollback (moving the old
+    # version's files back) put 1.0 in place again before it exited
+    assert inside.read_text() == ("1.0\n" if over else "3.0\n"), "pip failed early"
     assert tree_of(mount.src("venv")) == before
     assert tree_of(mount.path("venv"), ino=False) == before_mnt
     if over:

@@ -577,6 +577,9 @@ class OpenFiles:
         signal = opener.signal
         if signal:
             session.killed_by = signal
+            # Children that inherited the descriptor close it later (a `sleep` the
+            # killed shell started): those closes commit only what is written after.
+            handle.wrote = False
             log.warning("%s: the process writing it (pid %d) was killed by signal %d before "
                         "closing it; its unfinished writes will not be committed",
                         self.committer.describe(handle.inode), handle.pid, signal)

@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,3 +72,46 @@ def test_a_shell_writing_through_a_descriptor_it_keeps_commits_once(
     assert m.src("f").read_bytes() == NEW_CONF
     assert_no_debris(m.source)
 
+
+
+def test_a_killed_script_whose_child_lives_on_commits_nothing_the_child_did_not_write(
+        mount_factory: MountFactory, tmp_path: Path) -> None:
+    """docs/semantics.md §2 "Commit points": a shell killed by SIGKILL in the middle
+    of writing a file, while a child it started (``sleep``) still holds the
+    descriptor: the child's exit later is no commit point, the unfinished output is
+    dropped.  A child that writes after the kill finishes the file (its close
+    commits), as it would on any filesystem."""
+    m = mount_factory(source=make_source(tmp_path, {"f": OLD, "g": OLD}))
+    silent = subprocess.Popen(
+        ["sh", "-c", 'exec 3>"$1"; echo a=1 >&3; echo b=2 >&3; sleep 1.5; echo c=3 >&3',
+         "sh", str(m.path("f"))], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    writing = subprocess.Popen(
+        ["sh", "-c", 'exec 3>"$1"; echo a=1 >&3; exec 4>&3; '
+         '"$2" -c "import os, time; time.sleep(1.5); os.write(4, b\'b=2\\n\')"; '
+         "echo c=3 >&3", "sh", str(m.path("g")), sys.executable],
+        stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: os.stat(m.path("f")).st_size == 8
+                        and os.stat(m.path("g")).st_size == 4, timeout=5), \
+            "the scripts' first lines never reached the daemon"
+        time.sleep(0.3)
+        silent.kill()  # the shells only: their children live on, holding the descriptors
+        writing.kill()
+        silent.wait(timeout=TIMEOUT)
+        writing.wait(timeout=TIMEOUT)
+        assert m.src("f").read_bytes() == OLD and m.src("g").read_bytes() == OLD
+        # sleep and python exit about 1.5 s later: then the sessions end
+        assert wait_for(lambda: not status_of(m.mountpoint)["sessions"], timeout=10), \
+            "the sessions never ended"
+    finally:
+        for proc in (silent, writing):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=TIMEOUT)
+    assert m.src("f").read_bytes() == OLD, \
+        "the killed script's unfinished output was committed when its child exited"
+    assert m.path("f").read_bytes() == OLD
+    assert m.src("g").read_bytes() == b"a=1\nb=2\n", \
+        "a child that wrote after the kill did not finish the file"
+    m.expect_log(r"WARNING .*/[fg]: the process writing it .* was killed by signal 9")
+    assert_no_debris(m.source)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,4 +115,31 @@ def test_a_killed_script_whose_child_lives_on_commits_nothing_the_child_did_not_
     assert m.src("g").read_bytes() == b"a=1\nb=2\n", \
         "a child that wrote after the kill did not finish the file"
     m.expect_log(r"WARNING .*/[fg]: the process writing it .* was killed by signal 9")
+    assert_no_debris(m.source)
+
+
+def test_the_daemon_directory_removed_beside_the_mount_is_made_again(
+        mount_factory: MountFactory, tmp_path: Path) -> None:
+    """docs/semantics.md §13: SOURCE/.atomicfs removed directly in SOURCE while the
+    mount runs (``rm -rf``, ``git clean -fdx``, a cleaner of old files in /tmp):
+    the next commit that needs it makes it again, instead of every rewrite failing
+    with ENOENT until the next mount."""
+    big = b"b" * (16 << 20)
+    m = mount_factory(source=make_source(tmp_path, {"f": OLD, "big": big}))
+    m.path("f").write_bytes(b"v0\n")
+    shutil.rmtree(m.src(".atomicfs"))
+    for i in range(1, 13):  # more than the shadows the pool had ready
+        m.path("f").write_bytes(b"v%d\n" % i)  # raised ENOENT at close before
+        assert m.src("f").read_bytes() == b"v%d\n" % i
+    assert m.src(".atomicfs").is_dir()
+    # a small change of a large file is journalled: its record goes there too
+    shutil.rmtree(m.src(".atomicfs"))
+    with open(m.path("big"), "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"J" * 4096)
+    data = m.src("big").read_bytes()
+    assert data[(1 << 20):(1 << 20) + 4096] == b"J" * 4096 and len(data) == len(big)
+    assert status_of(m.mountpoint)["commits"]["journal"] == 1
+    m.expect_log(r"WARNING .*\.atomicfs was removed")
+    m.unmount()
     assert_no_debris(m.source)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MountFactory
+from conftest import MountFactory, mounted_fstype, run_cli
 from sessionkit import OLD, TIMEOUT, assert_no_debris, make_source, status_of, wait_for
 
 # A shell script writing a config file line by line through a descriptor it keeps
@@ -143,3 +143,28 @@ def test_the_daemon_directory_removed_beside_the_mount_is_made_again(
     m.expect_log(r"WARNING .*\.atomicfs was removed")
     m.unmount()
     assert_no_debris(m.source)
+
+
+def test_a_source_inside_or_around_a_mounted_source_is_refused(
+        mount_factory: MountFactory, tmp_path: Path) -> None:
+    """docs/semantics.md §13: two daemons on nested SOURCE trees would both commit
+    the files of the inner one, and the inner one's SOURCE/.atomicfs (journal
+    records of commits in flight) would show, and could be removed, through the
+    outer mount.  Refused with one line, like a second mount of the same SOURCE."""
+    outer = make_source(tmp_path, {"srv/app/conf": OLD, "srv/f": OLD}, name="top") / "srv"
+    m = mount_factory(source=outer)
+    (tmp_path / "mnt-in").mkdir()
+    inner = run_cli(["mount", str(outer / "app"), str(tmp_path / "mnt-in")])
+    (tmp_path / "mnt-out").mkdir()
+    around = run_cli(["mount", str(tmp_path / "top"), str(tmp_path / "mnt-out")])
+    for res in (inner, around):
+        if res.returncode == 0:  # mounted after all: do not leave it behind
+            run_cli(["umount", str(tmp_path / ("mnt-in" if res is inner else "mnt-out"))])
+    assert inner.returncode != 0 and around.returncode != 0
+    assert inner.stderr.count("\n") == 1 and "inside" in inner.stderr \
+        and str(outer) in inner.stderr, inner.stderr
+    assert around.stderr.count("\n") == 1 and "contains" in around.stderr, around.stderr
+    assert mounted_fstype(tmp_path / "mnt-in") is None
+    assert mounted_fstype(tmp_path / "mnt-out") is None
+    assert not (outer / "app" / ".atomicfs").exists()
+    assert m.path("app", "conf").read_bytes() == OLD

@@ -168,3 +168,19 @@ def test_a_source_inside_or_around_a_mounted_source_is_refused(
     assert mounted_fstype(tmp_path / "mnt-out") is None
     assert not (outer / "app" / ".atomicfs").exists()
     assert m.path("app", "conf").read_bytes() == OLD
+
+
+def test_a_shell_appending_to_a_log_through_a_descriptor_it_keeps_shows_each_line(
+        mount_factory: MountFactory, tmp_path: Path) -> None:
+    """docs/semantics.md §2, §10: for a log (only appended to), such a close commits
+    the whole appends, as a checkpoint would: each line reaches SOURCE at once."""
+    m = mount_factory(source=make_source(tmp_path, {"log": b"old\n"}))
+    proc = subprocess.Popen(["bash", "-c", 'exec 3>>"$1"; echo l1 >&3; echo l2 >&3; sleep 30',
+                             "bash", str(m.path("log"))], start_new_session=True,
+                            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # the checkpoint interval is 5 s: this is the close, not a checkpoint
+        assert wait_for(lambda: m.src("log").read_bytes() == b"old\nl1\nl2\n", timeout=2.5), \
+            f"SOURCE/log is {m.src('log').read_bytes()!r}"
+    finally:
+        kill_group(proc)
+    m.expect_log(r"WARNING .*/log: the process writing it .* was killed by signal 9")

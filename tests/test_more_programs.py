@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MountFactory, mounted_fstype, run_cli
+from conftest import Mount, MountFactory, mounted_fstype, run_cli
 from sessionkit import OLD, TIMEOUT, assert_no_debris, make_source, status_of, wait_for
 
 # A shell script writing a config file line by line through a descriptor it keeps
@@ -27,6 +27,12 @@ from sessionkit import OLD, TIMEOUT, assert_no_debris, make_source, status_of, w
 FD3_SCRIPT = ('exec 3>"$1"; echo a=1 >&3; printf "%s\\n" b=2 >&3; {stop}'
               'echo c=3 >&3; exec 3>&-; cat "$1" > "$2"')
 NEW_CONF = b"a=1\nb=2\nc=3\n"
+
+
+def need_tools(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (scripts/bootstrap.sh installs them)")
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -184,3 +190,25 @@ def test_a_shell_appending_to_a_log_through_a_descriptor_it_keeps_shows_each_lin
     finally:
         kill_group(proc)
     m.expect_log(r"WARNING .*/log: the process writing it .* was killed by signal 9")
+
+
+def test_known_limit_inode_flags_and_fallocate_are_refused_clearly(mount: Mount) -> None:
+    """docs/semantics.md §13: pyfuse3 3.5 has no ioctl and no fallocate handler, so
+    ``lsattr``/``chattr`` (FS_IOC_GETFLAGS) and ``fallocate(1)`` fail with EOPNOTSUPP
+    and a clear message, changing nothing; glibc's ``posix_fallocate`` falls back to
+    writing, so programs using it work."""
+    need_tools("lsattr", "chattr", "fallocate")
+    m = mount
+    m.path("f").write_bytes(OLD)
+    for argv in (["lsattr", str(m.path("f"))], ["chattr", "+i", str(m.path("f"))],
+                 ["fallocate", "-l", "1M", str(m.path("f"))]):
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT,
+                             stdin=subprocess.DEVNULL)
+        assert res.returncode != 0 and "not supported" in res.stderr, (argv, res)
+    assert m.src("f").read_bytes() == OLD and os.stat(m.path("f")).st_size == len(OLD)
+    fd = os.open(m.path("g"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, 100_000)
+    finally:
+        os.close(fd)
+    assert m.src("g").read_bytes() == bytes(100_000)

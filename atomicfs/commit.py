@@ -54,7 +54,7 @@ from typing import Any
 
 import trio
 
-from . import faults, journal, metadata, syscalls
+from . import faults, journal, metadata, recovery, syscalls
 from .batch import Batch
 from .dirsync import DirSyncs
 from .extents import Kind
@@ -442,8 +442,14 @@ class Committer:
             # space for filling holes first: ENOSPC must come before the record
             reserved = await trio.to_thread.run_sync(journal.reserve, target, record)
             try:
-                await trio.to_thread.run_sync(journal.write_record, self.daemon_dir, name,
-                                              record, shadow)
+                try:
+                    await trio.to_thread.run_sync(journal.write_record, self.daemon_dir, name,
+                                                  record, shadow)
+                except FileNotFoundError:  # SOURCE/.atomicfs removed beside the mount
+                    if not recovery.revive_daemon_dir(self.table.root.fd, self.daemon_dir):
+                        raise
+                    await trio.to_thread.run_sync(journal.write_record, self.daemon_dir, name,
+                                                  record, shadow)
             except BaseException:
                 await trio.to_thread.run_sync(journal.unreserve, target, reserved)
                 raise

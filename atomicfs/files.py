@@ -9,8 +9,10 @@ Policy (docs/semantics.md §2, §4):
   (the shell's open/dup2/close before writing) commits nothing.  Nor does a
   close by the exit of a child that wrote nothing while the process that opened
   the handle still holds it (``/bin/true`` inside ``( ... ) > f``: the shell
-  goes on writing), nor the close of a process being killed by a signal, whose
-  unfinished writes are dropped at the last release (:mod:`atomicfs.processes`).
+  goes on writing), nor a close by that process of a copy of a descriptor it
+  still holds (the shell's ``echo x >&3``, Python's mmap), nor the close of a
+  process being killed by a signal, whose unfinished writes are dropped at the
+  last release (:mod:`atomicfs.processes`).
 - ``fsync`` commits the session so far, durably; the session goes on.
 - The last ``release`` of a session commits what is left (mmap writeback,
   truncate-only sessions, descriptors that never flushed), then ends it.
@@ -573,9 +575,17 @@ class OpenFiles:
         signal = opener.signal
         if signal:
             session.killed_by = signal
+            # Children that inherited the descriptor close it later (a `sleep` the
+            # killed shell started): those closes commit only what is written after.
+            handle.wrote = False
             log.warning("%s: the process writing it (pid %d) was killed by signal %d before "
                         "closing it; its unfinished writes will not be committed",
                         self.committer.describe(handle.inode), handle.pid, signal)
+            return True
+        if not self.appends.is_log(session) and self._copy_still_held(handle, opener.threads):
+            log.debug("close of %s not a commit point: its opener (pid %d) closed a copy of "
+                      "the descriptor and still holds another",
+                      self.committer.describe(handle.inode), handle.pid)
             return True
         if (processes.silent_children_closing(handle.pid, opener.threads)
                 and processes.holds(handle.pid, self.mountpoint, handle.inode.ino,
@@ -585,6 +595,29 @@ class OpenFiles:
                       self.committer.describe(handle.inode), handle.pid)
             return True
         return False
+
+    def _copy_still_held(self, handle: FileHandle, threads: int) -> bool:
+        """Is the opener itself closing a copy of ``handle``'s descriptor while it
+        holds another copy (the shell's ``echo x >&3``, Python's mmap)?  Asked of
+        rewrites only: a log's close commits its whole appends, as a checkpoint
+        would (docs/semantics.md §10), so ``tail -F`` sees each line at once.
+
+        /proc cannot tell which open file a descriptor belongs to, so the opener's
+        descriptors of the file with the same access mode and ``O_APPEND`` flag
+        are counted: more of them than the opener's other open files of the file
+        opened the same way means one is a copy of this one.
+        """
+        accmode = handle.flags & os.O_ACCMODE
+        append = bool(handle.flags & os.O_APPEND)
+        if accmode == os.O_RDONLY or not processes.closing_itself(handle.pid, threads):
+            return False
+        assert self.mountpoint is not None
+        others = sum(1 for h in self.writer_handles.get(handle.inode.ino, ())
+                     if h is not handle and h.pid == handle.pid
+                     and h.flags & os.O_ACCMODE == accmode
+                     and bool(h.flags & os.O_APPEND) == append)
+        return processes.held(handle.pid, self.mountpoint, handle.inode.ino, accmode,
+                              append) > others
 
     async def fsync(self, handle: FileHandle, datasync: bool) -> None:
         session = handle.session or self.sessions.get(handle.inode.ino)

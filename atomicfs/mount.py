@@ -33,7 +33,7 @@ import pyfuse3
 import trio
 
 from . import logs, recovery, timing
-from .mounttable import is_fuse, mount_table, top_fstype
+from .mounttable import is_fuse, mount_entries, mount_table, top_fstype
 from .operations import AtomicOperations
 from .options import MountOptions
 
@@ -110,6 +110,7 @@ def check_request(req: MountRequest) -> int:
         raise MountError(f"MOUNTPOINT {req.mountpoint!r} is already mounted ({fstype})")
     if mountpoint != source and mountpoint.startswith(source.rstrip("/") + "/"):
         raise MountError(f"MOUNTPOINT {req.mountpoint!r} is inside SOURCE {req.source!r}")
+    check_no_overlap(source, req.source)
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse does not exist (is the fuse kernel module loaded?)")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
@@ -122,6 +123,46 @@ def check_request(req: MountRequest) -> int:
             raise MountError(f"cannot write the log file {req.log_file!r}: "
                              f"{exc.strerror}") from None
     return os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _locked(path: str) -> bool:
+    """Does another process hold the flock a daemon holds on its SOURCE?"""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # drops the shared lock if it was taken
+    return False
+
+
+def check_no_overlap(source: str, shown: str) -> None:
+    """Refuse a SOURCE inside, or around, the SOURCE of a live atomicfs mount.
+
+    Two daemons on nested trees would both commit the inner tree's files, and the
+    inner daemon's SOURCE/.atomicfs (records of commits in flight) would show,
+    and could be removed, through the outer mount.  A mount is atomicfs's by its
+    type, or (another ``subtype=``) by the lock its daemon holds on its SOURCE
+    (:func:`lock_source`); its SOURCE is the mount table's source field (the
+    ``fsname``, SOURCE unless ``fsname=`` was given).  The same SOURCE is left to
+    the lock, which names it better.
+    """
+    def under(a: str, b: str) -> bool:
+        return a.startswith(b.rstrip("/") + "/")
+
+    for entry in mount_entries():
+        other = entry.source
+        if not is_fuse(entry.fstype) or not other.startswith("/") or other == source:
+            continue
+        inside, around = under(source, other), under(other, source)
+        if (inside or around) and (entry.fstype == "fuse.atomicfs" or _locked(other)):
+            where = "is inside" if inside else "contains"
+            raise MountError(f"SOURCE {shown!r} {where} {other!r}, the SOURCE of the atomicfs "
+                             f"mount on {entry.point!r}: two daemons would commit the same files")
 
 
 def lock_source(source: str, shown: str, busy: str) -> int:

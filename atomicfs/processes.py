@@ -7,6 +7,16 @@ points"):
 
 - the opener is being killed by a signal: the program died mid-write, so its
   unfinished writes must not be committed (:func:`killed`);
+- the opener itself is closing a descriptor (close, dup2...) while it still
+  holds another copy of the same open file: a shell restoring its stdout after
+  ``echo x >&3`` (it saved stdout, dup2()ed 3 onto it and wrote), ``exec 3>&-``
+  (it duplicates 3 before closing it), Python's ``mmap`` closing the
+  descriptor it dup()ed.  The program goes on writing through the copy it
+  keeps, so the commit waits for the close of the last one
+  (:func:`closing_itself`, :func:`held`).  /proc does not say which open file
+  a descriptor belongs to, so the opener's descriptors of the file opened the
+  same way are counted: more of them than its other open files of the file
+  means one is a copy of the closed one.
 - a child of the opener is closing descriptors (exiting, in exec, in close),
   none of those children wrote a byte (``wchar`` in /proc/PID/io), and the
   opener still holds a descriptor of the file open the same way: the close is
@@ -141,6 +151,29 @@ def _closing(pid: int) -> bool:
     return number.isdigit() and int(number) in CLOSING_SYSCALLS
 
 
+def closing_itself(pid: int, threads: int = 0) -> bool:
+    """Is a thread of ``pid`` itself blocked in a syscall that closes descriptors
+    (close, close_range, dup2, dup3, exec)?  False if /proc does not say, or past
+    MAX_THREADS threads.  (``threads`` as for :func:`children`.)"""
+    if threads == 1:
+        tids = [str(pid)]
+    else:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return False
+    if len(tids) > MAX_THREADS:
+        return False
+    for tid in tids:
+        try:
+            number = _read(f"/proc/{pid}/task/{tid}/syscall").split(maxsplit=1)[0]
+        except (OSError, IndexError):
+            continue
+        if number.isdigit() and int(number) in CLOSING_SYSCALLS:
+            return True
+    return False
+
+
 def silent_children_closing(pid: int, threads: int = 0) -> bool:
     """Is some child of ``pid`` closing descriptors (exit, exec, close), and has
     none of those children written a byte?  (``threads`` as for :func:`children`.)"""
@@ -164,17 +197,34 @@ def read_fields(path: str) -> dict[str, str]:
     return parse_fdinfo(_read(path))
 
 
+# A process with more descriptors is not scanned at a close (0 held): reading each
+# one's target costs a few microseconds, and a close after writes asks at every
+# commit point.
+MAX_SCANNED = 256
+
+
 def holds(pid: int, mountpoint: str, ino: int, accmode: int) -> bool:
     """Does ``pid`` hold a descriptor of the file ``ino`` under ``mountpoint``
     that was opened with access mode ``accmode``?"""
+    return held(pid, mountpoint, ino, accmode, first=True) > 0
+
+
+def held(pid: int, mountpoint: str, ino: int, accmode: int, append: bool | None = None,
+         first: bool = False) -> int:
+    """How many descriptors of the file ``ino`` under ``mountpoint`` does ``pid``
+    hold that were opened with access mode ``accmode`` (and, if given, with
+    ``O_APPEND`` or without it)?  ``first``: stop at the first one."""
     if pid <= 0 or pid == os.getpid():
-        return False
+        return 0
     prefix = mountpoint.rstrip("/") + "/"
     base = f"/proc/{pid}/fd"
     try:
         fds = os.listdir(base)
     except OSError:  # gone, exiting (its table is already released), or not ours to see
-        return False
+        return 0
+    if not first and len(fds) > MAX_SCANNED:
+        return 0
+    count = 0
     for fd in fds:
         try:
             target = os.readlink(f"{base}/{fd}")
@@ -184,13 +234,16 @@ def holds(pid: int, mountpoint: str, ino: int, accmode: int) -> bool:
         except OSError:  # closed meanwhile
             continue
         try:
-            same_file = int(info.get("ino", "-1")) == ino
-            same_mode = int(info.get("flags", "0"), 8) & os.O_ACCMODE == accmode
+            flags = int(info.get("flags", "0"), 8)
+            if (int(info.get("ino", "-1")) != ino or flags & os.O_ACCMODE != accmode
+                    or (append is not None and bool(flags & os.O_APPEND) != append)):
+                continue
         except ValueError:
             continue
-        if same_file and same_mode:
-            return True
-    return False
+        count += 1
+        if first:
+            break
+    return count
 
 
 MAX_FDS = 4096  # a process with more descriptors is not scanned (its reads stay isolated)

@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from . import faults, syscalls
+from . import faults, recovery, syscalls
 from .dirsync import DirSyncs
 from .inodes import Backing, Inode, InodeTable, Key, stat_at
 
@@ -189,7 +189,12 @@ class Publisher:
                               "entry was not updated", self.describe(inode))
             return parent
         tmp = b"commit-" + secrets.token_hex(8).encode()
-        syscalls.link_fd(fd, self.daemon_dir, tmp)
+        try:
+            syscalls.link_fd(fd, self.daemon_dir, tmp)
+        except FileNotFoundError:  # SOURCE/.atomicfs removed beside the mount
+            if not recovery.revive_daemon_dir(self.table.root.fd, self.daemon_dir):
+                raise
+            syscalls.link_fd(fd, self.daemon_dir, tmp)
         try:
             faults.point("commit.after_link")
             syscalls.renameat2(self.daemon_dir, tmp, parent.fd, name)

@@ -36,6 +36,30 @@ def open_daemon_dir(root_fd: int) -> int:
     return fd
 
 
+def revive_daemon_dir(root_fd: int, daemon_dir: int) -> bool:
+    """Make SOURCE/.atomicfs again if it was removed beside the mount (``rm -rf``
+    in SOURCE, a cleaner of old files); returns whether it did.
+
+    Every component holds the directory by the descriptor number ``daemon_dir``,
+    so the new directory is put behind that same number (dup3): from then on they
+    all use it.  What was in the removed one is gone with it (its removal was a
+    change made beside the mount); a commit that was using it failed cleanly.
+    """
+    try:
+        if os.stat(daemon_dir).st_nlink > 0:
+            return False  # still there (or moved elsewhere in SOURCE: it works as well)
+    except OSError:
+        return False
+    fresh = open_daemon_dir(root_fd)
+    try:
+        os.dup2(fresh, daemon_dir, inheritable=False)
+    finally:
+        os.close(fresh)
+    log.warning("SOURCE/%s was removed beside the mount; made it again",
+                DAEMON_DIR.decode())
+    return True
+
+
 def recover(root_fd: int, daemon_dir: int) -> list[str]:
     """Resolve what interrupted commits left; returns one line per action taken.
 

@@ -23,12 +23,13 @@ cache and reads the session's content (the documented kernel limit, §4.5);
 under isolation=shared every reader reads the session's content.
 
 Commit points: close() of a descriptor whose open file wrote (every close,
-dup()s included), fsync() on any handle of a file with a session, the last
-release of a session (asynchronous: after close() returned, so the source
-check then waits for it), truncate(2) by path with no session (at once), and
-the namespace operations that need a new file in the source (link of a new
-file, rename of a new file over an existing name).  A file with no name left
-is never committed.
+dup()s included, unless the session is a rewrite and this process still
+holds another copy of it: docs/semantics.md §2), fsync() on any handle of a
+file with a session, the last release of a session (asynchronous: after
+close() returned, so the source check then waits for it), truncate(2) by
+path with no session (at once), and the namespace operations that need a new
+file in the source (link of a new file, rename of a new file over an existing
+name).  A file with no name left is never committed.
 
 Append sessions (docs/semantics.md §10): a session that only appended since its
 last commit is a log; a reader's open (isolated) first checkpoints its appends
@@ -226,6 +227,21 @@ class Model(RuleBasedStateMachine):
         writing = any(h.file is f and h.writable for _, h in self.handles)
         return f.session is not None and self.isolation == "committed" and not writing
 
+    def copy_still_held(self, h: MHandle) -> bool:
+        """Is this close one of a copy of ``h``'s descriptor that this process still
+        holds (docs/semantics.md §2)?  The daemon counts this process's descriptors
+        of the file with the same access mode and O_APPEND, against its other open
+        files of the file opened the same way."""
+        def same(g: MHandle) -> bool:
+            return (g.file is h.file and g.member
+                    and g.flags & os.O_ACCMODE == h.flags & os.O_ACCMODE
+                    and bool(g.flags & os.O_APPEND) == bool(h.flags & os.O_APPEND))
+        if h.flags & os.O_ACCMODE == os.O_RDONLY or h.file.log:  # a log's close commits
+            return False
+        fds = sum(1 for _, g in self.handles if same(g))
+        others = len({id(g) for _, g in self.handles if same(g) and g is not h})
+        return fds > others
+
     def expect_errno(self, what: str, got: int, want: int) -> None:
         assert got == want, f"{what}: errno {errno.errorcode.get(got, got)}, model says " \
                             f"{errno.errorcode.get(want, want)}"
@@ -358,7 +374,7 @@ class Model(RuleBasedStateMachine):
         self.expect_errno(f"close({h.label})", got, 0)
         f = h.file
         if h.member:
-            if h.wrote:  # flush (every close): commits if this handle wrote
+            if h.wrote and not self.copy_still_held(h):  # flush: commits if it wrote
                 f.whole_commit()
                 h.wrote = False
             if h.fds:  # other descriptors of the open file remain: no release yet

@@ -59,12 +59,41 @@ def test_a_running_process_is_not_killed_and_holds_its_file(tmp_path: Path) -> N
     assert not processes.holds(child.pid, str(tmp_path), os.stat(target).st_ino, os.O_WRONLY)
 
 
+def test_held_counts_descriptors_opened_the_same_way_and_closing_itself(tmp_path: Path) -> None:
+    """The opener's own close of a copy of a descriptor it still holds (files.py
+    ``_copy_still_held``): its descriptors of the file counted by mode and O_APPEND."""
+    target = tmp_path / "f"
+    target.write_bytes(b"")
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import os, sys, time; fd = os.open(sys.argv[1], os.O_WRONLY);"
+                              "os.dup(fd); os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND);"
+                              "os.open(sys.argv[1], os.O_RDONLY);"
+                              "print(fd, flush=True); time.sleep(30)",
+                              str(target)], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip()
+        ino = os.stat(target).st_ino
+        assert processes.held(child.pid, str(tmp_path), ino, os.O_WRONLY, False) == 2
+        assert processes.held(child.pid, str(tmp_path), ino, os.O_WRONLY, True) == 1
+        assert processes.held(child.pid, str(tmp_path), ino, os.O_WRONLY) == 3
+        assert processes.held(child.pid, str(tmp_path), ino, os.O_WRONLY, first=True) == 1
+        assert processes.held(child.pid, str(tmp_path), ino, os.O_RDONLY) == 1
+        assert not processes.closing_itself(child.pid), "it sleeps: it closes nothing"
+        assert not processes.closing_itself(child.pid, threads=1)
+    finally:
+        child.kill()
+        child.wait()
+    assert not processes.closing_itself(child.pid)
+
+
 def test_unknown_processes_answer_the_safe_way() -> None:
     gone = 2**22 + 12345  # above the default pid_max
     assert processes.killed(gone) == 0
     assert not processes.holds(gone, "/", 1, os.O_WRONLY)
     assert processes.children(gone) == []
     assert not processes.silent_children_closing(gone)
+    assert not processes.closing_itself(gone)
+    assert processes.held(gone, "/", 1, os.O_WRONLY) == 0
 
 
 def test_children_of_a_process_with_too_many_threads_are_not_read(monkeypatch) -> None:

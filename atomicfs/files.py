@@ -582,7 +582,7 @@ class OpenFiles:
                         "closing it; its unfinished writes will not be committed",
                         self.committer.describe(handle.inode), handle.pid, signal)
             return True
-        if not self.appends.is_log(session) and self._copy_still_held(handle, opener.threads):
+        if self._copy_still_held(handle, opener.threads):
             log.debug("close of %s not a commit point: its opener (pid %d) closed a copy of "
                       "the descriptor and still holds another",
                       self.committer.describe(handle.inode), handle.pid)
@@ -598,9 +598,7 @@ class OpenFiles:
 
     def _copy_still_held(self, handle: FileHandle, threads: int) -> bool:
         """Is the opener itself closing a copy of ``handle``'s descriptor while it
-        holds another copy (the shell's ``echo x >&3``, Python's mmap)?  Asked of
-        rewrites only: a log's close commits its whole appends, as a checkpoint
-        would (docs/semantics.md §10), so ``tail -F`` sees each line at once.
+        holds another copy (the shell's ``echo x >&3``, Python's mmap)?
 
         /proc cannot tell which open file a descriptor belongs to, so the opener's
         descriptors of the file with the same access mode and ``O_APPEND`` flag

@@ -217,11 +217,8 @@ class Fsx:
 
     def mmap_closed(self) -> None:
         """Python's mmap holds a dup() of the descriptor and closes it with the map:
-        a close() of a copy of the descriptor this process still holds: no commit
-        point for a rewrite (docs/semantics.md §2), SOURCE keeps the last commit;
-        a log (only appended since its last commit) commits its appends."""
-        if self.appending:
-            self.commit_point()
+        a close() of a copy of the descriptor this process still holds, so no
+        commit point (docs/semantics.md §2): SOURCE keeps the last commit."""
         self.check_source(self.committed, wait=self.batch)
 
     def op_mapread(self) -> None:

@@ -23,8 +23,8 @@ cache and reads the session's content (the documented kernel limit, §4.5);
 under isolation=shared every reader reads the session's content.
 
 Commit points: close() of a descriptor whose open file wrote (every close,
-dup()s included, unless the session is a rewrite and this process still
-holds another copy of it: docs/semantics.md §2), fsync() on any handle of a
+dup()s included, unless this process still holds another copy of it:
+docs/semantics.md §2), fsync() on any handle of a
 file with a session, the last release of a session (asynchronous: after
 close() returned, so the source check then waits for it), truncate(2) by
 path with no session (at once), and the namespace operations that need a new
@@ -236,7 +236,7 @@ class Model(RuleBasedStateMachine):
             return (g.file is h.file and g.member
                     and g.flags & os.O_ACCMODE == h.flags & os.O_ACCMODE
                     and bool(g.flags & os.O_APPEND) == bool(h.flags & os.O_APPEND))
-        if h.flags & os.O_ACCMODE == os.O_RDONLY or h.file.log:  # a log's close commits
+        if h.flags & os.O_ACCMODE == os.O_RDONLY:
             return False
         fds = sum(1 for _, g in self.handles if same(g))
         others = len({id(g) for _, g in self.handles if same(g) and g is not h})

@@ -9,10 +9,9 @@ Policy (docs/semantics.md §2, §4):
   (the shell's open/dup2/close before writing) commits nothing.  Nor does a
   close by the exit of a child that wrote nothing while the process that opened
   the handle still holds it (``/bin/true`` inside ``( ... ) > f``: the shell
-  goes on writing), nor a close by that process of a copy of a descriptor it
-  still holds (the shell's ``echo x >&3``, Python's mmap), nor the close of a
-  process being killed by a signal, whose unfinished writes are dropped at the
-  last release (:mod:`atomicfs.processes`).
+  goes on writing), nor a close by that process of a copy of a descriptor it still
+  holds (the shell's ``echo x >&3``), nor the close of a process being killed by a signal, whose
+  unfinished writes are dropped at the last release (:mod:`atomicfs.processes`).
 - ``fsync`` commits the session so far, durably; the session goes on.
 - The last ``release`` of a session commits what is left (mmap writeback,
   truncate-only sessions, descriptors that never flushed), then ends it.
@@ -82,6 +81,7 @@ class FileHandle:
     isolated: bool  # reads come from the committed version
     pid: int = 0  # the process that opened it
     wrote: bool = False  # wrote (or truncated) since this handle's last commit point
+    write_end: int = 0  # where its last write ended: the descriptor's position after it
     maps_shared: bool = False  # its opener was seen mapping the file MAP_SHARED
     lost: int = 0  # errno of a staged version lost since this handle's last fsync (batch)
     tx: Any = None  # the transaction of its opener (docs/semantics.md §14)
@@ -516,11 +516,13 @@ class OpenFiles:
             session.spill_apply(done)
 
     def _write(self, handle: FileHandle, session: Session, off: int, buf: bytes) -> int:
+        asked = off  # the kernel's offset: the descriptor's position moves past it
         if handle.flags & os.O_APPEND:
             off = session.size
         size_before = session.size
         written = session.write(self._make_shadow, off, buf)
         handle.wrote = True
+        handle.write_end = asked + written
         self.appends.wrote(session, off, written, size_before)
         return written
 
@@ -584,7 +586,7 @@ class OpenFiles:
             return True
         if self._copy_still_held(handle, opener.threads):
             log.debug("close of %s not a commit point: its opener (pid %d) closed a copy of "
-                      "the descriptor and still holds another",
+                      "the descriptor and still holds it where its last write ended",
                       self.committer.describe(handle.inode), handle.pid)
             return True
         if (processes.silent_children_closing(handle.pid, opener.threads)
@@ -598,12 +600,12 @@ class OpenFiles:
 
     def _copy_still_held(self, handle: FileHandle, threads: int) -> bool:
         """Is the opener itself closing a copy of ``handle``'s descriptor while it
-        holds another copy (the shell's ``echo x >&3``, Python's mmap)?
+        holds another copy, where ``handle``'s last write left the position?
 
         /proc cannot tell which open file a descriptor belongs to, so the opener's
-        descriptors of the file with the same access mode and ``O_APPEND`` flag
-        are counted: more of them than the opener's other open files of the file
-        opened the same way means one is a copy of this one.
+        descriptors of the file with the same access mode, ``O_APPEND`` flag and
+        position are counted: more of them than the opener's other open files of
+        the file opened the same way means one is a copy of this one.
         """
         accmode = handle.flags & os.O_ACCMODE
         append = bool(handle.flags & os.O_APPEND)
@@ -614,8 +616,8 @@ class OpenFiles:
                      if h is not handle and h.pid == handle.pid
                      and h.flags & os.O_ACCMODE == accmode
                      and bool(h.flags & os.O_APPEND) == append)
-        return processes.held(handle.pid, self.mountpoint, handle.inode.ino, accmode,
-                              append) > others
+        return processes.held(handle.pid, self.mountpoint, handle.inode.ino, accmode, append,
+                              handle.write_end) > others
 
     async def fsync(self, handle: FileHandle, datasync: bool) -> None:
         session = handle.session or self.sessions.get(handle.inode.ino)

@@ -8,15 +8,14 @@ points"):
 - the opener is being killed by a signal: the program died mid-write, so its
   unfinished writes must not be committed (:func:`killed`);
 - the opener itself is closing a descriptor (close, dup2...) while it still
-  holds another copy of the same open file: a shell restoring its stdout after
-  ``echo x >&3`` (it saved stdout, dup2()ed 3 onto it and wrote), ``exec 3>&-``
-  (it duplicates 3 before closing it), Python's ``mmap`` closing the
-  descriptor it dup()ed.  The program goes on writing through the copy it
-  keeps, so the commit waits for the close of the last one
-  (:func:`closing_itself`, :func:`held`).  /proc does not say which open file
-  a descriptor belongs to, so the opener's descriptors of the file opened the
-  same way are counted: more of them than its other open files of the file
-  means one is a copy of the closed one.
+  holds another descriptor of the same open file, at the position where this
+  handle's last write ended: a shell restoring its stdout after ``echo x >&3``
+  (it saved stdout, dup2()ed 3 onto it and wrote), or ``exec 3>&-`` (it
+  duplicates 3 before closing it).  The program goes on writing through the
+  descriptor it keeps, so the commit waits for the close of the last one
+  (:func:`closing_itself`, :func:`held`).  Such descriptors are counted: only
+  if there are more of them than other open files of the opener could account
+  for is one of them a copy of the closed one.
 - a child of the opener is closing descriptors (exiting, in exec, in close),
   none of those children wrote a byte (``wchar`` in /proc/PID/io), and the
   opener still holds a descriptor of the file open the same way: the close is
@@ -197,12 +196,6 @@ def read_fields(path: str) -> dict[str, str]:
     return parse_fdinfo(_read(path))
 
 
-# A process with more descriptors is not scanned at a close (0 held): reading each
-# one's target costs a few microseconds, and a close after writes asks at every
-# commit point.
-MAX_SCANNED = 256
-
-
 def holds(pid: int, mountpoint: str, ino: int, accmode: int) -> bool:
     """Does ``pid`` hold a descriptor of the file ``ino`` under ``mountpoint``
     that was opened with access mode ``accmode``?"""
@@ -210,10 +203,11 @@ def holds(pid: int, mountpoint: str, ino: int, accmode: int) -> bool:
 
 
 def held(pid: int, mountpoint: str, ino: int, accmode: int, append: bool | None = None,
-         first: bool = False) -> int:
+         pos: int | None = None, first: bool = False) -> int:
     """How many descriptors of the file ``ino`` under ``mountpoint`` does ``pid``
     hold that were opened with access mode ``accmode`` (and, if given, with
-    ``O_APPEND`` or without it)?  ``first``: stop at the first one."""
+    ``O_APPEND`` or without it, and at file position ``pos``)?  ``first``: stop
+    at the first one."""
     if pid <= 0 or pid == os.getpid():
         return 0
     prefix = mountpoint.rstrip("/") + "/"
@@ -221,8 +215,6 @@ def held(pid: int, mountpoint: str, ino: int, accmode: int, append: bool | None 
     try:
         fds = os.listdir(base)
     except OSError:  # gone, exiting (its table is already released), or not ours to see
-        return 0
-    if not first and len(fds) > MAX_SCANNED:
         return 0
     count = 0
     for fd in fds:
@@ -236,7 +228,8 @@ def held(pid: int, mountpoint: str, ino: int, accmode: int, append: bool | None 
         try:
             flags = int(info.get("flags", "0"), 8)
             if (int(info.get("ino", "-1")) != ino or flags & os.O_ACCMODE != accmode
-                    or (append is not None and bool(flags & os.O_APPEND) != append)):
+                    or (append is not None and bool(flags & os.O_APPEND) != append)
+                    or (pos is not None and int(info.get("pos", "-1")) != pos)):
                 continue
         except ValueError:
             continue

@@ -211,14 +211,13 @@ class Fsx:
             m.close()
         self.ref[off:off + n] = data
         self.appending = False  # written back as WRITEs inside the file
-        if sync:  # msync(MS_SYNC) is an fsync of the range: a commit point
-            self.commit_point()
         self.mmap_closed()
 
     def mmap_closed(self) -> None:
         """Python's mmap holds a dup() of the descriptor and closes it with the map:
-        a close() of a copy of the descriptor this process still holds, so no
-        commit point (docs/semantics.md §2): SOURCE keeps the last commit."""
+        a close() of the written file (FLUSH, after the kernel wrote the dirty
+        pages back), so a commit point like any other close()."""
+        self.commit_point()
         self.check_source(self.committed, wait=self.batch)
 
     def op_mapread(self) -> None:

@@ -59,25 +59,25 @@ def test_a_running_process_is_not_killed_and_holds_its_file(tmp_path: Path) -> N
     assert not processes.holds(child.pid, str(tmp_path), os.stat(target).st_ino, os.O_WRONLY)
 
 
-def test_held_counts_descriptors_opened_the_same_way_and_closing_itself(tmp_path: Path) -> None:
+def test_held_counts_by_position_and_closing_itself(tmp_path: Path) -> None:
     """The opener's own close of a copy of a descriptor it still holds (files.py
-    ``_copy_still_held``): its descriptors of the file counted by mode and O_APPEND."""
+    ``_copy_still_held``): descriptors counted by file, mode, O_APPEND, position."""
     target = tmp_path / "f"
     target.write_bytes(b"")
     child = subprocess.Popen([sys.executable, "-c",
                               "import os, sys, time; fd = os.open(sys.argv[1], os.O_WRONLY);"
-                              "os.dup(fd); os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND);"
-                              "os.open(sys.argv[1], os.O_RDONLY);"
+                              "os.write(fd, b'12345'); os.dup(fd); os.open(sys.argv[1], 1);"
                               "print(fd, flush=True); time.sleep(30)",
                               str(target)], stdout=subprocess.PIPE)
     try:
         assert child.stdout is not None and child.stdout.readline().strip()
         ino = os.stat(target).st_ino
-        assert processes.held(child.pid, str(tmp_path), ino, os.O_WRONLY, False) == 2
-        assert processes.held(child.pid, str(tmp_path), ino, os.O_WRONLY, True) == 1
-        assert processes.held(child.pid, str(tmp_path), ino, os.O_WRONLY) == 3
-        assert processes.held(child.pid, str(tmp_path), ino, os.O_WRONLY, first=True) == 1
-        assert processes.held(child.pid, str(tmp_path), ino, os.O_RDONLY) == 1
+        assert processes.held(child.pid, str(tmp_path), ino, os.O_WRONLY, False, 5) == 2
+        assert processes.held(child.pid, str(tmp_path), ino, os.O_WRONLY, False, 4) == 0, \
+            "a descriptor at another position is not the one that wrote"
+        assert processes.held(child.pid, str(tmp_path), ino, os.O_WRONLY, True, 5) == 0, \
+            "a descriptor without O_APPEND is not one opened with it"
+        assert processes.held(child.pid, str(tmp_path), ino, os.O_WRONLY, False, 0) == 1
         assert not processes.closing_itself(child.pid), "it sleeps: it closes nothing"
         assert not processes.closing_itself(child.pid, threads=1)
     finally:

@@ -584,7 +584,10 @@ class OpenFiles:
                         "closing it; its unfinished writes will not be committed",
                         self.committer.describe(handle.inode), handle.pid, signal)
             return True
-        if self._copy_still_held(handle, opener.threads):
+        if (processes.closing_itself(handle.pid, opener.threads)
+                and processes.holds(handle.pid, self.mountpoint, handle.inode.ino,
+                                    handle.flags & os.O_ACCMODE,
+                                    bool(handle.flags & os.O_APPEND), handle.write_end)):
             log.debug("close of %s not a commit point: its opener (pid %d) closed a copy of "
                       "the descriptor and still holds it where its last write ended",
                       self.committer.describe(handle.inode), handle.pid)
@@ -597,27 +600,6 @@ class OpenFiles:
                       self.committer.describe(handle.inode), handle.pid)
             return True
         return False
-
-    def _copy_still_held(self, handle: FileHandle, threads: int) -> bool:
-        """Is the opener itself closing a copy of ``handle``'s descriptor while it
-        holds another copy, where ``handle``'s last write left the position?
-
-        /proc cannot tell which open file a descriptor belongs to, so the opener's
-        descriptors of the file with the same access mode, ``O_APPEND`` flag and
-        position are counted: more of them than the opener's other open files of
-        the file opened the same way means one is a copy of this one.
-        """
-        accmode = handle.flags & os.O_ACCMODE
-        append = bool(handle.flags & os.O_APPEND)
-        if accmode == os.O_RDONLY or not processes.closing_itself(handle.pid, threads):
-            return False
-        assert self.mountpoint is not None
-        others = sum(1 for h in self.writer_handles.get(handle.inode.ino, ())
-                     if h is not handle and h.pid == handle.pid
-                     and h.flags & os.O_ACCMODE == accmode
-                     and bool(h.flags & os.O_APPEND) == append)
-        return processes.held(handle.pid, self.mountpoint, handle.inode.ino, accmode, append,
-                              handle.write_end) > others
 
     async def fsync(self, handle: FileHandle, datasync: bool) -> None:
         session = handle.session or self.sessions.get(handle.inode.ino)

@@ -13,9 +13,7 @@ points"):
   (it saved stdout, dup2()ed 3 onto it and wrote), or ``exec 3>&-`` (it
   duplicates 3 before closing it).  The program goes on writing through the
   descriptor it keeps, so the commit waits for the close of the last one
-  (:func:`closing_itself`, :func:`held`).  Such descriptors are counted: only
-  if there are more of them than other open files of the opener could account
-  for is one of them a copy of the closed one.
+  (:func:`closing_itself`, :func:`holds`).
 - a child of the opener is closing descriptors (exiting, in exec, in close),
   none of those children wrote a byte (``wchar`` in /proc/PID/io), and the
   opener still holds a descriptor of the file open the same way: the close is
@@ -196,27 +194,19 @@ def read_fields(path: str) -> dict[str, str]:
     return parse_fdinfo(_read(path))
 
 
-def holds(pid: int, mountpoint: str, ino: int, accmode: int) -> bool:
+def holds(pid: int, mountpoint: str, ino: int, accmode: int, append: bool | None = None,
+          pos: int | None = None) -> bool:
     """Does ``pid`` hold a descriptor of the file ``ino`` under ``mountpoint``
-    that was opened with access mode ``accmode``?"""
-    return held(pid, mountpoint, ino, accmode, first=True) > 0
-
-
-def held(pid: int, mountpoint: str, ino: int, accmode: int, append: bool | None = None,
-         pos: int | None = None, first: bool = False) -> int:
-    """How many descriptors of the file ``ino`` under ``mountpoint`` does ``pid``
-    hold that were opened with access mode ``accmode`` (and, if given, with
-    ``O_APPEND`` or without it, and at file position ``pos``)?  ``first``: stop
-    at the first one."""
+    that was opened with access mode ``accmode`` (and, if given, with ``O_APPEND``
+    or without it, and at file position ``pos``)?"""
     if pid <= 0 or pid == os.getpid():
-        return 0
+        return False
     prefix = mountpoint.rstrip("/") + "/"
     base = f"/proc/{pid}/fd"
     try:
         fds = os.listdir(base)
     except OSError:  # gone, exiting (its table is already released), or not ours to see
-        return 0
-    count = 0
+        return False
     for fd in fds:
         try:
             target = os.readlink(f"{base}/{fd}")
@@ -226,17 +216,17 @@ def held(pid: int, mountpoint: str, ino: int, accmode: int, append: bool | None 
         except OSError:  # closed meanwhile
             continue
         try:
+            same_file = int(info.get("ino", "-1")) == ino
             flags = int(info.get("flags", "0"), 8)
-            if (int(info.get("ino", "-1")) != ino or flags & os.O_ACCMODE != accmode
-                    or (append is not None and bool(flags & os.O_APPEND) != append)
-                    or (pos is not None and int(info.get("pos", "-1")) != pos)):
-                continue
+            same_mode = flags & os.O_ACCMODE == accmode
+            if append is not None:
+                same_mode = same_mode and bool(flags & os.O_APPEND) == append
+            same_pos = pos is None or int(info.get("pos", "-1")) == pos
         except ValueError:
             continue
-        count += 1
-        if first:
-            break
-    return count
+        if same_file and same_mode and same_pos:
+            return True
+    return False
 
 
 MAX_FDS = 4096  # a process with more descriptors is not scanned (its reads stay isolated)

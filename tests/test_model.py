@@ -23,13 +23,12 @@ cache and reads the session's content (the documented kernel limit, §4.5);
 under isolation=shared every reader reads the session's content.
 
 Commit points: close() of a descriptor whose open file wrote (every close,
-dup()s included, unless this process still holds a copy of it where its last
-write left the position: docs/semantics.md §2), fsync() on any handle of a
-file with a session, the last release of a session (asynchronous: after
-close() returned, so the source check then waits for it), truncate(2) by
-path with no session (at once), and the namespace operations that need a new
-file in the source (link of a new file, rename of a new file over an existing
-name).  A file with no name left is never committed.
+dup()s included), fsync() on any handle of a file with a session, the last
+release of a session (asynchronous: after close() returned, so the source
+check then waits for it), truncate(2) by path with no session (at once), and
+the namespace operations that need a new file in the source (link of a new
+file, rename of a new file over an existing name).  A file with no name left
+is never committed.
 
 Append sessions (docs/semantics.md §10): a session that only appended since its
 last commit is a log; a reader's open (isolated) first checkpoints its appends
@@ -170,8 +169,6 @@ class MHandle:
     member: bool  # joined the write session
     isolated: bool  # reads the committed version
     wrote: bool = False
-    pos: int = 0  # the descriptors' file position (pwrite/pread leave it; append moves it)
-    write_end: int = 0  # where its last write ended
 
     @property
     def readable(self) -> bool:
@@ -228,21 +225,6 @@ class Model(RuleBasedStateMachine):
         process holds a descriptor of it open for writing (docs/semantics.md §4.1)."""
         writing = any(h.file is f and h.writable for _, h in self.handles)
         return f.session is not None and self.isolation == "committed" and not writing
-
-    def copy_still_held(self, h: MHandle) -> bool:
-        """Is this close one of a copy of ``h``'s descriptor that this process still
-        holds, where ``h``'s last write left the position (docs/semantics.md §2)?  The
-        daemon counts this process's descriptors of the file with the same access
-        mode, O_APPEND and position, against its other open files of the file."""
-        def same(g: MHandle) -> bool:
-            return (g.file is h.file and g.member
-                    and g.flags & os.O_ACCMODE == h.flags & os.O_ACCMODE
-                    and bool(g.flags & os.O_APPEND) == bool(h.flags & os.O_APPEND))
-        if h.flags & os.O_ACCMODE == os.O_RDONLY:
-            return False
-        fds = sum(1 for _, g in self.handles if same(g) and g.pos == h.write_end)
-        others = len({id(g) for _, g in self.handles if same(g) and g is not h})
-        return fds > others
 
     def expect_errno(self, what: str, got: int, want: int) -> None:
         assert got == want, f"{what}: errno {errno.errorcode.get(got, got)}, model says " \
@@ -337,9 +319,6 @@ class Model(RuleBasedStateMachine):
             s.extend(bytes(off - len(s)))
         s[off:off + len(data)] = data
         h.wrote = True
-        h.write_end = off + len(data)
-        if h.flags & os.O_APPEND:
-            h.pos = h.write_end
 
     @precondition(lambda self: self.handles)
     @rule(i=st.integers(0, MAX_HANDLES), size=st.integers(0, 300))
@@ -379,7 +358,7 @@ class Model(RuleBasedStateMachine):
         self.expect_errno(f"close({h.label})", got, 0)
         f = h.file
         if h.member:
-            if h.wrote and not self.copy_still_held(h):  # flush: commits if it wrote
+            if h.wrote:  # flush (every close): commits if this handle wrote
                 f.whole_commit()
                 h.wrote = False
             if h.fds:  # other descriptors of the open file remain: no release yet

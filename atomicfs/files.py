@@ -9,8 +9,7 @@ Policy (docs/semantics.md §2, §4):
   (the shell's open/dup2/close before writing) commits nothing.  Nor does a
   close by the exit of a child that wrote nothing while the process that opened
   the handle still holds it (``/bin/true`` inside ``( ... ) > f``: the shell
-  goes on writing), nor a close by that process of a copy of a descriptor it still
-  holds (the shell's ``echo x >&3``), nor the close of a process being killed by a signal, whose
+  goes on writing), nor the close of a process being killed by a signal, whose
   unfinished writes are dropped at the last release (:mod:`atomicfs.processes`).
 - ``fsync`` commits the session so far, durably; the session goes on.
 - The last ``release`` of a session commits what is left (mmap writeback,
@@ -81,7 +80,6 @@ class FileHandle:
     isolated: bool  # reads come from the committed version
     pid: int = 0  # the process that opened it
     wrote: bool = False  # wrote (or truncated) since this handle's last commit point
-    write_end: int = 0  # where its last write ended: the descriptor's position after it
     maps_shared: bool = False  # its opener was seen mapping the file MAP_SHARED
     lost: int = 0  # errno of a staged version lost since this handle's last fsync (batch)
     tx: Any = None  # the transaction of its opener (docs/semantics.md §14)
@@ -516,13 +514,11 @@ class OpenFiles:
             session.spill_apply(done)
 
     def _write(self, handle: FileHandle, session: Session, off: int, buf: bytes) -> int:
-        asked = off  # the kernel's offset: the descriptor's position moves past it
         if handle.flags & os.O_APPEND:
             off = session.size
         size_before = session.size
         written = session.write(self._make_shadow, off, buf)
         handle.wrote = True
-        handle.write_end = asked + written
         self.appends.wrote(session, off, written, size_before)
         return written
 
@@ -583,14 +579,6 @@ class OpenFiles:
             log.warning("%s: the process writing it (pid %d) was killed by signal %d before "
                         "closing it; its unfinished writes will not be committed",
                         self.committer.describe(handle.inode), handle.pid, signal)
-            return True
-        if (processes.closing_itself(handle.pid, opener.threads)
-                and processes.holds(handle.pid, self.mountpoint, handle.inode.ino,
-                                    handle.flags & os.O_ACCMODE,
-                                    bool(handle.flags & os.O_APPEND), handle.write_end)):
-            log.debug("close of %s not a commit point: its opener (pid %d) closed a copy of "
-                      "the descriptor and still holds it where its last write ended",
-                      self.committer.describe(handle.inode), handle.pid)
             return True
         if (processes.silent_children_closing(handle.pid, opener.threads)
                 and processes.holds(handle.pid, self.mountpoint, handle.inode.ino,

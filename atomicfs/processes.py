@@ -7,13 +7,6 @@ points"):
 
 - the opener is being killed by a signal: the program died mid-write, so its
   unfinished writes must not be committed (:func:`killed`);
-- the opener itself is closing a descriptor (close, dup2...) while it still
-  holds another descriptor of the same open file, at the position where this
-  handle's last write ended: a shell restoring its stdout after ``echo x >&3``
-  (it saved stdout, dup2()ed 3 onto it and wrote), or ``exec 3>&-`` (it
-  duplicates 3 before closing it).  The program goes on writing through the
-  descriptor it keeps, so the commit waits for the close of the last one
-  (:func:`closing_itself`, :func:`holds`).
 - a child of the opener is closing descriptors (exiting, in exec, in close),
   none of those children wrote a byte (``wchar`` in /proc/PID/io), and the
   opener still holds a descriptor of the file open the same way: the close is
@@ -148,29 +141,6 @@ def _closing(pid: int) -> bool:
     return number.isdigit() and int(number) in CLOSING_SYSCALLS
 
 
-def closing_itself(pid: int, threads: int = 0) -> bool:
-    """Is a thread of ``pid`` itself blocked in a syscall that closes descriptors
-    (close, close_range, dup2, dup3, exec)?  False if /proc does not say, or past
-    MAX_THREADS threads.  (``threads`` as for :func:`children`.)"""
-    if threads == 1:
-        tids = [str(pid)]
-    else:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            return False
-    if len(tids) > MAX_THREADS:
-        return False
-    for tid in tids:
-        try:
-            number = _read(f"/proc/{pid}/task/{tid}/syscall").split(maxsplit=1)[0]
-        except (OSError, IndexError):
-            continue
-        if number.isdigit() and int(number) in CLOSING_SYSCALLS:
-            return True
-    return False
-
-
 def silent_children_closing(pid: int, threads: int = 0) -> bool:
     """Is some child of ``pid`` closing descriptors (exit, exec, close), and has
     none of those children written a byte?  (``threads`` as for :func:`children`.)"""
@@ -194,11 +164,9 @@ def read_fields(path: str) -> dict[str, str]:
     return parse_fdinfo(_read(path))
 
 
-def holds(pid: int, mountpoint: str, ino: int, accmode: int, append: bool | None = None,
-          pos: int | None = None) -> bool:
+def holds(pid: int, mountpoint: str, ino: int, accmode: int) -> bool:
     """Does ``pid`` hold a descriptor of the file ``ino`` under ``mountpoint``
-    that was opened with access mode ``accmode`` (and, if given, with ``O_APPEND``
-    or without it, and at file position ``pos``)?"""
+    that was opened with access mode ``accmode``?"""
     if pid <= 0 or pid == os.getpid():
         return False
     prefix = mountpoint.rstrip("/") + "/"
@@ -217,14 +185,10 @@ def holds(pid: int, mountpoint: str, ino: int, accmode: int, append: bool | None
             continue
         try:
             same_file = int(info.get("ino", "-1")) == ino
-            flags = int(info.get("flags", "0"), 8)
-            same_mode = flags & os.O_ACCMODE == accmode
-            if append is not None:
-                same_mode = same_mode and bool(flags & os.O_APPEND) == append
-            same_pos = pos is None or int(info.get("pos", "-1")) == pos
+            same_mode = int(info.get("flags", "0"), 8) & os.O_ACCMODE == accmode
         except ValueError:
             continue
-        if same_file and same_mode and same_pos:
+        if same_file and same_mode:
             return True
     return False
 

@@ -59,38 +59,12 @@ def test_a_running_process_is_not_killed_and_holds_its_file(tmp_path: Path) -> N
     assert not processes.holds(child.pid, str(tmp_path), os.stat(target).st_ino, os.O_WRONLY)
 
 
-def test_holds_at_a_position_and_closing_itself(tmp_path: Path) -> None:
-    """The opener's own close of a copy of a descriptor it still holds (files.py
-    ``_unfinished``): the held descriptor is told by its position and O_APPEND."""
-    target = tmp_path / "f"
-    target.write_bytes(b"")
-    child = subprocess.Popen([sys.executable, "-c",
-                              "import os, sys, time; fd = os.open(sys.argv[1], os.O_WRONLY);"
-                              "os.write(fd, b'12345'); print(fd, flush=True); time.sleep(30)",
-                              str(target)], stdout=subprocess.PIPE)
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip()
-        ino = os.stat(target).st_ino
-        assert processes.holds(child.pid, str(tmp_path), ino, os.O_WRONLY, False, 5)
-        assert not processes.holds(child.pid, str(tmp_path), ino, os.O_WRONLY, False, 4), \
-            "a descriptor at another position is not the one that wrote"
-        assert not processes.holds(child.pid, str(tmp_path), ino, os.O_WRONLY, True, 5), \
-            "a descriptor without O_APPEND is not one opened with it"
-        assert not processes.closing_itself(child.pid), "it sleeps: it closes nothing"
-        assert not processes.closing_itself(child.pid, threads=1)
-    finally:
-        child.kill()
-        child.wait()
-    assert not processes.closing_itself(child.pid)
-
-
 def test_unknown_processes_answer_the_safe_way() -> None:
     gone = 2**22 + 12345  # above the default pid_max
     assert processes.killed(gone) == 0
     assert not processes.holds(gone, "/", 1, os.O_WRONLY)
     assert processes.children(gone) == []
     assert not processes.silent_children_closing(gone)
-    assert not processes.closing_itself(gone)
 
 
 def test_children_of_a_process_with_too_many_threads_are_not_read(monkeypatch) -> None:

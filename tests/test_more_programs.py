@@ -76,12 +76,12 @@ def test_a_killed_script_whose_child_lives_on_commits_nothing_the_child_did_not_
     commits), as it would on any filesystem."""
     m = mount_factory(source=make_source(tmp_path, {"f": OLD, "g": OLD}))
     silent = subprocess.Popen(
-        ["sh", "-c", 'exec 3>"$1"; echo a=1 >&3; echo b=2 >&3; sleep 1.5; echo c=3 >&3',
+        ["sh", "-c", '{ echo a=1; echo b=2; sleep 1.5; echo c=3; } > "$1"',
          "sh", str(m.path("f"))], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     writing = subprocess.Popen(
-        ["sh", "-c", 'exec 3>"$1"; echo a=1 >&3; exec 4>&3; '
-         '"$2" -c "import os, time; time.sleep(1.5); os.write(4, b\'b=2\\n\')"; '
-         "echo c=3 >&3", "sh", str(m.path("g")), sys.executable],
+        ["sh", "-c", '{ echo a=1; '
+         '"$2" -c "import os, time; time.sleep(1.5); os.write(1, b\'b=2\\n\')"; '
+         'echo c=3; } > "$1"', "sh", str(m.path("g")), sys.executable],
         stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_for(lambda: os.stat(m.path("f")).st_size == 8

@@ -5,11 +5,15 @@
 
 ``tar -x`` of scripts/bench.py's 1,500-entry tree (``build_tarball``), targets
 alternating in every repetition: ``raw`` (a plain directory on the same
-filesystem), atomicfs of this checkout with every file committed as usual,
-and ``atomicfs run MNT -- tar -x`` of this checkout (one transaction: the tree
-appears at once, durable, when the command returns).  With ``--base DIR`` (another
-checkout, e.g. main), atomicfs of that checkout too, side by side.  Prints the
-median entries/s of each target and its ratio to raw.
+filesystem), ``pyfuse3`` (scripts/passthrough.py: a plain pyfuse3 passthrough
+with no atomicity at all, the floor of any pyfuse3 filesystem), atomicfs of
+this checkout with every file committed as usual, and ``atomicfs run MNT --
+tar -x`` of this checkout (one transaction: the tree appears at once, durable,
+when the command returns).  With ``--base DIR`` (another checkout, e.g. main),
+``atomicfs run`` of that checkout too, side by side.  The order of the targets
+rotates from one repetition to the next.  Prints the median entries/s of each
+target, its ratio to raw, and the median of the per-repetition ratios of
+``atomicfs run`` to the others.
 """
 
 from __future__ import annotations
@@ -42,13 +46,14 @@ def _build_tarball(work: Path) -> tuple[Path, str]:
 
 
 class Mount:
-    def __init__(self, tree: Path, work: Path, name: str) -> None:
+    def __init__(self, tree: Path, work: Path, name: str, passthrough: bool = False) -> None:
         self.src, self.mnt = work / f"src-{name}", work / f"mnt-{name}"
         for d in (self.src, self.mnt):
             d.mkdir()
         self.env = dict(os.environ, PYTHONPATH=str(tree))
-        self.proc = subprocess.Popen([sys.executable, "-m", "atomicfs", "mount", "-f",
-                                      str(self.src), str(self.mnt)], env=self.env,
+        cmd = ([sys.executable, str(ROOT / "scripts" / "passthrough.py")] if passthrough
+               else [sys.executable, "-m", "atomicfs", "mount", "-f"])
+        self.proc = subprocess.Popen(cmd + [str(self.src), str(self.mnt)], env=self.env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while subprocess.run(["mountpoint", "-q", str(self.mnt)]).returncode:
@@ -75,17 +80,22 @@ def main() -> int:
         raw.mkdir()
         mine = Mount(ROOT, work, "this")
         mounts.append(mine)
+        peer = Mount(ROOT, work, "pyfuse3", passthrough=True)
+        mounts.append(peer)
         targets: dict[str, tuple[Path, dict[str, str], bool]] = {
-            "raw": (raw, dict(os.environ), False)}
+            "raw": (raw, dict(os.environ), False),
+            "pyfuse3": (peer.mnt, peer.env, False),
+            "atomicfs": (mine.mnt, mine.env, False),
+            "atomicfs run": (mine.mnt, mine.env, True)}
         if args.base is not None:
             base = Mount(args.base.resolve(), work, "base")
             mounts.append(base)
-            targets["atomicfs (base)"] = (base.mnt, base.env, False)
-        targets["atomicfs"] = (mine.mnt, mine.env, False)
-        targets["atomicfs run"] = (mine.mnt, mine.env, True)
+            targets["atomicfs run (base)"] = (base.mnt, base.env, True)
         rates: dict[str, list[float]] = {name: [] for name in targets}
+        names = list(targets)
         for rep in range(args.reps):
-            for name, (root, env, tx) in targets.items():
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                root, env, tx = targets[name]
                 dest = root / f"t{rep}{'-tx' if tx else ''}"
                 tarball.read_bytes()  # from the page cache for every target
                 os.sync()
@@ -108,7 +118,14 @@ def main() -> int:
         for name, values in rates.items():
             med = statistics.median(values)
             runs = ", ".join(f"{v:.0f}" for v in values)
-            print(f"  {name:16s} {med:8.0f}  {med / raw_rate:6.3f}x raw   ({runs})")
+            print(f"  {name:20s} {med:8.0f}  {med / raw_rate:6.3f}x raw   ({runs})")
+        print("atomicfs run against each, median of the per-repetition ratios:")
+        for name, values in rates.items():
+            if name != "atomicfs run":
+                r = [a / b for a, b in zip(rates["atomicfs run"], values, strict=True)]
+                won = sum(1 for x in r if x > 1)
+                print(f"  vs {name:20s} {statistics.median(r):6.3f}x  "
+                      f"(faster in {won} of {len(r)})")
     finally:
         for m in mounts:
             m.close()

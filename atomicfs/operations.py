@@ -465,7 +465,8 @@ class AtomicOperations(pyfuse3.Operations):
         tx = self.tx.member(ctx)
         handle, attr = self.files.create(self.table.get(parent_inode), name, mode, flags, ctx,
                                          tx)
-        if tx is not None or self.tx.touched_name(parent_inode, name):
+        if ((tx is not None and not self.tx.private_parent(tx, self.table.get(parent_inode)))
+                or self.tx.touched_name(parent_inode, name)):
             attr.entry_timeout = attr.attr_timeout = 0  # a transaction's name (§14)
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True), attr
 

@@ -255,8 +255,13 @@ class Transactions:
         return tx.entries.get((parent.ino, name))
 
     def touched_name(self, parent_ino: int, name: bytes) -> bool:
-        """Does an open transaction hold an entry at this name (replies: timeout 0)?"""
-        return any(tx.touches(parent_ino, name) for tx in self.open.values())
+        """Does an open transaction hold an entry or a whiteout at this name in a
+        committed directory (replies: timeout 0)?  Inside a directory the transaction
+        made, only its members can reach a name: the kernel may cache it as usual
+        (its dentries shared by all processes are reached through that directory's
+        name, which carries timeout 0; an abort makes the kernel forget them)."""
+        return any(tx.touches(parent_ino, name) and parent_ino not in tx.private
+                   for tx in self.open.values())
 
     def touched_inode(self, inode: Inode) -> bool:
         """Can another process reach this inode in another version than a member sees

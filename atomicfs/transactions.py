@@ -278,6 +278,18 @@ class Transactions:
                 return True
         return False
 
+    def made(self, inode: Inode) -> bool:
+        """Did an open transaction make this inode (a new file, or a directory, symlink
+        or fifo in its staging directory)?  Until the commit only its members can
+        reach it, and all of them see the same attributes: replies about it may keep
+        the usual attribute timeout (its name in a committed directory keeps entry
+        timeout 0, so an outsider's lookup is asked again and fails)."""
+        for tx in self.open.values():
+            session = tx.sessions.get(inode.ino)
+            if (session is not None and session.pending) or inode.ino in tx.staged:
+                return True
+        return False
+
     def owner(self, inode: Inode) -> Transaction | None:
         for tx in self.open.values():
             if inode.ino in tx.sessions or inode.ino in tx.staged or inode.ino in tx.private:

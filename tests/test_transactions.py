@@ -814,3 +814,19 @@ def test_names_inside_a_new_directory_are_cached_for_members(mount: Mount,
     assert (about_f, about_sub) == ([], []), window
     assert sum(1 for r in window if r.startswith("lookup(1, b'd'")) == 10, window
 
+
+@pytest.mark.mount_options("debug")
+def test_attributes_of_what_a_transaction_made_are_cached_for_members(
+        mount: Mount, tmp_path: Path) -> None:
+    """The attributes of a directory or file the transaction made are the same for
+    every process that can reach it (only members can): fstat() of a new directory
+    through a descriptor is answered by the kernel's cache."""
+    with paused_run(mount, f"{PYTHON} -c '{_STATS}' {mount.mountpoint}", tmp_path,
+                    mount.mountpoint) as run:
+        window = _requests_in_window(mount.log())
+        assert not mount.path("d").exists()
+        run.go()
+        assert run.wait() == 0
+    getattrs = [r for r in window if r.startswith("getattr(")]
+    assert getattrs == [], window
+    assert mount.path("d", "sub", "f").read_text() == "new\n"

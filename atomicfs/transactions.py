@@ -69,12 +69,21 @@ CACHE_MAX = 65536
 
 # -- membership (pure but for /proc) ---------------------------------------------------
 def proc_stat(pid: int) -> tuple[int, int] | None:
-    """(ppid, start time) of a process or thread from /proc; None if it is gone."""
+    """(ppid, start time) of a process or thread from /proc; None if it is gone.
+
+    Read on every request while a transaction is open (the membership cache is
+    checked against the start time), so with the fewest syscalls: open, one read,
+    close (a Python file object adds an fstat, an lseek and a second read)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        data = os.read(fd, 4096)  # the whole line: procfs answers it in one read
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     return parse_stat(data)
 
 

@@ -25,7 +25,7 @@ from conftest import PYTHON, Mount, MountFactory, cli_env, run_cli
 from sessionkit import TIMEOUT, assert_no_debris, git_env, status_of, wait_for
 
 from atomicfs import txrecord
-from atomicfs.transactions import Membership, conflicts, identity_of, parse_stat
+from atomicfs.transactions import Membership, conflicts, identity_of, parse_stat, proc_stat
 
 RUN_FAILED = 125
 
@@ -830,3 +830,18 @@ def test_attributes_of_what_a_transaction_made_are_cached_for_members(
     getattrs = [r for r in window if r.startswith("getattr(")]
     assert getattrs == [], window
     assert mount.path("d", "sub", "f").read_text() == "new\n"
+
+
+def test_proc_stat_reads_parent_and_start_time_of_live_processes_only() -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        with open(f"/proc/{child.pid}/stat", "rb") as f:
+            want = parse_stat(f.read())
+        assert want is not None and want[0] == os.getpid()
+        assert proc_stat(child.pid) == want
+        assert proc_stat(os.getpid()) == (os.getppid(), parse_stat(
+            Path(f"/proc/{os.getpid()}/stat").read_bytes())[1])  # type: ignore[index]
+    finally:
+        child.kill()
+        child.wait()
+    assert proc_stat(child.pid) is None  # reaped: gone from /proc

@@ -61,6 +61,12 @@ class Mount:
                 raise SystemExit(f"atomicfs of {tree} did not mount")
             time.sleep(0.05)
 
+    def cpu(self) -> float:
+        """CPU seconds the daemon has used so far (all its threads, user + system)."""
+        with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         subprocess.run(["fusermount3", "-u", str(self.mnt)], check=False)
         self.proc.wait(timeout=60)
@@ -71,6 +77,8 @@ def main() -> int:
     ap.add_argument("--base", type=Path, help="another checkout to measure side by side")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--work", type=Path, help="a directory on the filesystem to measure")
+    ap.add_argument("--tx-only", action="store_true",
+                    help="only `atomicfs run` (and its --base twin): for A/B runs")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-tx-", dir=args.work))
     mounts: list[Mount] = []
@@ -82,23 +90,28 @@ def main() -> int:
         mounts.append(mine)
         peer = Mount(ROOT, work, "pyfuse3", passthrough=True)
         mounts.append(peer)
-        targets: dict[str, tuple[Path, dict[str, str], bool]] = {
-            "raw": (raw, dict(os.environ), False),
-            "pyfuse3": (peer.mnt, peer.env, False),
-            "atomicfs": (mine.mnt, mine.env, False),
-            "atomicfs run": (mine.mnt, mine.env, True)}
+        targets: dict[str, tuple[Path, Mount | None, bool]] = {
+            "raw": (raw, None, False),
+            "pyfuse3": (peer.mnt, peer, False),
+            "atomicfs": (mine.mnt, mine, False),
+            "atomicfs run": (mine.mnt, mine, True)}
+        if args.tx_only:
+            del targets["raw"], targets["pyfuse3"], targets["atomicfs"]
         if args.base is not None:
             base = Mount(args.base.resolve(), work, "base")
             mounts.append(base)
-            targets["atomicfs run (base)"] = (base.mnt, base.env, True)
+            targets["atomicfs run (base)"] = (base.mnt, base, True)
         rates: dict[str, list[float]] = {name: [] for name in targets}
+        cpu: dict[str, list[float]] = {name: [] for name in targets}  # daemon ms/entry
         names = list(targets)
         for rep in range(args.reps):
             for name in names[rep % len(names):] + names[:rep % len(names)]:
-                root, env, tx = targets[name]
+                root, mount, tx = targets[name]
+                env = mount.env if mount is not None else dict(os.environ)
                 dest = root / f"t{rep}{'-tx' if tx else ''}"
                 tarball.read_bytes()  # from the page cache for every target
                 os.sync()
+                cpu0 = mount.cpu() if mount is not None else 0.0
                 t0 = time.perf_counter()
                 if tx:
                     cmd = [sys.executable, "-m", "atomicfs", "run", str(root), "--", "sh",
@@ -112,13 +125,21 @@ def main() -> int:
                     raise SystemExit(f"{name}: {' '.join(cmd)} exited {res.returncode}: "
                                      f"{res.stderr.strip()[-500:]}")
                 rates[name].append(ENTRIES / elapsed)
+                if mount is not None:
+                    cpu[name].append((mount.cpu() - cpu0) * 1000 / ENTRIES)
                 subprocess.run(["rm", "-rf", str(dest)], check=True)
         print(f"tar -x of {what}; median of {args.reps} (entries/s, each run)")
-        raw_rate = statistics.median(rates["raw"])
+        raw_rate = statistics.median(rates["raw"]) if "raw" in rates else None
         for name, values in rates.items():
             med = statistics.median(values)
             runs = ", ".join(f"{v:.0f}" for v in values)
-            print(f"  {name:20s} {med:8.0f}  {med / raw_rate:6.3f}x raw   ({runs})")
+            vs_raw = f"{med / raw_rate:6.3f}x raw" if raw_rate else ""
+            print(f"  {name:20s} {med:8.0f}  {vs_raw}   ({runs})")
+        print("the daemon's CPU time per entry (ms, all threads), median:")
+        for name, values in cpu.items():
+            if values:
+                print(f"  {name:20s} {statistics.median(values):8.3f}  "
+                      f"({', '.join(f'{v:.3f}' for v in values)})")
         print("atomicfs run against each, median of the per-repetition ratios:")
         for name, values in rates.items():
             if name != "atomicfs run":

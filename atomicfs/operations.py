@@ -141,9 +141,12 @@ class AtomicOperations(pyfuse3.Operations):
         if self.tx.open and (self.tx.touched_inode(inode)
                              or (name is not None and self.tx.touched_name(*name))):
             # the kernel's caches are shared by all processes: what a transaction
-            # touched is asked again every time (docs/semantics.md §14)
+            # touched is asked again every time (docs/semantics.md §14); the
+            # attributes of what it made are the same for every process that can
+            # reach it (its members)
             attr.entry_timeout = 0
-            attr.attr_timeout = 0
+            if not self.tx.made(inode):
+                attr.attr_timeout = 0
         return attr
 
     # -- lookup and attributes -------------------------------------------
@@ -442,8 +445,10 @@ class AtomicOperations(pyfuse3.Operations):
         tx = self.tx.member(ctx)
         handle, attr = self.files.create(self.table.get(parent_inode), name, mode, flags, ctx,
                                          tx)
-        if tx is not None or self.tx.touched_name(parent_inode, name):
-            attr.entry_timeout = attr.attr_timeout = 0  # a transaction's name (§14)
+        if self.tx.touched_name(parent_inode, name):  # a transaction's name (§14)
+            attr.entry_timeout = 0
+            if tx is None:
+                attr.attr_timeout = 0
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True), attr
 
     @_handler

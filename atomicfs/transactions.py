@@ -70,12 +70,21 @@ CACHE_MAX = 65536
 
 # -- membership (pure but for /proc) ---------------------------------------------------
 def proc_stat(pid: int) -> tuple[int, int] | None:
-    """(ppid, start time) of a process or thread from /proc; None if it is gone."""
+    """(ppid, start time) of a process or thread from /proc; None if it is gone.
+
+    Read on every request while a transaction is open (the membership cache is
+    checked against the start time), so with the fewest syscalls: open, one read,
+    close (a Python file object adds an fstat, an lseek and a second read)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        data = os.read(fd, 4096)  # the whole line: procfs answers it in one read
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     return parse_stat(data)
 
 
@@ -282,8 +291,13 @@ class Transactions:
         return tx.entries.get((parent.ino, name))
 
     def touched_name(self, parent_ino: int, name: bytes) -> bool:
-        """Does an open transaction hold an entry at this name (replies: timeout 0)?"""
-        return any(tx.touches(parent_ino, name) for tx in self.open.values())
+        """Does an open transaction hold an entry or a whiteout at this name in a
+        committed directory (replies: timeout 0)?  Inside a directory the transaction
+        made, only its members can reach a name: the kernel may cache it as usual
+        (its dentries shared by all processes are reached through that directory's
+        name, which carries timeout 0; an abort makes the kernel forget them)."""
+        return any(tx.touches(parent_ino, name) and parent_ino not in tx.private
+                   for tx in self.open.values())
 
     def touched_inode(self, inode: Inode) -> bool:
         """Can another process reach this inode in another version than a member sees
@@ -312,6 +326,18 @@ class Transactions:
             return named - 1  # a new file: one name is counted already
         return named - sum(1 for (_p, dev, ino, _h) in tx.whiteouts.values()
                            if (dev, ino) == inode.key)
+
+    def made(self, inode: Inode) -> bool:
+        """Did an open transaction make this inode (a new file, or a directory, symlink
+        or fifo in its staging directory)?  Until the commit only its members can
+        reach it, and all of them see the same attributes: replies about it may keep
+        the usual attribute timeout (its name in a committed directory keeps entry
+        timeout 0, so an outsider's lookup is asked again and fails)."""
+        for tx in self.open.values():
+            session = tx.sessions.get(inode.ino)
+            if (session is not None and session.pending) or inode.ino in tx.staged:
+                return True
+        return False
 
     def owner(self, inode: Inode) -> Transaction | None:
         for tx in self.open.values():

@@ -28,7 +28,7 @@ from conftest import PYTHON, Mount, MountFactory, cli_env, run_cli
 from sessionkit import TIMEOUT, assert_no_debris, git_env, status_of, wait_for
 
 from atomicfs import txrecord
-from atomicfs.transactions import Membership, conflicts, identity_of, parse_stat
+from atomicfs.transactions import Membership, conflicts, identity_of, parse_stat, proc_stat
 
 RUN_FAILED = 125
 
@@ -1491,3 +1491,82 @@ def test_membership_follows_parents_threads_and_start_times() -> None:
 def test_parse_stat_handles_names_with_spaces_and_parens() -> None:
     line = b"123 (a (b) c) S 45 123 123 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 98765 0 0\n"
     assert parse_stat(line) == (45, 98765)
+
+
+# -- what the kernel may cache inside a transaction (docs/performance.md) ------------------
+_STATS = r"""
+import os, sys
+os.chdir(sys.argv[1])
+os.mkdir("d")
+os.mkdir("d/sub")
+with open("d/sub/f", "w") as f:
+    f.write("new\n")
+dfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY)
+os.stat("d/sub/f")  # the create in d/sub made the kernel drop what it knew of d/sub
+os.path.exists("mark-start")  # a LOOKUP that marks the start of the window in the log
+for _ in range(10):
+    os.stat("d/sub/f")
+    os.fstat(dfd)
+os.path.exists("mark-end")
+"""
+
+
+def _requests_in_window(log: str) -> list[str]:
+    """The requests the daemon logged (-o debug) between the two marks of _STATS."""
+    lines = [ln.split("-> ", 1)[1] for ln in log.splitlines() if "-> " in ln]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("lookup(1, b'mark-start'"))
+    end = next(i for i, ln in enumerate(lines) if ln.startswith("lookup(1, b'mark-end'"))
+    return lines[start + 1:end]
+
+
+@pytest.mark.mount_options("debug")
+def test_names_inside_a_new_directory_are_cached_for_members(mount: Mount,
+                                                             tmp_path: Path) -> None:
+    """Only members can reach what is inside a directory the transaction made, so the
+    kernel may cache those names and attributes: a member's stat() of d/sub/f asks
+    the daemon again only about d (a name in a committed directory)."""
+    with paused_run(mount, f"{PYTHON} -c '{_STATS}' {mount.mountpoint}", tmp_path,
+                    mount.mountpoint) as run:
+        window = _requests_in_window(mount.log())
+        # outsiders still see nothing of it, although a member's lookups were cached
+        assert not mount.path("d").exists()
+        assert not mount.path("d", "sub", "f").exists()
+        run.go()
+        assert run.wait() == 0
+    assert mount.path("d", "sub", "f").read_text() == "new\n"
+    about_f = [r for r in window if r.startswith("lookup(") and "b'f'" in r]
+    about_sub = [r for r in window if r.startswith("lookup(") and "b'sub'" in r]
+    assert (about_f, about_sub) == ([], []), window
+    assert sum(1 for r in window if r.startswith("lookup(1, b'd'")) == 10, window
+
+
+@pytest.mark.mount_options("debug")
+def test_attributes_of_what_a_transaction_made_are_cached_for_members(
+        mount: Mount, tmp_path: Path) -> None:
+    """The attributes of a directory or file the transaction made are the same for
+    every process that can reach it (only members can): fstat() of a new directory
+    through a descriptor is answered by the kernel's cache."""
+    with paused_run(mount, f"{PYTHON} -c '{_STATS}' {mount.mountpoint}", tmp_path,
+                    mount.mountpoint) as run:
+        window = _requests_in_window(mount.log())
+        assert not mount.path("d").exists()
+        run.go()
+        assert run.wait() == 0
+    getattrs = [r for r in window if r.startswith("getattr(")]
+    assert getattrs == [], window
+    assert mount.path("d", "sub", "f").read_text() == "new\n"
+
+
+def test_proc_stat_reads_parent_and_start_time_of_live_processes_only() -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        with open(f"/proc/{child.pid}/stat", "rb") as f:
+            want = parse_stat(f.read())
+        assert want is not None and want[0] == os.getpid()
+        assert proc_stat(child.pid) == want
+        assert proc_stat(os.getpid()) == (os.getppid(), parse_stat(
+            Path(f"/proc/{os.getpid()}/stat").read_bytes())[1])  # type: ignore[index]
+    finally:
+        child.kill()
+        child.wait()
+    assert proc_stat(child.pid) is None  # reaped: gone from /proc

@@ -62,6 +62,9 @@ Name = tuple[int, bytes]  # (parent FUSE inode, name in that directory)
 
 ROOT_INODE: int = pyfuse3.ROOT_INODE
 EXHAUSTED = (errno.EMFILE, errno.ENFILE)
+# files dropped from the table whose inode numbers are kept for their return
+# (about 210 bytes each: 28 MB at most)
+NUMBERS_KEPT = 1 << 17
 
 # The inodes pinned by the request (or background step) running in this context.
 _PINS: contextvars.ContextVar[set[Inode] | None] = contextvars.ContextVar(
@@ -166,6 +169,9 @@ class InodeTable:
                  closer: Callable[[int], None] = os.close) -> None:
         st = os.stat(root_fd)
         self._next = ROOT_INODE + 1
+        # numbers of files the table dropped (the kernel forgot them), by their key:
+        # the same file looked up again gets its number back (docs/semantics.md §5)
+        self._numbers: collections.OrderedDict[Key, int] = collections.OrderedDict()
         self.by_ino: dict[int, Inode] = {}
         self.by_key: dict[Key, Inode] = {}
         self.aliases_of: dict[int, set[Key]] = {}  # staged inodes: keys of their old files
@@ -453,9 +459,8 @@ class InodeTable:
         key = (st.st_dev, st.st_ino)
         inode = self.by_key.get(key)
         if inode is None:
-            inode = Inode(self._next, key, fd, st.st_mode, handle=self._handle_of(fd, st),
-                          table=self)
-            self._next += 1
+            inode = Inode(self._number(key), key, fd, st.st_mode,
+                          handle=self._handle_of(fd, st), table=self)
             self._insert(inode)
             self._lru[inode.ino] = inode
         else:
@@ -474,6 +479,23 @@ class InodeTable:
         if len(self._lru) > self._trim_at:
             self.trim()
         return inode
+
+    def _number(self, key: Key) -> int:
+        """The FUSE inode number (``st_ino`` through the mount) of a file the table
+        learns: the one it had when the table last dropped it, else a new one.
+
+        A number is only ever given back to the key it was dropped with, and it
+        is taken out of the record then, so no two known files share one.  The
+        record is bounded (the oldest go first): a file forgotten longer ago than
+        the last NUMBERS_KEPT drops gets a new number, as it did before.  Another
+        file that takes the key (the filesystem reused the inode number of a
+        deleted file) gets the number too: two files never show it at once."""
+        ino = self._numbers.pop(key, None)
+        if ino is not None and ino not in self.by_ino:
+            return ino
+        ino = self._next
+        self._next += 1
+        return ino
 
     def data(self, inode: Inode) -> int:
         """A readable fd of the inode's committed version (kept while it is held)."""
@@ -583,6 +605,9 @@ class InodeTable:
             del self.by_ino[inode.ino]
             if self.by_key.get(inode.key) is inode:
                 del self.by_key[inode.key]
+                self._numbers[inode.key] = inode.ino
+                if len(self._numbers) > NUMBERS_KEPT:
+                    self._numbers.popitem(last=False)
             self._lru.pop(inode.ino, None)
             inode.dropped = True
             if inode.pins == 0 and inode._fd is not None:

@@ -396,3 +396,41 @@ def test_table_keeps_its_cache_bounded_and_reopens_only_the_same_file(
     finally:
         table.close_all()
         os.close(root_fd)
+
+
+def test_table_gives_a_forgotten_file_its_number_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/semantics.md §5: a file the kernel forgot and looks up again keeps its
+    inode number; a number never goes to two known files; the record is bounded."""
+    from atomicfs import inodes as mod
+    monkeypatch.setattr(mod, "NUMBERS_KEPT", 3)
+    for i in range(6):
+        (tmp_path / f"f{i}").write_bytes(b"%d" % i)
+    root_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    table = mod.InodeTable(root_fd, mod.Budget(limit=1024, reserve=2, cache=64))
+
+    def look(name: str) -> mod.Inode:
+        with table.scope():
+            fd, st = mod.open_path(table.root.fd, name.encode(), table)
+            inode = table.learn(table.root.ino, name.encode(), fd, st)
+            table.remember(inode)
+            return inode
+
+    try:
+        first = {f"f{i}": look(f"f{i}").ino for i in range(6)}
+        assert len(set(first.values())) == 6
+        for i in range(6):
+            table.forget(first[f"f{i}"], 1)  # dropped in order f0..f5
+        assert len(table) == 1  # the root
+        again = look("f5")
+        assert again.ino == first["f5"]
+        # f0..f2 were dropped longest ago, past the bound: new numbers
+        assert look("f0").ino not in first.values()
+        assert look("f4").ino == first["f4"]
+        # a new file never takes a number kept for another
+        (tmp_path / "g").write_bytes(b"g")
+        assert look("g").ino not in first.values()
+        table.check()
+    finally:
+        table.close_all()
+        os.close(root_fd)

@@ -30,6 +30,7 @@ from sessionkit import (
     data_map,
     make_source,
     run,
+    status_of,
     user_entries,
     wait_for,
 )
@@ -549,6 +550,30 @@ def test_hard_links_see_the_commit_through_every_name(mount_factory, tmp_path) -
     src_inos = {os.stat(m.src(n)).st_ino for n in "abc"}
     assert len(src_inos) == 1, "source: the hard link was split by the commit"
     assert os.stat(m.src("a")).st_nlink == 3
+
+
+@needs_root
+def test_st_ino_survives_the_kernel_forgetting_the_file(mount_factory, tmp_path) -> None:
+    """The kernel forgets files it has not used (memory pressure; here drop_caches)
+    and looks them up again later: a file, committed meanwhile too, keeps its
+    number, and a hard link seen only after the forget shows the same number, so a
+    tool walking a big tree (tar, rsync -H, du) keeps the link whole."""
+    src = make_source(tmp_path, {"a": OLD, "other": OLD})
+    os.link(src / "a", src / "b")
+    m = mount_factory(source=src)
+    ino = os.stat(m.path("a")).st_ino
+    other = os.stat(m.path("other")).st_ino
+    rewrite(m.path("a"), NEW)  # a commit: the backing file is a new one in SOURCE
+    assert os.stat(m.path("a")).st_ino == ino
+    known = status_of(m.mountpoint)["inodes"]
+    with open("/proc/sys/vm/drop_caches", "w") as caches:
+        caches.write("2")  # unused dentries and inodes: the kernel forgets a and other
+    assert wait_for(lambda: status_of(m.mountpoint)["inodes"] < known, timeout=10), \
+        "the kernel forgot nothing"
+    assert os.stat(m.path("b")).st_ino == ino, "a hard link seen after the forget: other number"
+    assert os.stat(m.path("a")).st_ino == ino, "the file's number changed after the forget"
+    assert os.stat(m.path("other")).st_ino == other
+    assert m.path("b").read_bytes() == NEW
 
 
 # -- §5.5: rename and unlink of a file being written ----------------------------------

@@ -76,9 +76,9 @@ def read_all(paths: list[Path]) -> Seen:
 def tree_of(root: Path, ino: bool = True) -> dict[str, tuple[object, ...]]:
     """Everything below ``root`` that an install may change, exactly: kind, mode,
     inode number, mtime and content (or link target) of every entry.  Through the
-    mount ``ino=False``: the daemon numbers the inodes the kernel knows, and a file
-    the kernel forgot (one the transaction unlinked, or any after drop_caches) gets a
-    new number at its next lookup; SOURCE keeps its inode numbers."""
+    mount ``ino=False``: the numbers there are the daemon's (docs/semantics.md §5),
+    and bounded in how long a forgotten file keeps its own; SOURCE keeps its inode
+    numbers."""
     out: dict[str, tuple[object, ...]] = {}
     if not root.exists():
         return out

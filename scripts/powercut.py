@@ -537,7 +537,7 @@ def tx_program(d: str, t: int, stop: int | None = None, ready: str = "") -> int:
     """One transaction (run inside ``atomicfs run``, or plainly for ``--tx-plain``): x0
     as the last transaction left it becomes x0 as ``t`` leaves it (the table above).
     With ``stop`` (tests): after ``stop`` of its TX_STEPS steps, create ``ready`` and
-    sleep until killed."""
+    sleep until killed (``stop`` == TX_STEPS: create ``ready`` and end)."""
     top = Path(d)
     before = os.listdir(top)
 
@@ -588,6 +588,8 @@ def tx_program(d: str, t: int, stop: int | None = None, ready: str = "") -> int:
             while True:
                 time.sleep(60)
         step()
+    if stop == TX_STEPS:
+        Path(ready).touch()
     return 0
 
 

@@ -161,6 +161,61 @@ def test_a_transaction_cut_half_way(tmp_path: Path, wrapped: bool, at: int) -> N
         assert HALF_WAY[at] in ver.lines[0], ver.lines
 
 
+# the steps of a commit (atomicfs/transactions.py) and the transaction recovery must
+# find there: before its record is durable none of it, after it all of it
+COMMIT_STEPS = {"tx.before_record": 1, "tx.after_record": 2, "tx.apply": 2,
+                "tx.before_dir_fsync": 2}
+HOLD = 5  # seconds the commit sleeps at the point: past the cut (a process waiting for
+# the daemon's answer cannot be killed before it comes, so the harness waits that long)
+
+
+@needs_fuse
+@pytest.mark.parametrize("point", list(COMMIT_STEPS))
+@pytest.mark.parametrize("fs", FS_KINDS)
+def test_a_transaction_cut_during_its_commit(tmp_path: Path, fs: str, point: str) -> None:
+    """Transaction 2 (every kind of change, tx_program) over transaction 1; the commit
+    is held at ``point`` (``sleep`` fault) and the power cut comes there.  After the
+    image's log recovery and ``atomicfs recover``, x0 is transaction 1 whole or 2
+    whole, as COMMIT_STEPS says: a record written and synced is replayed (its
+    unlinks, rmdir, moves and attributes), one not yet durable is discarded; no
+    staging is left."""
+    ready = tmp_path / "ready"
+    with powercut_fs(tmp_path, fs) as pc:
+        powercut.tx_setup(pc.source / powercut.TX_DIR, 1)
+        pc.sync()
+
+        def workload(top: Path) -> list[subprocess.Popen[bytes]]:
+            prog = [sys.executable, str(ROOT / "scripts" / "powercut.py"), "_txprog",
+                    str(top / powercut.TX_DIR), "2", str(powercut.TX_STEPS), str(ready)]
+            with open(tmp_path / "prog.out", "wb") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "atomicfs", "run", str(top), "--", *prog],
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=cli_env())
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None and not (
+                    ready.exists() if COMMIT_STEPS[point] == 1
+                    else list((pc.source / ".atomicfs").glob("tx-*/record"))):
+                time.sleep(0.01)
+            assert proc.poll() is None, (tmp_path / "prog.out").read_text(errors="replace")
+            return [proc]
+
+        # the program has ended (its commit runs) or the record is there: the commit
+        # reaches the point well within the delay and sleeps there past the cut
+        cut = pc.cycle(workload, 1.0, ["durability=full"], recovered_by="recover",
+                       env={"ATOMICFS_FAULTS": f"sleep:{point}:{HOLD}"})
+        out = (tmp_path / "prog.out").read_text(errors="replace")
+        assert not cut.early_exits, out
+        said = f"{cut.recovery}\n{cut.daemon_log[-3000:]}\n{out}"
+        assert sorted(os.listdir(pc.source)) == [powercut.TX_DIR], said
+        ver, t = powercut.verify_tx(1, [2], None,
+                                    powercut.observe_tx(pc.source / powercut.TX_DIR))
+    assert (ver.lines, t) == ([], COMMIT_STEPS[point]), said
+    # replayed, or discarded (its staging directory, synced before the record)
+    assert ("replayed the committed transaction" in cut.recovery) == (
+        COMMIT_STEPS[point] == 2), said
+
+
 def tx_tree(tmp_path: Path, t: int) -> Path:
     d = tmp_path / powercut.TX_DIR
     powercut.tx_setup(d, t)

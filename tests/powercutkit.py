@@ -162,9 +162,9 @@ class PowerCutFs:
         the workload runs on SOURCE itself), start ``workload(dir)``, cut after
         ``delay`` s, kill the workload and the daemon, remount the image and recover
         (``recovered_by``: "recover" runs ``atomicfs recover``, "mount" mounts and
-        unmounts atomicfs).  The tree is then in :attr:`source`.  ``env``: extra
-        environment of the mount the cut hits (e.g. ATOMICFS_FAULTS), not of the
-        recovery."""
+        unmounts atomicfs, "none" leaves the remounted image as the cut left it).
+        The tree is then in :attr:`source`.  ``env``: extra environment of the mount
+        the cut hits (e.g. ATOMICFS_FAULTS), not of the recovery."""
         self.cycles += 1
         cut = Cut(delay, "raw" if options is None else recovered_by)
         m = None

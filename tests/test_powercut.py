@@ -49,7 +49,7 @@ import pytest
 import scratchfs
 from conftest import ROOT, cli_env, needs_fuse
 from powercut_apps import APPS, App, read_acks
-from powercutkit import FS_KINDS, PowerCutFs, powercut_fs
+from powercutkit import FS_KINDS, Cut, PowerCutFs, powercut_fs
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import powercut  # noqa: E402  (scripts/powercut.py)
@@ -169,51 +169,98 @@ HOLD = 5  # seconds the commit sleeps at the point: past the cut (a process wait
 # the daemon's answer cannot be killed before it comes, so the harness waits that long)
 
 
+def commit_held(pc: PowerCutFs, work: Path, point: str, recovered_by: str = "recover"
+                ) -> tuple[Cut, str]:
+    """Transaction 2 (every kind of change, tx_program) over transaction 1 in SOURCE/x0,
+    its commit held at ``point`` (``sleep`` fault) and the power cut there; the cut
+    and the program's output."""
+    ready = work / "ready"
+    powercut.tx_setup(pc.source / powercut.TX_DIR, 1)
+    pc.sync()
+
+    def workload(top: Path) -> list[subprocess.Popen[bytes]]:
+        prog = [sys.executable, str(ROOT / "scripts" / "powercut.py"), "_txprog",
+                str(top / powercut.TX_DIR), "2", str(powercut.TX_STEPS), str(ready)]
+        with open(work / "prog.out", "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "atomicfs", "run", str(top), "--", *prog],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=cli_env())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and not (
+                ready.exists() if COMMIT_STEPS[point] == 1
+                else list((pc.source / ".atomicfs").glob("tx-*/record"))):
+            time.sleep(0.01)
+        assert proc.poll() is None, (work / "prog.out").read_text(errors="replace")
+        return [proc]
+
+    # the program has ended (its commit runs) or the record is there: the commit
+    # reaches the point well within the delay and sleeps there past the cut
+    cut = pc.cycle(workload, 1.0, ["durability=full"], recovered_by=recovered_by,
+                   env={"ATOMICFS_FAULTS": f"sleep:{point}:{HOLD}"})
+    out = (work / "prog.out").read_text(errors="replace")
+    assert not cut.early_exits, out
+    return cut, f"{cut.recovery}\n{cut.daemon_log[-3000:]}\n{out}"
+
+
+def tx_on_disk(pc: PowerCutFs) -> tuple[list[str], int | None]:
+    """The verdict's lines and the transaction found in x0 (no staging left)."""
+    assert sorted(os.listdir(pc.source)) == [powercut.TX_DIR]
+    ver, t = powercut.verify_tx(1, [2], None, powercut.observe_tx(pc.source / powercut.TX_DIR))
+    return ver.lines, t
+
+
 @needs_fuse
 @pytest.mark.parametrize("point", list(COMMIT_STEPS))
 @pytest.mark.parametrize("fs", FS_KINDS)
 def test_a_transaction_cut_during_its_commit(tmp_path: Path, fs: str, point: str) -> None:
-    """Transaction 2 (every kind of change, tx_program) over transaction 1; the commit
-    is held at ``point`` (``sleep`` fault) and the power cut comes there.  After the
-    image's log recovery and ``atomicfs recover``, x0 is transaction 1 whole or 2
-    whole, as COMMIT_STEPS says: a record written and synced is replayed (its
-    unlinks, rmdir, moves and attributes), one not yet durable is discarded; no
-    staging is left."""
-    ready = tmp_path / "ready"
+    """Transaction 2 (every kind of change) over transaction 1, the power cut while
+    its commit is held at ``point``.  After the image's log recovery and ``atomicfs
+    recover``, x0 is transaction 1 whole or 2 whole, as COMMIT_STEPS says: a record
+    written and synced is replayed (its unlinks, rmdir, moves and attributes), one
+    not yet durable is discarded; no staging is left."""
     with powercut_fs(tmp_path, fs) as pc:
-        powercut.tx_setup(pc.source / powercut.TX_DIR, 1)
-        pc.sync()
-
-        def workload(top: Path) -> list[subprocess.Popen[bytes]]:
-            prog = [sys.executable, str(ROOT / "scripts" / "powercut.py"), "_txprog",
-                    str(top / powercut.TX_DIR), "2", str(powercut.TX_STEPS), str(ready)]
-            with open(tmp_path / "prog.out", "wb") as out:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "atomicfs", "run", str(top), "--", *prog],
-                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=cli_env())
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and proc.poll() is None and not (
-                    ready.exists() if COMMIT_STEPS[point] == 1
-                    else list((pc.source / ".atomicfs").glob("tx-*/record"))):
-                time.sleep(0.01)
-            assert proc.poll() is None, (tmp_path / "prog.out").read_text(errors="replace")
-            return [proc]
-
-        # the program has ended (its commit runs) or the record is there: the commit
-        # reaches the point well within the delay and sleeps there past the cut
-        cut = pc.cycle(workload, 1.0, ["durability=full"], recovered_by="recover",
-                       env={"ATOMICFS_FAULTS": f"sleep:{point}:{HOLD}"})
-        out = (tmp_path / "prog.out").read_text(errors="replace")
-        assert not cut.early_exits, out
-        said = f"{cut.recovery}\n{cut.daemon_log[-3000:]}\n{out}"
-        assert sorted(os.listdir(pc.source)) == [powercut.TX_DIR], said
-        ver, t = powercut.verify_tx(1, [2], None,
-                                    powercut.observe_tx(pc.source / powercut.TX_DIR))
-    assert (ver.lines, t) == ([], COMMIT_STEPS[point]), said
+        cut, said = commit_held(pc, tmp_path, point)
+        found = tx_on_disk(pc)
+    assert found == ([], COMMIT_STEPS[point]), said
     # replayed, or discarded (its staging directory, synced before the record)
     assert ("replayed the committed transaction" in cut.recovery) == (
         COMMIT_STEPS[point] == 2), said
+
+
+@needs_fuse
+@pytest.mark.parametrize("fs", FS_KINDS)
+def test_a_transaction_cut_during_its_replay(tmp_path: Path, fs: str) -> None:
+    """The power cut after the record of transaction 2, then again while recovery
+    replays it (a pause after each change, ``sleep`` fault at ``tx.replay``): some of
+    its changes are replayed and durable, the rest not.  The next recovery replays
+    the record again from the start, skipping what is done: transaction 2 whole."""
+    with powercut_fs(tmp_path, fs) as pc:
+        cut, said = commit_held(pc, tmp_path, "tx.after_record", recovered_by="none")
+        assert list((pc.source / ".atomicfs").glob("tx-*/record")), said
+        with open(tmp_path / "recover1.out", "wb") as out:
+            first = subprocess.Popen(
+                [sys.executable, "-m", "atomicfs", "recover", str(pc.source)], stdout=out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=cli_env(ATOMICFS_FAULTS="sleep:tx.replay:0.3"))
+        pc.procs.append(first)
+        # its first change: the removal of D1/f0 (removals come first, deepest first)
+        gone = pc.source / powercut.TX_DIR / "D1" / "f0"
+        deadline = time.monotonic() + 60
+        while gone.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(1.0)  # a few more changes, each synced 0.3 s after it was made
+        assert first.poll() is None, (tmp_path / "recover1.out").read_text()
+        pc.cut()
+        pc.release()
+        pc.remount()
+        half = powercut.observe_tx(pc.source / powercut.TX_DIR)
+        again = pc.recover()
+        found = tx_on_disk(pc)
+    # the cut came half way: the tree was neither transaction whole
+    assert powercut.verify_tx(1, [2], None, half)[1] is None, half.shape()
+    assert found == ([], 2), f"{again}\n{half.shape()}\n{said}"
+    assert "replayed the committed transaction" in again, again
 
 
 def tx_tree(tmp_path: Path, t: int) -> Path:

@@ -15,7 +15,9 @@ filesystem and durability mode:
   last acknowledged, the directory has exactly that transaction's shape, and no
   staging is left (docs/semantics.md §14.6).
   ``test_a_transaction_cut_half_way`` shows the check failing for the same
-  program run without ``atomicfs run``, and holding with it.
+  program run without ``atomicfs run``, and holding with it;
+  ``test_a_transaction_cut_during_its_commit`` cuts at four steps of the
+  commit, ``test_a_transaction_cut_during_its_replay`` again during recovery.
 - ``test_app_through_mount``: sqlite3 (DELETE and WAL, synchronous=FULL), git,
   LMDB and a no-fsync JSON writer through the mount, each checked with its own
   invariant and its acknowledged data (tests/powercut_apps.py).

@@ -1120,7 +1120,52 @@ class Transactions:
         if self.owns(tx, node):
             metadata.set_xattr(node.fd, name, value)
             return
+        self._check_xattr_fits(tx, node, name, value)
         txattrs.set_xattr(self._changes(tx, node), name, value, time.time_ns())
+
+    def _check_xattr_fits(self, tx: Transaction, node: Inode, name: bytes,
+                          value: bytes) -> None:
+        """Fail a member's setxattr now, as SOURCE's filesystem fails it outside a
+        transaction (ENOSPC: ext4 holds one block of xattrs per inode; E2BIG, ERANGE),
+        not at the commit: there the record is durable already, and the xattr, and
+        the mode and times set after it, would be missing from a commit that stands.
+        The object's xattrs with the transaction's changes and this one are set on a
+        scratch object of the same kind in the staging directory, then it goes
+        (files and directories: the kernel takes user xattrs on nothing else)."""
+        kind = stat.S_IFMT(os.stat(node.fd).st_mode)
+        if kind not in (stat.S_IFREG, stat.S_IFDIR):
+            return
+        changes = tx.attrs.get(node.ino)
+        want: dict[bytes, bytes] = {}
+        for n in metadata.list_xattrs(node.fd):
+            if changes is None or n not in changes.xattrs:
+                with contextlib.suppress(pyfuse3.FUSEError):  # ENODATA: removed since
+                    want[n] = metadata.get_xattr(node.fd, n)
+        if changes is not None:
+            want.update({n: v for n, v in changes.xattrs.items() if v is not None})
+        want[name] = value
+        probe = tx.token("x")
+        sfd = tx.staging_fd
+        if kind == stat.S_IFDIR:
+            os.mkdir(probe, 0o700, dir_fd=sfd)
+        else:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             0o600, dir_fd=sfd))
+        try:
+            fd = os.open(probe, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
+            try:
+                for n, v in sorted(want.items(), key=lambda item: item[0] == name):
+                    try:
+                        metadata.set_xattr(fd, n, v)
+                    except OSError as exc:
+                        if n == name or exc.errno in (errno.ENOSPC, errno.E2BIG,
+                                                      errno.ERANGE, errno.EDQUOT):
+                            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+                        # one the daemon cannot copy (not this one's fault): go on
+            finally:
+                os.close(fd)
+        finally:
+            txrecord.remove_tree(sfd, probe)
 
     def removexattr(self, tx: Transaction, node: Inode, name: bytes) -> None:
         if self.owns(tx, node):

@@ -38,11 +38,16 @@ appender's log torn or shorter than its last fsync) and ``early_errors`` (an
 error before the cut).
 
 ``--tx`` adds a transaction worker (directory ``x0``): ``atomicfs run`` of a
-program that rewrites four files and replaces a fifth, each carrying the
-transaction's number; after a cut they must carry one number (else ``mixed``),
-not older than the last transaction whose ``atomicfs run`` exited 0 (else
-``older``).  ``--tx-plain`` runs the program without ``atomicfs run``: the check
-must see mixed states there.
+program that, in one transaction, rewrites files, unlinks committed files (two
+links of one), creates a file and a hard link to it, moves a committed file and
+a committed symlink, saves a file by rename over a committed one, removes a
+committed directory with its files and makes a new one, and sets the mode and
+an xattr of a committed file and the xattr and mtime of a committed directory,
+each naming the transaction's number; after a cut they must all name one
+number and the directory must have exactly that transaction's shape (else
+``mixed``), not older than the last transaction whose ``atomicfs run`` exited 0
+(else ``older``).  ``--tx-plain`` runs the program without ``atomicfs run``: the
+check must see mixed states there.
 
 The seed fixes every choice (delays, recovery kind, the workers' operations);
 timing still decides where each cut lands.  Exit status: 0 clean, 1 a
@@ -61,6 +66,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -453,19 +459,45 @@ def worker_main(cfg_path: str) -> int:
 # ================================================================================
 # The transaction worker (``--tx``): ``atomicfs run MNT -- _txprog``, over and over
 # ================================================================================
-# Directory ``x0`` holds TX_FILES files ``X0``... and one file ``N<t>``.  Transaction
-# t rewrites every ``X<i>`` and replaces ``N<previous>`` by ``N<t>`` (an unlink of a
-# committed file and a create); each file's content names its file and t and
-# carries a checksum.  After a cut all of them must carry one t (else ``mixed``),
-# t must be >= the last transaction whose ``atomicfs run`` exited 0 (else
-# ``older``), and t must be one that was begun (else ``lost``).  ``--tx-plain``
-# runs the same program without ``atomicfs run`` (each file committed on its own
-# at close): the check must see mixed states there.
+# Directory ``x0`` as transaction t leaves it; every object names t, by its
+# content, its name or an attribute, and t changes each of them:
+#
+#   X0..X3  committed files rewritten with O_TRUNC           content (Xi, t)
+#   N<t>    a new file (N<previous> unlinked)                content (N<t>, t)
+#   L<t>    a hard link to N<t> (L<previous> unlinked)       N<t>'s inode
+#   M<t>    a committed file moved from M<previous>          (its content: once made)
+#   K<t>    a committed symlink moved from K<previous>       (its target: "Y")
+#   R       a new file R.new renamed over the committed R    content (R, t)
+#   D<t>/   a new directory holding f0 and f1, made after    content (D/fi, t)
+#           D<previous>/ was removed (unlinks, then rmdir)
+#   Y       a committed file: chmod and setxattr             mode tx_mode(t), user.tx=t
+#   E/      a committed directory: setxattr and utimes       user.tx=t, mtime TX_EPOCH+t s
+#
+# After a cut every one of them must name one t and the tree must have exactly
+# this shape (else ``mixed``: no name of another transaction left, none of t
+# missing, nothing torn), t must be >= the last transaction whose ``atomicfs
+# run`` exited 0 (else ``older``), and t must be one that was begun (else
+# ``lost``); anything else in x0 is ``debris``.  ``--tx-plain`` runs the same
+# program without ``atomicfs run`` (each change committed on its own): the check
+# must see mixed states there.
 TX_DIR = "x0"
 TX_FILES = 4
 TX_MAGIC = b"ATFTX1 "
+TX_XATTR = "user.tx"
+TX_EPOCH = 1_500_000_000  # E's mtime is TX_EPOCH + t seconds
+TX_SYMLINK_TARGET = "Y"
+TX_DIR_FILES = ("f0", "f1")
+TX_STEPS = TX_FILES + 5  # of tx_program: the rewrites, then the rest in the table's order
 TX_FIGURES = ("tx_begun", "tx_acked", "tx_unacked_kept", "tx_replayed", "tx_discarded")
-TX_NAME_RE = re.compile(r"^(X\d+|N\d+)$")
+TX_NAME_RE = re.compile(r"^(X\d+|[NLMKD]\d+|R|Y|E)$")
+# what a whole transaction t shows, each fact naming t
+TX_FACTS = (*(f"X{i}" for i in range(TX_FILES)), "N", "N content", "L", "M", "K", "R", "D",
+            *(f"D/{f}" for f in TX_DIR_FILES), "Y xattr", "E xattr", "E mtime")
+
+
+def tx_mode(t: int) -> int:
+    """Y's mode as transaction ``t`` sets it (neighbouring transactions differ)."""
+    return 0o600 | (t % 8) << 3
 
 
 def make_tx(name: str, t: int) -> bytes:
@@ -493,30 +525,71 @@ def parse_tx(data: bytes, name: str) -> int:
     return tnum
 
 
+def _write_file(path: Path, data: bytes, flags: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def tx_program(d: str, t: int, stop: int | None = None, ready: str = "") -> int:
-    """One transaction (run inside ``atomicfs run``, or plainly for ``--tx-plain``).
-    With ``stop`` (tests): after ``stop`` files, create ``ready`` and sleep until killed."""
+    """One transaction (run inside ``atomicfs run``, or plainly for ``--tx-plain``): x0
+    as the last transaction left it becomes x0 as ``t`` leaves it (the table above).
+    With ``stop`` (tests): after ``stop`` of its TX_STEPS steps, create ``ready`` and
+    sleep until killed (``stop`` == TX_STEPS: create ``ready`` and end)."""
     top = Path(d)
-    for i in range(TX_FILES):
+    before = os.listdir(top)
+
+    def old(prefix: str) -> list[str]:
+        return sorted(n for n in before if re.fullmatch(rf"{prefix}\d+", n)
+                      and n != f"{prefix}{t}")
+
+    def rewrite(i: int) -> None:
+        _write_file(top / f"X{i}", make_tx(f"X{i}", t), os.O_TRUNC)
+
+    def new_file_and_link() -> None:  # unlinks of committed files (two links of one)
+        for name in old("N") + old("L"):
+            os.unlink(top / name)
+        _write_file(top / f"N{t}", make_tx(f"N{t}", t), os.O_EXCL)
+        os.link(top / f"N{t}", top / f"L{t}")
+
+    def moves() -> None:  # a committed file and a committed symlink to new names
+        for prefix in ("M", "K"):
+            for name in old(prefix):
+                os.rename(top / name, top / f"{prefix}{t}")
+
+    def save_by_rename() -> None:  # over a committed file
+        _write_file(top / "R.new", make_tx("R", t), os.O_EXCL)
+        os.rename(top / "R.new", top / "R")
+
+    def directories() -> None:  # rm -r of a committed directory, a new one with files
+        for name in old("D"):
+            for child in sorted(os.listdir(top / name)):
+                os.unlink(top / name / child)
+            os.rmdir(top / name)
+        os.mkdir(top / f"D{t}", 0o755)
+        for f in TX_DIR_FILES:
+            _write_file(top / f"D{t}" / f, make_tx(f"D/{f}", t), os.O_EXCL)
+
+    def attributes() -> None:  # of a committed file and of a committed directory
+        os.chmod(top / "Y", tx_mode(t))
+        os.setxattr(top / "Y", TX_XATTR, str(t).encode())
+        os.setxattr(top / "E", TX_XATTR, str(t).encode())
+        mtime = (TX_EPOCH + t) * 10**9
+        os.utime(top / "E", ns=(mtime, mtime))
+
+    steps = [*(lambda i=i: rewrite(i) for i in range(TX_FILES)), new_file_and_link, moves,
+             save_by_rename, directories, attributes]
+    assert len(steps) == TX_STEPS
+    for i, step in enumerate(steps):
         if i == stop:
             Path(ready).touch()
             while True:
                 time.sleep(60)
-        name = f"X{i}"
-        fd = os.open(top / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, make_tx(name, t))
-        finally:
-            os.close(fd)
-    for old in os.listdir(top):
-        if old.startswith("N"):
-            os.unlink(top / old)
-    new = f"N{t}"
-    fd = os.open(top / new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.write(fd, make_tx(new, t))
-    finally:
-        os.close(fd)
+        step()
+    if stop == TX_STEPS:
+        Path(ready).touch()
     return 0
 
 
@@ -524,7 +597,16 @@ def tx_setup(d: Path, t: int) -> None:
     """``d`` (on SOURCE) as transaction ``t`` left it."""
     d.mkdir(exist_ok=True)
     for name in os.listdir(d):
-        os.unlink(d / name)
+        if (d / name).is_dir() and not (d / name).is_symlink():
+            shutil.rmtree(d / name)
+        else:
+            os.unlink(d / name)
+    # what t only moves or changes the attributes of, then t itself
+    _write_file(d / f"M{t}", make_tx("M", t), os.O_EXCL)
+    os.symlink(TX_SYMLINK_TARGET, d / f"K{t}")
+    _write_file(d / "R", make_tx("R", t), os.O_EXCL)
+    _write_file(d / "Y", make_tx("Y", t), os.O_EXCL)
+    os.mkdir(d / "E", 0o755)
     tx_program(str(d), t)
 
 
@@ -571,41 +653,135 @@ def load_tx_log(path: Path) -> tuple[list[int], int | None, dict[str, Any] | Non
     return begun, acked, err
 
 
-def observe_tx(d: Path) -> tuple[dict[str, int], dict[str, str], list[str]]:
-    """(name -> transaction number, name -> why torn, debris) of the directory."""
-    nums: dict[str, int] = {}
-    torn: dict[str, str] = {}
-    debris: list[str] = []
-    for name in sorted(os.listdir(d)):
-        if not TX_NAME_RE.match(name) or not os.path.isfile(d / name):
-            debris.append(f"{TX_DIR}/{name}")
-            continue
+def get_xattr_of(path: Path, name: str) -> str | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False).decode(errors="replace")
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            return None
+        raise
+
+
+@dataclass
+class TxSeen:
+    """What x0 shows after a cut: the transaction numbers each fact of TX_FACTS names
+    (one, in a whole transaction), Y's mode, and what is wrong with objects."""
+
+    facts: dict[str, list[int]] = field(default_factory=dict)
+    mode: int | None = None
+    torn: dict[str, str] = field(default_factory=dict)  # name -> why
+    odd: list[str] = field(default_factory=list)  # a name of the wrong kind, a bad value
+    split: list[str] = field(default_factory=list)  # L<t> not the inode of N<t>
+    debris: list[str] = field(default_factory=list)
+
+    def fact(self, key: str, t: int | None) -> None:
+        if t is not None:
+            self.facts.setdefault(key, []).append(t)
+
+    def shape(self) -> str:
+        out = [f"{k}={','.join(map(str, ts))}" for k, ts in sorted(self.facts.items())]
+        if self.mode is not None:
+            out.append(f"Y mode={self.mode:o}")
+        return " ".join(out)
+
+
+def observe_tx(d: Path) -> TxSeen:
+    """The state of the transaction worker's directory as it is on disk."""
+    seen = TxSeen()
+    inos: dict[str, int] = {}
+
+    def content(rel: str, cname: str) -> int | None:
         try:
-            nums[name] = parse_tx((d / name).read_bytes(), name)
+            return parse_tx((d / rel).read_bytes(), cname)
         except Torn as exc:
-            torn[name] = str(exc)
-    return nums, torn, debris
+            seen.torn[rel] = str(exc)
+            return None
+
+    def number(rel: str, value: str | None) -> int | None:
+        try:
+            return int(value or "")
+        except ValueError:
+            seen.odd.append(f"{rel}: {TX_XATTR}={value!r}")
+            return None
+
+    for name in sorted(os.listdir(d)):
+        path = d / name
+        st = os.lstat(path)
+        if not TX_NAME_RE.match(name):
+            seen.debris.append(f"{TX_DIR}/{name}")
+            continue
+        kind, n = name[0], int(name[1:]) if name[1:].isdigit() else None
+        want = stat.S_IFDIR if kind in "DE" else stat.S_IFLNK if kind == "K" else stat.S_IFREG
+        if stat.S_IFMT(st.st_mode) != want:
+            seen.odd.append(f"{name}: not a {stat.filemode(want)[0]} (mode "
+                            f"{stat.filemode(st.st_mode)})")
+            continue
+        if kind == "X":
+            seen.fact(name, content(name, name))
+        elif kind == "N":
+            seen.fact("N", n)
+            seen.fact("N content", content(name, name))
+            inos[name] = st.st_ino
+        elif kind == "L":
+            seen.fact("L", n)
+            inos[name] = st.st_ino
+        elif kind == "M":
+            seen.fact("M", n)
+            content(name, "M")  # made once, moved since: complete is all it must be
+        elif kind == "K":
+            seen.fact("K", n)
+            if os.readlink(path) != TX_SYMLINK_TARGET:
+                seen.odd.append(f"{name} -> {os.readlink(path)!r}")
+        elif kind == "R":
+            seen.fact("R", content(name, "R"))
+        elif kind == "D":
+            seen.fact("D", n)
+            inside = sorted(os.listdir(path))
+            seen.debris += [f"{TX_DIR}/{name}/{c}" for c in inside if c not in TX_DIR_FILES]
+            for f in TX_DIR_FILES:
+                if f in inside:
+                    seen.fact(f"D/{f}", content(f"{name}/{f}", f"D/{f}"))
+        elif kind == "Y":
+            content(name, "Y")
+            seen.mode = st.st_mode & 0o7777
+            seen.fact("Y xattr", number("Y", get_xattr_of(path, TX_XATTR)))
+        else:  # E
+            seen.debris += [f"{TX_DIR}/E/{c}" for c in sorted(os.listdir(path))]
+            seen.fact("E xattr", number("E", get_xattr_of(path, TX_XATTR)))
+            secs, rest = divmod(st.st_mtime_ns, 10**9)
+            if rest:
+                seen.odd.append(f"E: mtime {st.st_mtime_ns} ns, not whole seconds")
+            else:
+                seen.fact("E mtime", secs - TX_EPOCH)
+    for name, ino in inos.items():
+        twin = "N" + name[1:] if name[0] == "L" else None
+        if twin is not None and twin in inos and inos[twin] != ino:
+            seen.split.append(f"{TX_DIR}/{name} and {twin} are two inodes")
+    return seen
 
 
-def verify_tx(base: int, begun: list[int], acked: int | None, nums: dict[str, int],
-              torn: dict[str, str], debris: list[str]) -> tuple[Verdict, int | None]:
-    """All or nothing: every X file and the one N file carry one transaction number
-    t, N is ``N<t>``, t is ``base`` (before this cut) or one begun in it, and t is
-    not older than the last acknowledged.  Returns the verdict and t (None if mixed)."""
+def verify_tx(base: int, begun: list[int], acked: int | None, seen: TxSeen
+              ) -> tuple[Verdict, int | None]:
+    """All or nothing: every fact of TX_FACTS names one transaction t, once, and Y's
+    mode is t's; t is ``base`` (before this cut) or one begun in it, and t is not
+    older than the last acknowledged.  Returns the verdict and t (None if mixed)."""
     ver = Verdict(started=len(begun), acked=0 if acked is None else begun.index(acked) + 1)
-    for name, why in torn.items():
+    for name, why in seen.torn.items():
         ver.bad("torn", f"{TX_DIR}/{name}: {why}")
-    for d in debris:
+    for d in seen.debris:
         ver.bad("debris", d)
-    ns = {n: t for n, t in nums.items() if n.startswith("N")}
-    missing = [f"X{i}" for i in range(TX_FILES) if f"X{i}" not in nums and f"X{i}" not in torn]
-    values = set(nums.values())
-    shape = [f"{n}={t}" for n, t in sorted(nums.items())]
-    if torn or missing or len(ns) != 1 or len(values) != 1 or \
-            any(n != f"N{t}" for n, t in ns.items()):
-        ver.bad("mixed", f"{TX_DIR}: not one transaction: {' '.join(shape)}"
+    for s in seen.split:
+        ver.bad("split_links", s)
+    values = {t for ts in seen.facts.values() for t in ts}
+    missing = [k for k in TX_FACTS if k not in seen.facts]
+    twice = sorted(k for k, ts in seen.facts.items() if len(ts) > 1)
+    mode_ok = len(values) == 1 and seen.mode == tx_mode(next(iter(values)))
+    if seen.torn or seen.odd or missing or twice or len(values) != 1 or not mode_ok:
+        ver.bad("mixed", f"{TX_DIR}: not one transaction: {seen.shape()}"
                 + (f"; missing {missing}" if missing else "")
-                + (f"; torn {sorted(torn)}" if torn else "")
+                + (f"; more than one {twice}" if twice else "")
+                + (f"; torn {sorted(seen.torn)}" if seen.torn else "")
+                + (f"; {'; '.join(seen.odd)}" if seen.odd else "")
                 + f" (before the cut {base}, begun {begun[-3:]}, acknowledged {acked})")
         return ver, None
     t = values.pop()
@@ -970,16 +1146,16 @@ class PowerCuts:
             found.append(f"early_errors: the transaction worker failed before the cut: "
                          f"{err['msg']}")
             tally["early_errors"] += 1
-        nums, torn, debris = observe_tx(pc.source / TX_DIR)
-        ver, t = verify_tx(self.tx_base, begun, acked, nums, torn, debris)
+        seen = observe_tx(pc.source / TX_DIR)
+        ver, t = verify_tx(self.tx_base, begun, acked, seen)
         tally.update(ver.counts)
         tally["tx_begun"] += len(begun)
         tally["tx_acked"] += ver.acked
         found += ver.lines
         if t is not None and begun and t == begun[-1] and t != acked:
             tally["tx_unacked_kept"] += 1  # committed, but the cut came before the ack
-        if t is None or debris:  # go on from one whole transaction (--keep-going)
-            t = max(nums.values(), default=self.tx_base)
+        if t is None or seen.debris or seen.split:  # go on from one whole transaction
+            t = max([self.tx_base, *seen.facts.get("X0", [])])  # (--keep-going)
             tx_setup(pc.source / TX_DIR, t)
         self.tx_base = t
         return found
@@ -1020,11 +1196,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-delay", type=float, default=2.0, help="latest cut (s)")
     p.add_argument("--keep-going", action="store_true", help="go on after a violation")
     p.add_argument("--tx", action="store_true",
-                   help="add a transaction worker: `atomicfs run` of a program rewriting "
-                   f"{TX_FILES} files and replacing one, in {TX_DIR}/ (all or nothing)")
+                   help="add a transaction worker: `atomicfs run` of a program changing "
+                   f"contents, names, directories and attributes in {TX_DIR}/ (all or "
+                   "nothing)")
     p.add_argument("--tx-plain", action="store_true",
                    help="the transaction worker's program without `atomicfs run` (each "
-                   "file committed on its own: the check should see mixed states)")
+                   "change committed on its own: the check should see mixed states)")
     p.add_argument("--big-all", action="store_true",
                    help="a 10 MiB file for every worker (default: worker 0 only)")
     args = p.parse_args(argv)

@@ -156,18 +156,21 @@ class PowerCutFs:
         self.mounts.clear()
 
     def cycle(self, workload: Workload, delay: float, options: Sequence[str] | None = (),
-              recovered_by: str = "recover", settle: float = 0.2) -> Cut:
+              recovered_by: str = "recover", settle: float = 0.2,
+              env: dict[str, str] | None = None) -> Cut:
         """One power cut: mount atomicfs with ``options`` over SOURCE (``None``: raw,
         the workload runs on SOURCE itself), start ``workload(dir)``, cut after
         ``delay`` s, kill the workload and the daemon, remount the image and recover
         (``recovered_by``: "recover" runs ``atomicfs recover``, "mount" mounts and
-        unmounts atomicfs).  The tree is then in :attr:`source`."""
+        unmounts atomicfs, "none" leaves the remounted image as the cut left it).
+        The tree is then in :attr:`source`.  ``env``: extra environment of the mount
+        the cut hits (e.g. ATOMICFS_FAULTS), not of the recovery."""
         self.cycles += 1
         cut = Cut(delay, "raw" if options is None else recovered_by)
         m = None
         try:
             if options is not None:
-                m = self.mount_atomicfs(options)
+                m = self.mount_atomicfs(options, env=env)
             started = workload(self.source if m is None else self.mnt)
             self.procs.extend(started)
             time.sleep(delay)

@@ -9,12 +9,15 @@ filesystem and durability mode:
   directory must be a prefix of its operations that includes every
   acknowledged one (docs/semantics.md §1.2, §3, §9).
 - ``test_powercut_transactions``: the torture with its transaction worker
-  (``--tx``: ``atomicfs run`` of a program rewriting four files and replacing a
-  fifth), under both durability modes; after each cut the five files carry one
-  transaction, not older than the last acknowledged, and no staging is left
-  (docs/semantics.md §14.6).
+  (``--tx``: ``atomicfs run`` of a program changing contents, names,
+  directories and attributes in one directory), under both durability modes;
+  after each cut everything there names one transaction, not older than the
+  last acknowledged, the directory has exactly that transaction's shape, and no
+  staging is left (docs/semantics.md §14.6).
   ``test_a_transaction_cut_half_way`` shows the check failing for the same
-  program run without ``atomicfs run``, and holding with it.
+  program run without ``atomicfs run``, and holding with it;
+  ``test_a_transaction_cut_during_its_commit`` cuts at four steps of the
+  commit, ``test_a_transaction_cut_during_its_replay`` again during recovery.
 - ``test_app_through_mount``: sqlite3 (DELETE and WAL, synchronous=FULL), git,
   LMDB and a no-fsync JSON writer through the mount, each checked with its own
   invariant and its acknowledged data (tests/powercut_apps.py).
@@ -41,13 +44,14 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import scratchfs
 from conftest import ROOT, cli_env, needs_fuse
 from powercut_apps import APPS, App, read_acks
-from powercutkit import FS_KINDS, PowerCutFs, powercut_fs
+from powercutkit import FS_KINDS, Cut, PowerCutFs, powercut_fs
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import powercut  # noqa: E402  (scripts/powercut.py)
@@ -107,19 +111,18 @@ def test_powercut_transactions(tmp_path: Path, fs: str, mode: str) -> None:
     assert int(fields["tx_acked"]) >= 1, f"no transaction was acknowledged\n{out}"
 
 
-TX_AT = 2  # the transaction cut half way rewrites TX_AT of the files, then waits
-
-
-def cut_half_way(pc: PowerCutFs, work: Path, wrapped: bool) -> tuple[powercut.Verdict, int | None]:
-    """Transaction 2 over transaction 1 in SOURCE/x0, cut after it rewrote TX_AT files
-    (inside ``atomicfs run`` if ``wrapped``, else plainly, each close a commit)."""
+def cut_half_way(pc: PowerCutFs, work: Path, wrapped: bool, at: int
+                 ) -> tuple[powercut.Verdict, int | None]:
+    """Transaction 2 over transaction 1 in SOURCE/x0, cut after ``at`` of its steps
+    (inside ``atomicfs run`` if ``wrapped``, else plainly, each change committed on
+    its own)."""
     powercut.tx_setup(pc.source / powercut.TX_DIR, 1)
     pc.sync()
     ready = work / "ready"
 
     def workload(top: Path) -> list[subprocess.Popen[bytes]]:
         prog = [sys.executable, str(ROOT / "scripts" / "powercut.py"), "_txprog",
-                str(top / powercut.TX_DIR), "2", str(TX_AT), str(ready)]
+                str(top / powercut.TX_DIR), "2", str(at), str(ready)]
         run = [sys.executable, "-m", "atomicfs", "run", str(top), "--"] if wrapped else []
         with open(work / "prog.out", "wb") as out:
             proc = subprocess.Popen([*run, *prog], stdout=out, stderr=subprocess.STDOUT,
@@ -133,41 +136,229 @@ def cut_half_way(pc: PowerCutFs, work: Path, wrapped: bool) -> tuple[powercut.Ve
     cut = pc.cycle(workload, 0.2, ["durability=full"], recovered_by="recover")
     assert not cut.early_exits, (work / "prog.out").read_text(errors="replace")
     assert sorted(os.listdir(pc.source)) == [powercut.TX_DIR], cut.recovery
-    return powercut.verify_tx(1, [2], None, *powercut.observe_tx(pc.source / powercut.TX_DIR))
+    return powercut.verify_tx(1, [2], None, powercut.observe_tx(pc.source / powercut.TX_DIR))
+
+
+# where the cut comes: after two of the four rewrites; after every change of names
+# (new files and link, moves, the save by rename, rm -r and mkdir), before the
+# attributes
+HALF_WAY = {2: "X0=2 X1=2 X2=1 X3=1",
+            powercut.TX_STEPS - 1: "D=2 D/f0=2 D/f1=2 E mtime=1 E xattr=1 K=2 L=2 M=2 N=2 "
+                                   "N content=2 R=2 X0=2 X1=2 X2=2 X3=2 Y xattr=1 Y mode=610"}
 
 
 @needs_fuse
+@pytest.mark.parametrize("at", sorted(HALF_WAY))
 @pytest.mark.parametrize("wrapped", [True, False], ids=["atomicfs-run", "per-file"])
-def test_a_transaction_cut_half_way(tmp_path: Path, wrapped: bool) -> None:
-    """Cut while the program has rewritten two of the files: inside ``atomicfs run``
-    nothing of transaction 2 remains (and no staging); run plainly, the two files it
-    closed are committed (durability=full) and the check sees a mixed state."""
+def test_a_transaction_cut_half_way(tmp_path: Path, wrapped: bool, at: int) -> None:
+    """Cut while the program waits half way: inside ``atomicfs run`` nothing of
+    transaction 2 remains (and no staging); run plainly, what it did is committed
+    (durability=full) and the check sees a mixed state."""
     with powercut_fs(tmp_path, "ext4") as pc:
-        ver, t = cut_half_way(pc, tmp_path, wrapped)
+        ver, t = cut_half_way(pc, tmp_path, wrapped, at)
     if wrapped:
         assert (ver.lines, t) == ([], 1)
     else:
         assert ver.counts == {"mixed": 1}, ver.lines
-        assert "X0=2 X1=2 X2=1 X3=1" in ver.lines[0], ver.lines
+        assert HALF_WAY[at] in ver.lines[0], ver.lines
 
 
-def test_verify_tx() -> None:
-    tx = powercut.make_tx
-    whole = {f"X{i}": 5 for i in range(powercut.TX_FILES)} | {"N5": 5}
-    ver, t = powercut.verify_tx(4, [5, 6], 5, dict(whole), {}, [])
+# the steps of a commit (atomicfs/transactions.py) and the transaction recovery must
+# find there: before its record is durable none of it, after it all of it
+COMMIT_STEPS = {"tx.before_record": 1, "tx.after_record": 2, "tx.apply": 2,
+                "tx.before_dir_fsync": 2}
+HOLD = 5  # seconds the commit sleeps at the point: past the cut (a process waiting for
+# the daemon's answer cannot be killed before it comes, so the harness waits that long)
+
+
+def commit_held(pc: PowerCutFs, work: Path, point: str, recovered_by: str = "recover"
+                ) -> tuple[Cut, str]:
+    """Transaction 2 (every kind of change, tx_program) over transaction 1 in SOURCE/x0,
+    its commit held at ``point`` (``sleep`` fault) and the power cut there; the cut
+    and the program's output."""
+    ready = work / "ready"
+    powercut.tx_setup(pc.source / powercut.TX_DIR, 1)
+    pc.sync()
+
+    def workload(top: Path) -> list[subprocess.Popen[bytes]]:
+        prog = [sys.executable, str(ROOT / "scripts" / "powercut.py"), "_txprog",
+                str(top / powercut.TX_DIR), "2", str(powercut.TX_STEPS), str(ready)]
+        with open(work / "prog.out", "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "atomicfs", "run", str(top), "--", *prog],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=cli_env())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and not (
+                ready.exists() if COMMIT_STEPS[point] == 1
+                else list((pc.source / ".atomicfs").glob("tx-*/record"))):
+            time.sleep(0.01)
+        assert proc.poll() is None, (work / "prog.out").read_text(errors="replace")
+        return [proc]
+
+    # the program has ended (its commit runs) or the record is there: the commit
+    # reaches the point well within the delay and sleeps there past the cut
+    cut = pc.cycle(workload, 1.0, ["durability=full"], recovered_by=recovered_by,
+                   env={"ATOMICFS_FAULTS": f"sleep:{point}:{HOLD}"})
+    out = (work / "prog.out").read_text(errors="replace")
+    assert not cut.early_exits, out
+    return cut, f"{cut.recovery}\n{cut.daemon_log[-3000:]}\n{out}"
+
+
+def tx_on_disk(pc: PowerCutFs) -> tuple[list[str], int | None]:
+    """The verdict's lines and the transaction found in x0 (no staging left)."""
+    assert sorted(os.listdir(pc.source)) == [powercut.TX_DIR]
+    ver, t = powercut.verify_tx(1, [2], None, powercut.observe_tx(pc.source / powercut.TX_DIR))
+    return ver.lines, t
+
+
+@needs_fuse
+@pytest.mark.parametrize("point", list(COMMIT_STEPS))
+@pytest.mark.parametrize("fs", FS_KINDS)
+def test_a_transaction_cut_during_its_commit(tmp_path: Path, fs: str, point: str) -> None:
+    """Transaction 2 (every kind of change) over transaction 1, the power cut while
+    its commit is held at ``point``.  After the image's log recovery and ``atomicfs
+    recover``, x0 is transaction 1 whole or 2 whole, as COMMIT_STEPS says: a record
+    written and synced is replayed (its unlinks, rmdir, moves and attributes), one
+    not yet durable is discarded; no staging is left."""
+    with powercut_fs(tmp_path, fs) as pc:
+        cut, said = commit_held(pc, tmp_path, point)
+        found = tx_on_disk(pc)
+    assert found == ([], COMMIT_STEPS[point]), said
+    # replayed, or discarded (its staging directory, synced before the record)
+    assert ("replayed the committed transaction" in cut.recovery) == (
+        COMMIT_STEPS[point] == 2), said
+
+
+@needs_fuse
+@pytest.mark.parametrize("fs", FS_KINDS)
+def test_a_transaction_cut_during_its_replay(tmp_path: Path, fs: str) -> None:
+    """The power cut after the record of transaction 2, then again while recovery
+    replays it (a pause after each change, ``sleep`` fault at ``tx.replay``): some of
+    its changes are replayed and durable, the rest not.  The next recovery replays
+    the record again from the start, skipping what is done: transaction 2 whole."""
+    with powercut_fs(tmp_path, fs) as pc:
+        cut, said = commit_held(pc, tmp_path, "tx.after_record", recovered_by="none")
+        assert list((pc.source / ".atomicfs").glob("tx-*/record")), said
+        with open(tmp_path / "recover1.out", "wb") as out:
+            first = subprocess.Popen(
+                [sys.executable, "-m", "atomicfs", "recover", str(pc.source)], stdout=out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=cli_env(ATOMICFS_FAULTS="sleep:tx.replay:0.3"))
+        pc.procs.append(first)
+        # its first change: the removal of D1/f0 (removals come first, deepest first)
+        gone = pc.source / powercut.TX_DIR / "D1" / "f0"
+        deadline = time.monotonic() + 60
+        while gone.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(1.0)  # a few more changes, each synced 0.3 s after it was made
+        assert first.poll() is None, (tmp_path / "recover1.out").read_text()
+        pc.cut()
+        pc.release()
+        pc.remount()
+        half = powercut.observe_tx(pc.source / powercut.TX_DIR)
+        again = pc.recover()
+        found = tx_on_disk(pc)
+    # the cut came half way: the tree was neither transaction whole
+    assert powercut.verify_tx(1, [2], None, half)[1] is None, half.shape()
+    assert found == ([], 2), f"{again}\n{half.shape()}\n{said}"
+    assert "replayed the committed transaction" in again, again
+
+
+def tx_tree(tmp_path: Path, t: int) -> Path:
+    d = tmp_path / powercut.TX_DIR
+    powercut.tx_setup(d, t)
+    return d
+
+
+def verify_tx(d: Path, base: int, begun: list[int], acked: int | None
+              ) -> tuple[powercut.Verdict, int | None]:
+    return powercut.verify_tx(base, begun, acked, powercut.observe_tx(d))
+
+
+def test_verify_tx_whole(tmp_path: Path) -> None:
+    """A whole transaction passes; older than acknowledged, or never begun, does not."""
+    d = tx_tree(tmp_path, 5)
+    ver, t = verify_tx(d, 4, [5, 6], 5)
     assert (ver.lines, t) == ([], 5)
-    ver, t = powercut.verify_tx(4, [5, 6], 6, dict(whole), {}, [])
+    ver, t = verify_tx(d, 4, [5, 6], 6)
     assert ver.counts == {"older": 1} and t == 5, ver.lines
-    ver, t = powercut.verify_tx(1, [2, 3], None, dict(whole), {}, [])
+    ver, t = verify_tx(d, 1, [2, 3], None)
     assert ver.counts == {"lost": 1}, ver.lines
-    for bad in ({**whole, "X1": 6}, {**whole, "N6": 6}, {k: v for k, v in whole.items()
-                                                       if k != "N5"}):
-        ver, t = powercut.verify_tx(4, [5, 6], None, bad, {}, [])
-        assert ver.counts == {"mixed": 1} and t is None, (bad, ver.lines)
-    ver, _ = powercut.verify_tx(4, [5], None, {k: v for k, v in whole.items() if k != "X2"},
-                                {"X2": "short"}, ["x0/.tmp"])
+    ver, t = verify_tx(d, 5, [6], None)  # nothing of this cut's transaction: whole 5
+    assert (ver.lines, t) == ([], 5)
+    powercut.tx_program(str(d), 6)
+    ver, t = verify_tx(d, 5, [6, 7], 6)
+    assert (ver.lines, t) == ([], 6)
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    dst.write_bytes(src.read_bytes())
+
+
+def _file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _mtime(d: Path, t: int, frac: int = 0) -> None:
+    ns = (powercut.TX_EPOCH + t) * 10**9 + frac
+    os.utime(d / "E", ns=(ns, ns))
+
+
+# hand-made mixes of transactions 4 and 5 in a tree of 5: each must be "mixed"
+MIXES: dict[str, Callable[[Path], object]] = {
+    "a rewrite of the next": lambda d: (d / "X1").write_bytes(powercut.make_tx("X1", 6)),
+    "a rewrite of the one before": lambda d: (d / "X3").write_bytes(powercut.make_tx("X3", 4)),
+    "the unlinked file still there": lambda d: (d / "N4").write_bytes(powercut.make_tx("N4", 4)),
+    "the new file missing": lambda d: (d / "N5").unlink(),
+    "the new file's link missing": lambda d: (d / "L5").unlink(),
+    "the link under the old name": lambda d: (d / "L5").rename(d / "L4"),
+    "the moved file at both names": lambda d: _copy_file(d / "M5", d / "M4"),
+    "the moved file at its old name": lambda d: (d / "M5").rename(d / "M4"),
+    "the moved symlink at its old name": lambda d: (d / "K5").rename(d / "K4"),
+    "the moved symlink a file": lambda d: _file(d / "K.tmp", b"Y").replace(d / "K5"),
+    "the file saved by rename older": lambda d: (d / "R").write_bytes(powercut.make_tx("R", 4)),
+    "the removed directory back": lambda d: shutil.copytree(d / "D5", d / "D4"),
+    "the new directory under the old name": lambda d: (d / "D5").rename(d / "D4"),
+    "a file of the new directory missing": lambda d: (d / "D5" / "f1").unlink(),
+    "a file of the new directory older": lambda d: (d / "D5" / "f0").write_bytes(
+        powercut.make_tx("D/f0", 4)),
+    "the mode of the one before": lambda d: os.chmod(d / "Y", powercut.tx_mode(4)),
+    "the file's xattr of the one before": lambda d: os.setxattr(d / "Y", "user.tx", b"4"),
+    "the file's xattr missing": lambda d: os.removexattr(d / "Y", "user.tx"),
+    "the file's xattr not a number": lambda d: os.setxattr(d / "Y", "user.tx", b"x"),
+    "the directory's xattr of the one before": lambda d: os.setxattr(d / "E", "user.tx",
+                                                                      b"4"),
+    "the directory's mtime of the one before": lambda d: _mtime(d, 4),
+    "the directory's mtime not set by one": lambda d: _mtime(d, 5, 1),
+    "the directory's mtime of another": lambda d: _mtime(d, 13),
+}
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
+def test_verify_tx_finds_a_mix(tmp_path: Path, mix: str) -> None:
+    d = tx_tree(tmp_path, 5)
+    assert verify_tx(d, 4, [5], 5) == (powercut.Verdict(started=1, acked=1), 5)
+    MIXES[mix](d)
+    ver, t = verify_tx(d, 4, [5], None)
+    assert ver.counts == {"mixed": 1} and t is None, ver.lines
+
+
+def test_verify_tx_torn_debris_and_split_links(tmp_path: Path) -> None:
+    d = tx_tree(tmp_path, 5)
+    with open(d / "X2", "r+b") as f:
+        f.truncate(100)
+    (d / "R.new").write_bytes(powercut.make_tx("R", 6))
+    ver, t = verify_tx(d, 4, [5], None)
     assert ver.counts == {"torn": 1, "mixed": 1, "debris": 1}, ver.lines
-    data = tx("X1", 7)
+    d = tx_tree(tmp_path, 5)
+    (d / "L5").unlink()
+    _copy_file(d / "N5", d / "L5")  # two files where one had two names
+    (d / "D5" / ".atomicfs~x").write_bytes(b"")
+    ver, t = verify_tx(d, 4, [5], None)
+    assert ver.counts == {"split_links": 1, "debris": 1} and t == 5, ver.lines
+    data = powercut.make_tx("X1", 7)
     assert powercut.parse_tx(data, "X1") == 7
     for broken in (data[:-1], data[:20], b"", data.replace(b"X1 7", b"X2 7")):
         with pytest.raises(powercut.Torn):

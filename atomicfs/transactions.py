@@ -227,6 +227,8 @@ class Transaction:
     # real objects (committed, or inside a directory it made) that it gave a name with
     # an entry -- moved or hard-linked: ino -> inode (held)
     linked: dict[int, Inode] = field(default_factory=dict)
+    # committed directories it records a change in (held until it ends)
+    directories: dict[int, Inode] = field(default_factory=dict)
     # committed names a member began to move: the kernel looked them up again
     # (replies about them carry timeout 0; see _move_committed)
     revalidated: set[tuple[int, bytes]] = field(default_factory=set)
@@ -513,6 +515,9 @@ class Transactions:
         self.table.release(session.inode)  # the transaction's hold
 
     def _retire(self, tx: Transaction) -> None:
+        for parent in tx.directories.values():
+            self.table.release(parent)
+        tx.directories.clear()
         try:
             os.close(tx.staging_fd)
             txrecord.remove_tree(self.daemon_dir, tx.staging_name)
@@ -550,12 +555,22 @@ class Transactions:
             return
         tx.rewrites[inode.ino] = (parent.ino, name)
         tx.seen.setdefault((parent.ino, name), identity_of(os.stat(inode.fd)))
+        self._keep_directory(tx, parent)
+
+    def _keep_directory(self, tx: Transaction, parent: Inode) -> None:
+        """Hold a committed directory the transaction records a change in until it
+        ends: the kernel may forget it meanwhile (memory pressure), and the commit
+        puts the change there by its inode."""
+        if parent.ino not in tx.directories and parent is not self.table.root:
+            tx.directories[parent.ino] = parent
+            self.table.hold(parent)
 
     def add_entry(self, tx: Transaction, parent: Inode, name: bytes, inode: Inode) -> None:
         if parent.ino not in tx.private:  # first touch of a committed name: what it is
             tx.seen.setdefault((parent.ino, name), identity_of(stat_at(parent.fd, name)))
         tx.entries[(parent.ino, name)] = inode
         inode.names.add((parent.ino, name))
+        self._keep_directory(tx, parent)
         if self.whited(tx, parent, name) or stat_at(parent.fd, name) is not None:
             # it takes the place of a committed name, which the kernel may have cached
             # for an outsider: forget it, so everyone's next lookup asks again (a new
@@ -1404,7 +1419,22 @@ class Transactions:
                 break
             parts.append(name[1])
             node = self.table.get(name[0])
-        raise TxFailed(f"the directory {self.committer.describe(parent)} has no path")
+        # an ancestor the kernel forgot (the table knows no name of it): where SOURCE
+        # has the directory now, which is its committed place
+        return self._source_path(parent)
+
+    def _source_path(self, directory: Inode) -> tuple[bytes, ...]:
+        try:
+            here = os.readlink(b"/proc/self/fd/%d" % directory.fd)
+            top = os.readlink(b"/proc/self/fd/%d" % self.table.root.fd)
+        except OSError as exc:
+            raise TxFailed(f"the directory {self.committer.describe(directory)} has no "
+                           f"path ({exc.strerror})") from None
+        if here == top:
+            return ()
+        if not here.startswith(top.rstrip(b"/") + b"/") or here.endswith(b" (deleted)"):
+            raise TxFailed(f"the directory {self.committer.describe(directory)} has no path")
+        return tuple(here[len(top.rstrip(b"/")) + 1:].split(b"/"))
 
     def _apply(self, tx: Transaction, built: list[tuple[Session, int]]) -> list[Inode]:
         """Stage names, write the record, rename everything into place, move the inodes.

@@ -1570,3 +1570,25 @@ def test_proc_stat_reads_parent_and_start_time_of_live_processes_only() -> None:
         child.kill()
         child.wait()
     assert proc_stat(child.pid) is None  # reaped: gone from /proc
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (drop_caches)")
+@pytest.mark.parametrize("change", ["new-file", "new-dir", "unlink", "chmod"])
+def test_a_directory_the_kernel_forgot_during_the_transaction_still_commits(
+        mount: Mount, change: str) -> None:
+    """The kernel forgets directories it has not used for a while (memory pressure;
+    here drop_caches, by the member itself): a committed directory holding the
+    transaction's changes must stay known until the commit, which puts them there."""
+    mount.src("d", "e").mkdir(parents=True)
+    mount.src("d", "e", "old").write_text("old\n")
+    do = {"new-file": "echo new > d/e/new", "new-dir": "mkdir d/e/sub",
+          "unlink": "rm d/e/old", "chmod": "chmod 600 d/e/old"}[change]
+    res = atomicfs_run(mount, "sh", "-c", f"set -e; {do}; cd /; "
+                       "echo 2 > /proc/sys/vm/drop_caches; sleep 0.5", cwd=mount.mountpoint)
+    assert res.returncode == 0, res.stderr
+    names = sorted(os.listdir(mount.src("d", "e")))
+    assert names == {"new-file": ["new", "old"], "new-dir": ["old", "sub"], "unlink": [],
+                     "chmod": ["old"]}[change]
+    if change == "chmod":
+        assert stat.S_IMODE(os.stat(mount.src("d", "e", "old")).st_mode) == 0o600
+    assert_no_debris(mount.source)

@@ -113,6 +113,9 @@ def run(mountpoint: str, argv: Sequence[str]) -> int:
     result = _request(mountpoint, "commit", pid)
     if not result.get("ok"):
         why = result.get("error") or result.get("aborted") or "unknown reason"
-        print(f"atomicfs run: the transaction was not committed: {why}", file=sys.stderr)
+        if result.get("incomplete"):  # recorded: the next mount completes it
+            print(f"atomicfs run: the transaction was committed, but {why}", file=sys.stderr)
+        else:
+            print(f"atomicfs run: the transaction was not committed: {why}", file=sys.stderr)
         return FAILED
     return 0

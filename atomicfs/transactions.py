@@ -236,6 +236,8 @@ class Transaction:
     runner_fd: int | None = None  # pidfd of the runner: it dying aborts
     tokens: int = 0
     applied: int = 0  # operations of its redo record, once written
+    # steps past the record that failed (the record then stays for the next mount)
+    unapplied: list[str] = field(default_factory=list)
 
     def token(self, kind: str) -> str:
         self.tokens += 1
@@ -277,7 +279,7 @@ class Transactions:
         self.membership = Membership()
         self.open: dict[int, Transaction] = {}  # root pid -> transaction
         self.finished: dict[int, Transaction] = {}  # recent results (getxattr may repeat)
-        self.counts = {"committed": 0, "aborted": 0, "failed": 0}
+        self.counts = {"committed": 0, "aborted": 0, "failed": 0, "incomplete": 0}
         self._send, self._receive = trio.open_memory_channel[Transaction](256)
 
     # -- membership and views ----------------------------------------------------------
@@ -514,13 +516,14 @@ class Transactions:
             self.files.end_session(session)
         self.table.release(session.inode)  # the transaction's hold
 
-    def _retire(self, tx: Transaction) -> None:
+    def _retire(self, tx: Transaction, keep_record: bool = False) -> None:
         for parent in tx.directories.values():
             self.table.release(parent)
         tx.directories.clear()
         try:
             os.close(tx.staging_fd)
-            txrecord.remove_tree(self.daemon_dir, tx.staging_name)
+            if not keep_record:
+                txrecord.remove_tree(self.daemon_dir, tx.staging_name)
         except OSError as exc:
             log.error("transaction of pid %d: its staging directory was not removed (%s); "
                       "the next mount removes it", tx.root, exc)
@@ -1226,7 +1229,7 @@ class Transactions:
                        | {k for k in node.names if k[0] in tx.private})
         return (self.table.get(given[0][0]), given[0][1]) if given else None
 
-    async def _sync_attributes(self) -> None:
+    async def _sync_attributes(self, tx: Transaction) -> None:
         """Attributes set in place are durable before the commit is acknowledged: one
         syncfs (they are in the filesystem's journal, not in any file's data)."""
         root = self.table.root.fd
@@ -1242,8 +1245,8 @@ class Transactions:
         try:
             await trio.to_thread.run_sync(sync)
         except OSError as exc:
-            log.error("a committed transaction's attributes could not be synced (%s); "
-                      "the next mount replays its record", exc)
+            tx.unapplied.append(f"the sync of its attributes ({exc.strerror or exc})")
+            log.error("a committed transaction's attributes could not be synced (%s)", exc)
 
     # -- commit ----------------------------------------------------------------------------
     async def commit(self, tx: Transaction) -> None:
@@ -1275,15 +1278,33 @@ class Transactions:
             log.warning("transaction of pid %d: commit failed (%s); nothing was changed",
                         tx.root, why)
             return
-        await self._sync_dirs(dirs)
+        await self._sync_dirs(tx, dirs)
         if tx.metas:
-            await self._sync_attributes()
+            await self._sync_attributes(tx)
+        if tx.unapplied:
+            self._incomplete(tx)
+            return
         self._retire(tx)
         self.counts["committed"] += 1
         log.info("transaction of pid %d committed: %d names put in place or removed, "
                  "%d directories synced, in %.1f ms", tx.root, tx.applied, len(dirs),
                  (time.monotonic() - started) * 1000)
         self._finish(tx, "committed", {"ok": True})
+
+    def _incomplete(self, tx: Transaction) -> None:
+        """Past the record, a step failed (a rename on a full disk, an fsync by a
+        failing disk): the transaction is committed but not all of it is in SOURCE,
+        or not durably.  Its record stays, so the next mount (or ``atomicfs
+        recover``) completes it; the command is told (docs/semantics.md §14)."""
+        what = ", ".join(tx.unapplied[:3]) + (" ..." if len(tx.unapplied) > 3 else "")
+        self._retire(tx, keep_record=True)
+        self.counts["incomplete"] += 1
+        log.error("transaction of pid %d committed but incomplete: %s failed; its record "
+                  "%s stays, and the next mount completes it", tx.root, what,
+                  tx.staging_name)
+        self._finish(tx, "incomplete", {
+            "ok": False, "incomplete": True, "error": f"not all of it is applied yet: "
+            f"{what} failed; the next mount (or atomicfs recover) completes it"})
 
     def _final_names(self, tx: Transaction, inode: Inode) -> list[tuple[int, bytes]]:
         """The names a rewritten committed file has after the commit: its committed
@@ -1504,10 +1525,13 @@ class Transactions:
         faults.point("tx.after_record")
         for i, (op, parent) in enumerate(steps):
             try:
+                faults.point("tx.apply_op")
                 txrecord.apply_op(sfd, op, parent.fd)
             except OSError as exc:
-                log.error("transaction of pid %d: applying %s failed (%s); the next mount "
-                          "replays its record", tx.root, op.name, exc)
+                # the record stays: the next mount completes it (commit, "incomplete")
+                tx.unapplied.append(f"{os.fsdecode(op.name)} ({exc.strerror or exc})")
+                log.error("transaction of pid %d: applying %s failed (%s)", tx.root,
+                          op.name, exc)
             if i == 0:
                 faults.point("tx.apply")
             dirs[parent.ino] = parent
@@ -1600,12 +1624,12 @@ class Transactions:
         session.mtime_ns = None
         session.pending = False
 
-    async def _sync_dirs(self, dirs: list[Inode]) -> None:
+    async def _sync_dirs(self, tx: Transaction, dirs: list[Inode]) -> None:
         try:
             await sync_dirs(dirs, "tx.before_dir_fsync")
         except OSError as exc:
-            log.error("a committed transaction's directories could not be synced (%s); "
-                      "the next mount replays its record", exc)
+            tx.unapplied.append(f"the fsync of its directories ({exc.strerror or exc})")
+            log.error("a committed transaction's directories could not be synced (%s)", exc)
 
     # -- status and shutdown ---------------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:

@@ -1592,3 +1592,29 @@ def test_a_directory_the_kernel_forgot_during_the_transaction_still_commits(
     if change == "chmod":
         assert stat.S_IMODE(os.stat(mount.src("d", "e", "old")).st_mode) == 0o600
     assert_no_debris(mount.source)
+
+
+@pytest.mark.parametrize("fault", ["fail:tx.apply_op:ENOSPC", "fail:tx.before_dir_fsync:EIO"])
+def test_a_step_that_fails_after_the_record_keeps_it_for_the_next_mount(
+        mount_factory: MountFactory, fault: str) -> None:
+    """docs/semantics.md §14 item 6: past the durable record the transaction is
+    committed; a rename that fails there (a full disk) or a directory fsync that
+    fails leaves the record, the command gets 125 and one line saying so, and the
+    next mount completes the transaction."""
+    m = mount_factory(env={"ATOMICFS_FAULTS": fault})
+    seed(m)
+    res = atomicfs_run(m, sys.executable, "-c", SCRIPT, str(m.mountpoint), "")
+    assert res.returncode == RUN_FAILED, res
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "was committed, but not all of it is applied" in lines[0], lines
+    m.expect_log(r"ERROR .*(committed but incomplete|applying .* failed|directories could "
+                 r"not be synced)")
+    assert "committed but incomplete" in m.log()
+    assert status_of(m.mountpoint)["transactions_done"]["incomplete"] == 1
+    assert [p.name for p in (m.source / ".atomicfs").iterdir() if p.name.startswith("tx-")]
+    m.unmount()
+    m.env = None
+    m.start()  # recovery replays the record
+    m.expect_log("replayed the committed transaction")
+    assert_new(m)
+    assert_no_debris(m.source)

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -252,3 +253,13 @@ def save(path: Path, data: bytes, flags: int = os.O_WRONLY | os.O_TRUNC,
     except OSError as exc:
         return exc.errno
     return None
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a process started in a session of its own, and its children (by its
+    process group)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=TIMEOUT)

@@ -29,6 +29,7 @@ from sessionkit import (
     Tool,
     assert_no_debris,
     debris,
+    kill_group,
     make_source,
     user_entries,
     wait_for,
@@ -48,14 +49,6 @@ def assert_untouched(m: Mount, name: str, before: os.stat_result, content: bytes
     assert (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode) == \
         (before.st_ino, before.st_size, before.st_mtime_ns, before.st_mode), \
         f"SOURCE/{name}: the committed version's inode, size, mtime or mode changed"
-
-
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=TIMEOUT)
 
 
 # -- `cmd > f` while cmd still runs --------------------------------------------------

@@ -6,10 +6,8 @@ user's machine does, and checks what docs/semantics.md promises for it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +15,15 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount, MountFactory, mounted_fstype, run_cli
-from sessionkit import OLD, TIMEOUT, assert_no_debris, make_source, status_of, wait_for
+from sessionkit import (
+    OLD,
+    TIMEOUT,
+    assert_no_debris,
+    kill_group,
+    make_source,
+    status_of,
+    wait_for,
+)
 
 # A shell script writing a file line by line through a descriptor it keeps open
 # (exec 3>FILE), each line by a builtin redirected to it (echo ... >&3).  For each
@@ -31,14 +37,6 @@ def need_tools(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} (scripts/bootstrap.sh installs them)")
-
-
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=TIMEOUT)
 
 
 @pytest.mark.parametrize("shell", ["bash", "sh"])

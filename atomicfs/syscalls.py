@@ -94,6 +94,17 @@ def reopen(fd: int, flags: int) -> int:
     return _retry_exhausted(lambda: os.open(proc_path(fd), flags | os.O_CLOEXEC))
 
 
+def sync_filesystem(path_fd: int) -> None:
+    """syncfs of the filesystem of a directory reached by an O_PATH fd; raises EIO
+    if the filesystem went down (syncfs itself may not say so: :func:`check_up`)."""
+    fd = reopen(path_fd, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        syncfs(fd)
+        check_up(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(dir_path_fd: int) -> None:
     """fsync a directory reached by an O_PATH fd (fsync refuses O_PATH fds); raises
     EIO if the filesystem went down (:func:`fsync_dir_fd`)."""

@@ -1232,18 +1232,8 @@ class Transactions:
     async def _sync_attributes(self, tx: Transaction) -> None:
         """Attributes set in place are durable before the commit is acknowledged: one
         syncfs (they are in the filesystem's journal, not in any file's data)."""
-        root = self.table.root.fd
-
-        def sync() -> None:
-            fd = syscalls.reopen(root, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                syscalls.syncfs(fd)
-                syscalls.check_up(fd)
-            finally:
-                os.close(fd)
-
         try:
-            await trio.to_thread.run_sync(sync)
+            await trio.to_thread.run_sync(syscalls.sync_filesystem, self.table.root.fd)
         except OSError as exc:
             tx.unapplied.append(f"the sync of its attributes ({exc.strerror or exc})")
             log.error("a committed transaction's attributes could not be synced (%s)", exc)
@@ -1416,12 +1406,7 @@ class Transactions:
         def sync() -> None:
             faults.point("tx.before_sync")
             if whole:
-                fd = syscalls.reopen(root, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    syscalls.syncfs(fd)
-                    syscalls.check_up(fd)
-                finally:
-                    os.close(fd)
+                syscalls.sync_filesystem(root)
                 return
             for fd in fds:
                 os.fsync(fd)

@@ -328,11 +328,7 @@ def replay(root_fd: int, daemon_dir: int, name: str) -> str:
                     os.close(pfd)
             if any(isinstance(op, Meta) for op in ops):
                 # attributes set in place: durable before the record goes
-                fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
-                try:
-                    syscalls.syncfs(fd)
-                finally:
-                    os.close(fd)
+                syscalls.sync_filesystem(root_fd)
     finally:
         os.close(sfd)
     remove_tree(daemon_dir, name)

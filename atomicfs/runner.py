@@ -115,4 +115,7 @@ def run(mountpoint: str, argv: Sequence[str]) -> int:
         why = result.get("error") or result.get("aborted") or "unknown reason"
         print(f"atomicfs run: the transaction was not committed: {why}", file=sys.stderr)
         return FAILED
+    if result.get("warning"):
+        print(f"atomicfs run: {result['warning']}", file=sys.stderr)
+        return FAILED
     return 0

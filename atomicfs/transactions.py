@@ -49,7 +49,7 @@ from . import faults, metadata, syscalls, txattrs, txrecord
 from .extents import Kind
 from .inodes import Backing, Inode, open_path, stat_at
 from .namespace import check_name, is_reserved
-from .publish import sync_dirs
+from .publish import failure_text, sync_dirs
 from .sessions import Session
 
 if TYPE_CHECKING:
@@ -1140,12 +1140,14 @@ class Transactions:
                        | {k for k in node.names if k[0] in tx.private})
         return (self.table.get(given[0][0]), given[0][1]) if given else None
 
-    async def _sync_attributes(self) -> None:
+    async def _sync_attributes(self) -> str | None:
         """Attributes set in place are durable before the commit is acknowledged: one
-        syncfs (they are in the filesystem's journal, not in any file's data)."""
+        syncfs (they are in the filesystem's journal, not in any file's data).  Returns
+        None when it succeeded, else why not."""
         root = self.table.root.fd
 
         def sync() -> None:
+            faults.point("tx.syncfs")
             fd = syscalls.reopen(root, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 syscalls.syncfs(fd)
@@ -1156,8 +1158,8 @@ class Transactions:
         try:
             await trio.to_thread.run_sync(sync)
         except OSError as exc:
-            log.error("a committed transaction's attributes could not be synced (%s); "
-                      "the next mount replays its record", exc)
+            return failure_text(exc)
+        return None
 
     # -- commit ----------------------------------------------------------------------------
     async def commit(self, tx: Transaction) -> None:
@@ -1189,14 +1191,27 @@ class Transactions:
             log.warning("transaction of pid %d: commit failed (%s); nothing was changed",
                         tx.root, why)
             return
-        await self._sync_dirs(dirs)
-        if tx.metas:
-            await self._sync_attributes()
-        self._retire(tx)
+        failed = await self._sync_dirs(dirs)
+        if tx.metas and failed is None:
+            failed = await self._sync_attributes()
         self.counts["committed"] += 1
+        ms = (time.monotonic() - started) * 1000
+        if failed is not None:
+            # applied and visible, but not known durable: the record stays, so the next
+            # mount puts again whatever a power cut took back (its replay is idempotent)
+            with contextlib.suppress(OSError):
+                os.close(tx.staging_fd)
+            log.error("transaction of pid %d committed: %d names put in place or removed "
+                      "and visible, but NOT known durable: syncing its %d directories "
+                      "failed (%s); its record stays for the next mount to replay, in "
+                      "%.1f ms", tx.root, tx.applied, len(dirs), failed, ms)
+            self._finish(tx, "committed", {
+                "ok": True, "warning": f"committed and visible, but not known durable "
+                f"({failed}): the next mount replays its record"})
+            return
+        self._retire(tx)
         log.info("transaction of pid %d committed: %d names put in place or removed, "
-                 "%d directories synced, in %.1f ms", tx.root, tx.applied, len(dirs),
-                 (time.monotonic() - started) * 1000)
+                 "%d directories synced, in %.1f ms", tx.root, tx.applied, len(dirs), ms)
         self._finish(tx, "committed", {"ok": True})
 
     def _final_names(self, tx: Transaction, inode: Inode) -> list[tuple[int, bytes]]:
@@ -1499,12 +1514,16 @@ class Transactions:
         session.mtime_ns = None
         session.pending = False
 
-    async def _sync_dirs(self, dirs: list[Inode]) -> None:
+    async def _sync_dirs(self, dirs: list[Inode]) -> str | None:
+        """fsync each changed directory; a failure is retried as one syncfs (as
+        Committer._sync_dirs).  Returns None when they are durable, else why not."""
         try:
             await sync_dirs(dirs, "tx.before_dir_fsync")
         except OSError as exc:
-            log.error("a committed transaction's directories could not be synced (%s); "
-                      "the next mount replays its record", exc)
+            log.warning("a committed transaction's directory fsync failed (%s); trying "
+                        "syncfs", failure_text(exc))
+            return await self._sync_attributes()
+        return None
 
     # -- status and shutdown ---------------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:

@@ -1313,6 +1313,47 @@ def test_commit_errors_give_a_distinct_status_and_one_line(mount_factory: MountF
     assert_old(m)
 
 
+@pytest.mark.parametrize("faults,durable", [("fail:tx.before_dir_fsync:EIO", True),
+                                             ("fail:tx.before_dir_fsync:EIO,"
+                                              "fail:tx.syncfs:EIO", False)],
+                         ids=["syncfs-saves-it", "not-durable"])
+def test_a_failed_directory_sync_after_the_commit_is_said(
+        mount_factory: MountFactory, faults: str, durable: bool) -> None:
+    """The names are in place when the directories are synced: a failed fsync is
+    retried as one syncfs; if that fails too, the log and `atomicfs run` say the
+    transaction is visible but not known durable, and its record stays for the next
+    mount to replay (idempotent)."""
+    m = mount_factory(env={"ATOMICFS_FAULTS": faults})
+    seed(m)
+    res = atomicfs_run(m, sys.executable, "-c", SCRIPT, str(m.mountpoint), "")
+    log = m.log()
+    assert "WARNING atomicfs.transactions: a committed transaction's directory fsync " \
+        "failed (EIO (Input/output error)); trying syncfs" in log, log
+    if durable:
+        assert res.returncode == 0, res.stderr
+        assert re.search(r"committed: \d+ names put in place or removed, \d+ directories "
+                         r"synced", log), log
+        assert_new(m)
+        return
+    m.expect_log(r"ERROR .*NOT known durable")
+    assert res.returncode == RUN_FAILED, res
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not known durable (EIO" in lines[0], lines
+    assert re.search(r"ERROR atomicfs\.transactions: transaction of pid \d+ committed: "
+                     r"\d+ names put in place or removed and visible, but NOT known durable: "
+                     r"syncing its \d+ directories failed \(EIO \(Input/output error\)\); "
+                     r"its record stays", log), log
+    assert "directories synced" not in log
+    for where in (m.path, m.src):  # applied and visible
+        assert [where(p).read_text() for p in PATHS] == NEW
+    assert [n for n in os.listdir(m.src(".atomicfs")) if n.startswith("tx-")]
+    m.unmount()
+    m.env = None
+    m.start()  # the record is replayed: nothing changes, nothing is left
+    m.expect_log("replayed the committed transaction")
+    assert_new(m)
+
+
 def test_run_without_a_mount_or_command_is_refused(tmp_path: Path) -> None:
     res = run_cli(["run", str(tmp_path), "--", "true"])
     assert res.returncode == RUN_FAILED and "not a mount point" in res.stderr

@@ -227,6 +227,10 @@ class Transaction:
     # committed names a member began to move: the kernel looked them up again
     # (replies about them carry timeout 0; see _move_committed)
     revalidated: set[tuple[int, bytes]] = field(default_factory=set)
+    # the same names by their directory's identity (dev, ino): the kernel's retry may
+    # come with another inode number for the directory (it dropped and looked it up
+    # again meanwhile), and must not get ESTALE a second time
+    revalidated_keys: set[tuple[tuple[int, int], bytes]] = field(default_factory=set)
     result: dict[str, Any] | None = None
     runner_fd: int | None = None  # pidfd of the runner: it dying aborts
     tokens: int = 0
@@ -596,6 +600,7 @@ class Transactions:
         if inode is None:
             if self.private_parent(tx, parent):
                 return False
+            self._revalidate(tx, parent, name)
             self._whiteout(tx, parent, name)
             return True
         if inode.is_dir:
@@ -608,6 +613,28 @@ class Transactions:
             self.table.release(inode)
         self._drop_link(tx, inode)
         return True
+
+    def _revalidate(self, tx: Transaction, parent: Inode, name: bytes) -> None:
+        """The first unlink or rmdir of a committed name by a member answers ESTALE.
+        When an unlink or rmdir succeeds the kernel turns the name's dentry into a
+        negative one for every process, keeping its expiry time, until the
+        housekeeper makes it forget the name: an outsider's lookup meanwhile found
+        nothing.  The kernel retries the call once with the name looked up again,
+        and replies about a name in tx.revalidated carry timeout 0, so the negative
+        dentry is expired at once and an outsider's next lookup asks the daemon
+        (as _move_committed does for renames)."""
+        if self._first_use(tx, parent, name):
+            raise OSError(errno.ESTALE, "looked up again by the kernel's retry")
+
+    @staticmethod
+    def _first_use(tx: Transaction, parent: Inode, name: bytes) -> bool:
+        """Is this the member's first rename, unlink or rmdir of a committed name (the
+        daemon answers ESTALE once; replies about the name carry timeout 0 from now)?"""
+        known = (parent.ino, name) in tx.revalidated or (
+            parent.key, name) in tx.revalidated_keys
+        tx.revalidated.add((parent.ino, name))
+        tx.revalidated_keys.add((parent.key, name))
+        return not known
 
     def _whiteout(self, tx: Transaction, parent: Inode, name: bytes,
                   moving: Inode | None = None) -> None:
@@ -658,6 +685,7 @@ class Transactions:
                 if child is not None:
                     self._release_private(tx, child.ino)
                 return
+            self._revalidate(tx, parent, name)
             self._remove_dir(tx, parent, name)
             return
         if not inode.is_dir:
@@ -697,6 +725,9 @@ class Transactions:
             st = stat_at(old_parent.fd, old)
             if st is None:
                 raise OSError(errno.ENOENT, "no such file")
+            # its name's dentry (with the usual timeout: only members reach it) moves
+            # to a name others reach: looked up again first, with timeout 0
+            self._revalidate(tx, old_parent, old)
             moving = self.table.find(st)
             counted = moving is None
             if moving is None:  # (counted as a kernel lookup: not one, undone below)
@@ -741,14 +772,13 @@ class Transactions:
         st = stat_at(old_parent.fd, old)
         if st is None or is_reserved(old_parent, old, self.table.root):
             raise OSError(errno.ENOENT, "no such file")
-        if (old_parent.ino, old) not in tx.revalidated:
+        if self._first_use(tx, old_parent, old):
             # The kernel moves the old name's dentry to the new name for every process
             # when the rename succeeds, keeping its expiry time, and cannot be told to
             # drop it first (that needs the directory lock the rename holds).  ESTALE
             # makes it retry the rename once with every name looked up again: this
             # member's lookup of the old name is answered with timeout 0 from now on,
             # so the dentry it moves is expired and an outsider asks again.
-            tx.revalidated.add((old_parent.ino, old))
             raise OSError(errno.ESTALE, "looked up again by the kernel's retry")
         there = None if target is not None or self.whited(tx, new_parent, new) else \
             stat_at(new_parent.fd, new)
@@ -796,10 +826,11 @@ class Transactions:
                     or is_reserved(parent, name, self.table.root)):
                 raise OSError(errno.ENOENT, "no such file")
             committed.append(not real)
-        stale = [(p.ino, n) for (p, n), c in zip(ends, committed, strict=True)
-                 if c and (p.ino, n) not in tx.revalidated]
-        if stale:  # the kernel swaps both dentries: both must be expired (_move_committed)
-            tx.revalidated.update(stale)
+        # (a real name inside a directory it made: its dentry, which has the usual
+        # timeout, moves to a name others reach)
+        stale = [self._first_use(tx, p, n) for (p, n), c, real
+                 in zip(ends, committed, private, strict=True) if c or real]
+        if any(stale):  # the kernel swaps both dentries: both must be expired
             raise OSError(errno.ESTALE, "looked up again by the kernel's retry")
         nodes: list[Inode] = []
         counted: list[Inode] = []

@@ -161,7 +161,17 @@ class AtomicOperations(pyfuse3.Operations):
             return self._attrs(entry, os.stat(entry.fd), tx, (parent_inode, name))
         if self.tx.whited(tx, parent, name):
             raise OSError(errno.ENOENT, "removed by the transaction")
-        inode, st = self.namespace.lookup(parent, name)
+        try:
+            inode, st = self.namespace.lookup(parent, name)
+        except FileNotFoundError:
+            if parent.is_dir and os.stat(parent.fd).st_nlink == 0:
+                # A directory removed behind the kernel's back (a transaction's commit
+                # removed it, or SOURCE directly): the caller's path walk passed
+                # through its old name before that.  ESTALE makes the kernel walk the
+                # whole path again with every name looked up anew (LOOKUP_REVAL),
+                # which finds the new tree, not "no such file" halfway through.
+                raise OSError(errno.ESTALE, "the directory was removed") from None
+            raise
         return self._attrs(inode, st, tx, (parent_inode, name))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:

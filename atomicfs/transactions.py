@@ -49,7 +49,7 @@ from . import faults, metadata, syscalls, txattrs, txrecord
 from .extents import Kind
 from .inodes import Backing, Inode, open_path, stat_at
 from .namespace import check_name, is_reserved
-from .publish import sync_dirs
+from .publish import failure_text, sync_dirs
 from .sessions import Session
 
 if TYPE_CHECKING:
@@ -224,6 +224,12 @@ class Transaction:
     # committed directories it removed: (parent ino, name) -> the directory (held: the
     # whiteouts of its children are keyed by its inode number)
     removed_dirs: dict[tuple[int, bytes], Inode | None] = field(default_factory=dict)
+    # committed directories it moved: old (parent ino, name) -> the directory (held);
+    # the whiteout at the old name becomes a ``stash`` at the commit, its entry a ``put``
+    moved_dirs: dict[tuple[int, bytes], Inode] = field(default_factory=dict)
+    # names whose identity for conflicts is (dev, ino) alone: old names of directories
+    # it moved (what an outsider does inside such a directory moves with it)
+    by_inode: set[tuple[int, bytes]] = field(default_factory=set)
     # real objects (committed, or inside a directory it made) that it gave a name with
     # an entry -- moved or hard-linked: ino -> inode (held)
     linked: dict[int, Inode] = field(default_factory=dict)
@@ -232,6 +238,10 @@ class Transaction:
     # committed names a member began to move: the kernel looked them up again
     # (replies about them carry timeout 0; see _move_committed)
     revalidated: set[tuple[int, bytes]] = field(default_factory=set)
+    # the same names by their directory's identity (dev, ino): the kernel's retry may
+    # come with another inode number for the directory (it dropped and looked it up
+    # again meanwhile), and must not get ESTALE a second time
+    revalidated_keys: set[tuple[tuple[int, int], bytes]] = field(default_factory=set)
     result: dict[str, Any] | None = None
     runner_fd: int | None = None  # pidfd of the runner: it dying aborts
     tokens: int = 0
@@ -634,6 +644,7 @@ class Transactions:
         if inode is None:
             if self.private_parent(tx, parent):
                 return False
+            self._revalidate(tx, parent, name)
             self._whiteout(tx, parent, name)
             return True
         if inode.is_dir:
@@ -647,9 +658,34 @@ class Transactions:
         self._drop_link(tx, inode)
         return True
 
-    def _whiteout(self, tx: Transaction, parent: Inode, name: bytes) -> None:
+    def _revalidate(self, tx: Transaction, parent: Inode, name: bytes) -> None:
+        """The first unlink or rmdir of a committed name by a member answers ESTALE.
+        When an unlink or rmdir succeeds the kernel turns the name's dentry into a
+        negative one for every process, keeping its expiry time, until the
+        housekeeper makes it forget the name: an outsider's lookup meanwhile found
+        nothing.  The kernel retries the call once with the name looked up again,
+        and replies about a name in tx.revalidated carry timeout 0, so the negative
+        dentry is expired at once and an outsider's next lookup asks the daemon
+        (as _move_committed does for renames)."""
+        if self._first_use(tx, parent, name):
+            raise OSError(errno.ESTALE, "looked up again by the kernel's retry")
+
+    @staticmethod
+    def _first_use(tx: Transaction, parent: Inode, name: bytes) -> bool:
+        """Is this the member's first rename, unlink or rmdir of a committed name (the
+        daemon answers ESTALE once; replies about the name carry timeout 0 from now)?"""
+        known = (parent.ino, name) in tx.revalidated or (
+            parent.key, name) in tx.revalidated_keys
+        tx.revalidated.add((parent.ino, name))
+        tx.revalidated_keys.add((parent.key, name))
+        return not known
+
+    def _whiteout(self, tx: Transaction, parent: Inode, name: bytes,
+                  moving: Inode | None = None) -> None:
         """unlink of a committed file by a member: gone for the transaction only,
-        removed from SOURCE by its commit."""
+        removed from SOURCE by its commit.  ``moving``: a committed directory the
+        member moves away from this name (stashed by the commit, then put at its new
+        name with all it holds)."""
         check_name(name)
         if is_reserved(parent, name, self.table.root) or self.whited(tx, parent, name):
             raise OSError(errno.ENOENT, "no such file")
@@ -661,13 +697,21 @@ class Transactions:
         except FileNotFoundError:
             raise OSError(errno.ENOENT, "no such file") from None
         try:
-            if stat.S_ISDIR(st.st_mode):
-                raise OSError(errno.EISDIR, "is a directory")
+            if stat.S_ISDIR(st.st_mode) != (moving is not None):
+                raise OSError(errno.EISDIR if moving is None else errno.ENOTDIR,
+                              "is a directory" if moving is None else "not a directory")
             handle = txrecord.identity(fd)
         finally:
             os.close(fd)
-        tx.whiteouts[(parent.ino, name)] = (parent, st.st_dev, st.st_ino, handle)
-        tx.seen.setdefault((parent.ino, name), identity_of(st))
+        key = (parent.ino, name)
+        tx.whiteouts[key] = (parent, st.st_dev, st.st_ino, handle)
+        if moving is not None:
+            tx.moved_dirs[key] = moving
+            self.table.hold(moving)
+            tx.by_inode.add(key)
+            tx.seen.setdefault(key, (st.st_dev, st.st_ino))
+        else:
+            tx.seen.setdefault(key, identity_of(st))
         self.table.hold(parent)  # its inode number must not change while it is recorded
         # outsiders' cached name: asked again from now on (replies carry timeout 0)
         self.housekeeper.forget_entry(parent.ino, name)
@@ -685,12 +729,16 @@ class Transactions:
                 if child is not None:
                     self._release_private(tx, child.ino)
                 return
+            self._revalidate(tx, parent, name)
             self._remove_dir(tx, parent, name)
             return
         if not inode.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
         if any(p == inode.ino for p, _ in tx.entries):
             raise OSError(errno.ENOTEMPTY, "directory not empty")
+        if inode.ino not in tx.staged:  # a committed directory it moved here
+            self._remove_moved_dir(tx, parent, name, inode)
+            return
         token = tx.staged[inode.ino]
         os.rmdir(token, dir_fd=tx.staging_fd)  # ENOTEMPTY: real content
         del tx.entries[(parent.ino, name)]
@@ -712,8 +760,7 @@ class Transactions:
         src_private = self.private_parent(tx, old_parent)
         dst_private = self.private_parent(tx, new_parent)
         if flags & syscalls.RENAME_EXCHANGE:
-            self._exchange(tx, old_parent, old, new_parent, new)
-            return True
+            return self._exchange(tx, old_parent, old, new_parent, new)
         if moving is None and not src_private:
             return self._move_committed(tx, old_parent, old, new_parent, new, target, flags)
         if moving is None and dst_private and target is None:
@@ -722,6 +769,9 @@ class Transactions:
             st = stat_at(old_parent.fd, old)
             if st is None:
                 raise OSError(errno.ENOENT, "no such file")
+            # its name's dentry (with the usual timeout: only members reach it) moves
+            # to a name others reach: looked up again first, with timeout 0
+            self._revalidate(tx, old_parent, old)
             moving = self.table.find(st)
             counted = moving is None
             if moving is None:  # (counted as a kernel lookup: not one, undone below)
@@ -746,6 +796,9 @@ class Transactions:
             self._drop_target(tx, new_parent, new, target)
         elif dst_private and stat_at(new_parent.fd, new) is not None:
             self._remove_real(new_parent, new, moving.is_dir)
+        elif (moving.is_dir and not self.whited(tx, new_parent, new)
+              and stat_at(new_parent.fd, new) is not None):
+            self._remove_dir(tx, new_parent, new)  # an empty committed directory
         if moving.ino in tx.linked:  # a real object it moved or linked before
             self._place(tx, new_parent, new, moving)
             self._drop_link(tx, moving)
@@ -756,23 +809,20 @@ class Transactions:
     def _move_committed(self, tx: Transaction, old_parent: Inode, old: bytes,
                         new_parent: Inode, new: bytes, target: Inode | None,
                         flags: int) -> bool:
-        """A member moves a committed name (not a directory): a whiteout at the old
-        name and an entry at the new one, leading to the same inode (the kernel keeps
-        it across the rename)."""
+        """A member moves a committed name: a whiteout at the old name and an entry
+        at the new one, leading to the same inode (the kernel keeps it across the
+        rename).  A directory keeps its content (it is keyed by the directory's inode
+        number): the commit stashes it and puts it at its new name."""
         st = stat_at(old_parent.fd, old)
         if st is None or is_reserved(old_parent, old, self.table.root):
             raise OSError(errno.ENOENT, "no such file")
-        if stat.S_ISDIR(st.st_mode):
-            raise OSError(errno.EOPNOTSUPP, "moving a committed directory inside a "
-                          "transaction is not supported yet")
-        if (old_parent.ino, old) not in tx.revalidated:
+        if self._first_use(tx, old_parent, old):
             # The kernel moves the old name's dentry to the new name for every process
             # when the rename succeeds, keeping its expiry time, and cannot be told to
             # drop it first (that needs the directory lock the rename holds).  ESTALE
             # makes it retry the rename once with every name looked up again: this
             # member's lookup of the old name is answered with timeout 0 from now on,
             # so the dentry it moves is expired and an outsider asks again.
-            tx.revalidated.add((old_parent.ino, old))
             raise OSError(errno.ESTALE, "looked up again by the kernel's retry")
         there = None if target is not None or self.whited(tx, new_parent, new) else \
             stat_at(new_parent.fd, new)
@@ -785,11 +835,13 @@ class Transactions:
             moving, st = self.namespace.entry(old_parent, old)
         try:
             self._check_target(tx, moving, new_parent, new, target, flags)
-            self._whiteout(tx, old_parent, old)
+            self._whiteout(tx, old_parent, old, moving if moving.is_dir else None)
             if target is not None:
                 self._drop_target(tx, new_parent, new, target)
             elif self.private_parent(tx, new_parent) and there is not None:
-                self._remove_real(new_parent, new, False)
+                self._remove_real(new_parent, new, moving.is_dir)
+            elif there is not None and moving.is_dir:  # an empty committed directory
+                self._remove_dir(tx, new_parent, new)
             self._place(tx, new_parent, new, moving)
             # the kernel moved the old name's dentry here, for every process: forget it
             self.housekeeper.forget_entry(new_parent.ino, new)
@@ -798,16 +850,18 @@ class Transactions:
                 self.table.forget(moving.ino, 1)
         return True
 
-    def _exchange(self, tx: Transaction, p1: Inode, n1: bytes, p2: Inode, n2: bytes) -> None:
-        """RENAME_EXCHANGE by a member, of two names in committed directories, neither
-        a directory: each name is removed from its view (a whiteout, or the end of an
-        entry) and given the other's object."""
+    def _exchange(self, tx: Transaction, p1: Inode, n1: bytes, p2: Inode, n2: bytes) -> bool:
+        """RENAME_EXCHANGE by a member: each name is removed from its view (a whiteout,
+        the end of an entry, or a real object inside a directory it made moved into
+        the staging directory) and given the other's object.  False: both names are
+        real, inside directories the transaction made (done for real)."""
         ends = ((p1, n1), (p2, n2))
-        if any(self.private_parent(tx, p) for p, _ in ends):
-            raise OSError(errno.EOPNOTSUPP, "RENAME_EXCHANGE in a directory the transaction "
-                          "made is not supported yet")
+        private = [self.private_parent(tx, p) and (p.ino, n) not in tx.entries
+                   for p, n in ends]
+        if all(private):
+            return False
         committed = []
-        for parent, name in ends:
+        for (parent, name), real in zip(ends, private, strict=True):
             if (parent.ino, name) in tx.entries:
                 committed.append(False)
                 continue
@@ -815,11 +869,12 @@ class Transactions:
             if (st is None or self.whited(tx, parent, name)
                     or is_reserved(parent, name, self.table.root)):
                 raise OSError(errno.ENOENT, "no such file")
-            committed.append(True)
-        stale = [(p.ino, n) for (p, n), c in zip(ends, committed, strict=True)
-                 if c and (p.ino, n) not in tx.revalidated]
-        if stale:  # the kernel swaps both dentries: both must be expired (_move_committed)
-            tx.revalidated.update(stale)
+            committed.append(not real)
+        # (a real name inside a directory it made: its dentry, which has the usual
+        # timeout, moves to a name others reach)
+        stale = [self._first_use(tx, p, n) for (p, n), c, real
+                 in zip(ends, committed, private, strict=True) if c or real]
+        if any(stale):  # the kernel swaps both dentries: both must be expired
             raise OSError(errno.ESTALE, "looked up again by the kernel's retry")
         nodes: list[Inode] = []
         counted: list[Inode] = []
@@ -834,24 +889,39 @@ class Transactions:
                         counted.append(node)
                 nodes.append(node)
             a, b = nodes
-            if a.is_dir or b.is_dir:
-                raise OSError(errno.EOPNOTSUPP, "exchanging a directory inside a "
-                              "transaction is not supported yet")
             if a is b or a.key == b.key:
-                return  # two names of one file: nothing changes
-            for (parent, name), c, node in zip(ends, committed, nodes, strict=True):
+                return True  # two names of one file: nothing changes
+            for (parent, name), c, real, node in zip(ends, committed, private, nodes,
+                                                     strict=True):
                 if c:
-                    self._whiteout(tx, parent, name)
+                    self._whiteout(tx, parent, name, node if node.is_dir else None)
+                elif real:  # inside a directory it made: into the staging directory
+                    self._stage_real(tx, parent, name, node)
                 else:
                     del tx.entries[(parent.ino, name)]
                     node.names.discard((parent.ino, name))
-            self._place(tx, p1, n1, b)
-            self._place(tx, p2, n2, a)
+            for parent, name, node in ((p1, n1, b), (p2, n2, a)):
+                if node.ino in tx.staged:
+                    self.add_entry(tx, parent, name, node)
+                else:
+                    self._place(tx, parent, name, node)
             for parent, name in ends:
                 self.housekeeper.forget_entry(parent.ino, name)
         finally:
             for node in counted:
                 self.table.forget(node.ino, 1)
+        return True
+
+    def _stage_real(self, tx: Transaction, parent: Inode, name: bytes, node: Inode) -> None:
+        """Move a real object out of a directory the transaction made into the staging
+        directory under a token (then it is given a name by an entry, as one it made)."""
+        token = tx.token("d" if node.is_dir else "s")
+        os.rename(name, token, src_dir_fd=parent.fd, dst_dir_fd=tx.staging_fd)
+        node.names.discard((parent.ino, name))
+        self.table.hold(node)
+        tx.staged[node.ino] = token
+        if node.is_dir:
+            self._hold_private(tx, node)
 
     def link(self, tx: Transaction, node: Inode, parent: Inode, name: bytes) -> bool:
         """link(2) by a member: an entry leading to ``node``; False: both ends are real
@@ -879,6 +949,9 @@ class Transactions:
         if gone is not None and (gone[1], gone[2]) == inode.key:
             del tx.whiteouts[(parent.ino, name)]
             self.table.release(gone[0])
+            moved = tx.moved_dirs.pop((parent.ino, name), None)
+            if moved is not None:
+                self.table.release(moved)
             inode.names.add((parent.ino, name))
             self.housekeeper.forget_entry(parent.ino, name)
             return
@@ -929,6 +1002,28 @@ class Transactions:
             child.generation += 1
         self.housekeeper.forget_entry(parent.ino, name)
 
+    def _remove_moved_dir(self, tx: Transaction, parent: Inode, name: bytes,
+                          inode: Inode) -> None:
+        """rmdir by a member of a committed directory it moved (``mv dir old; rm -r
+        old``): its entry goes, and the stash at its old name becomes an rmdir."""
+        if not any(v is inode for v in tx.moved_dirs.values()):
+            raise OSError(errno.EIO, "a moved directory without its old name")
+        if not self._emptied(tx, inode, _source_names(inode.fd)):
+            raise OSError(errno.ENOTEMPTY, "directory not empty")
+        del tx.entries[(parent.ino, name)]
+        inode.names.discard((parent.ino, name))
+        self._drop_link(tx, inode)
+        self._unstash(tx, inode)
+
+    def _unstash(self, tx: Transaction, inode: Inode) -> None:
+        """A committed directory it moved is removed (emptied, by rmdir or replaced by
+        a rename): the stash at its old name becomes an rmdir."""
+        old = next(k for k, v in tx.moved_dirs.items() if v is inode)
+        del tx.moved_dirs[old]  # its hold goes to removed_dirs
+        tx.removed_dirs[old] = inode
+        inode.generation += 1  # the kernel marks it dead: _remove_dir
+        self.housekeeper.forget_entry(*old)
+
     def _emptied(self, tx: Transaction, child: Inode | None, names: list[bytes]) -> bool:
         """Is a committed directory with these names in SOURCE empty for the member?"""
         if child is None:
@@ -952,15 +1047,27 @@ class Transactions:
             raise OSError(errno.EISDIR if is_dir else errno.ENOTDIR, "type mismatch")
         if is_dir:
             if cur is None and not self.private_parent(tx, new_parent):
-                raise OSError(errno.EOPNOTSUPP, "replacing a committed directory inside a "
-                              "transaction is not supported yet")
+                # a committed directory: replaced (removed by the commit) when the
+                # member's view of it is empty
+                fd, dst = open_path(new_parent.fd, new, self.table)
+                try:
+                    names = _source_names(fd)
+                finally:
+                    os.close(fd)
+                if not self._emptied(tx, self.table.find(dst), names):
+                    raise OSError(errno.ENOTEMPTY, "directory not empty")
             if cur is not None and any(p == cur.ino for p, _ in tx.entries):
+                raise OSError(errno.ENOTEMPTY, "directory not empty")
+            if cur is not None and cur.ino not in tx.staged and not self._emptied(
+                    tx, cur, _source_names(cur.fd)):  # a committed directory it moved
                 raise OSError(errno.ENOTEMPTY, "directory not empty")
 
     def _drop_target(self, tx: Transaction, parent: Inode, name: bytes, target: Inode) -> None:
         del tx.entries[(parent.ino, name)]
         target.names.discard((parent.ino, name))
         self._drop_link(tx, target)
+        if target.is_dir and target.ino not in tx.staged:
+            self._unstash(tx, target)  # an (empty) committed directory it moved: removed
         token = tx.staged.pop(target.ino, None)
         if token is not None:
             txrecord.remove_tree(tx.staging_fd, token)
@@ -976,6 +1083,9 @@ class Transactions:
             if child is not None:
                 self.table.release(child)
         tx.removed_dirs.clear()
+        for moved in tx.moved_dirs.values():
+            self.table.release(moved)
+        tx.moved_dirs.clear()
 
     def _hold_private(self, tx: Transaction, inode: Inode) -> None:
         if inode.ino not in tx.private:
@@ -1211,7 +1321,7 @@ class Transactions:
                 continue  # removed by the transaction: its attributes go with it
             parent, name = where
             st = os.stat(node.fd)
-            op = txrecord.Meta(self._path(parent), name, st.st_dev, st.st_ino,
+            op = txrecord.Meta(self._final_path(tx, parent), name, st.st_dev, st.st_ino,
                                txrecord.identity(node.fd), changes)
             steps.append((op, parent))
             tx.metas += 1
@@ -1229,14 +1339,21 @@ class Transactions:
                        | {k for k in node.names if k[0] in tx.private})
         return (self.table.get(given[0][0]), given[0][1]) if given else None
 
-    async def _sync_attributes(self, tx: Transaction) -> None:
-        """Attributes set in place are durable before the commit is acknowledged: one
-        syncfs (they are in the filesystem's journal, not in any file's data)."""
+    async def _sync_filesystem(self) -> str | None:
+        """One syncfs of SOURCE's filesystem: attributes set in place are durable
+        before the commit is acknowledged (they are in the filesystem's journal, not
+        in any file's data).  Returns None when it succeeded, else why not."""
+        root = self.table.root.fd
+
+        def sync() -> None:
+            faults.point("tx.syncfs")
+            syscalls.sync_filesystem(root)
+
         try:
-            await trio.to_thread.run_sync(syscalls.sync_filesystem, self.table.root.fd)
+            await trio.to_thread.run_sync(sync)
         except OSError as exc:
-            tx.unapplied.append(f"the sync of its attributes ({exc.strerror or exc})")
-            log.error("a committed transaction's attributes could not be synced (%s)", exc)
+            return failure_text(exc)
+        return None
 
     # -- commit ----------------------------------------------------------------------------
     async def commit(self, tx: Transaction) -> None:
@@ -1268,33 +1385,43 @@ class Transactions:
             log.warning("transaction of pid %d: commit failed (%s); nothing was changed",
                         tx.root, why)
             return
-        await self._sync_dirs(tx, dirs)
-        if tx.metas:
-            await self._sync_attributes(tx)
-        if tx.unapplied:
-            self._incomplete(tx)
+        failed = await self._sync_dirs(dirs)
+        if tx.metas and failed is None:
+            failed = await self._sync_filesystem()
+        ms = (time.monotonic() - started) * 1000
+        if failed is not None or tx.unapplied:
+            self._incomplete(tx, failed, len(dirs), ms)
             return
-        self._retire(tx)
         self.counts["committed"] += 1
+        self._retire(tx)
         log.info("transaction of pid %d committed: %d names put in place or removed, "
-                 "%d directories synced, in %.1f ms", tx.root, tx.applied, len(dirs),
-                 (time.monotonic() - started) * 1000)
+                 "%d directories synced, in %.1f ms", tx.root, tx.applied, len(dirs), ms)
         self._finish(tx, "committed", {"ok": True})
 
-    def _incomplete(self, tx: Transaction) -> None:
-        """Past the record, a step failed (a rename on a full disk, an fsync by a
-        failing disk): the transaction is committed but not all of it is in SOURCE,
-        or not durably.  Its record stays, so the next mount (or ``atomicfs
-        recover``) completes it; the command is told (docs/semantics.md §14)."""
-        what = ", ".join(tx.unapplied[:3]) + (" ..." if len(tx.unapplied) > 3 else "")
+    def _incomplete(self, tx: Transaction, unsynced: str | None, dirs: int, ms: float
+                    ) -> None:
+        """Past the record, a step failed: a rename or removal (a full disk:
+        ``tx.unapplied``), or syncing the directories (``unsynced``: all of it is in
+        place and visible, but not known durable).  The transaction is committed;
+        its record stays, so the next mount (or ``atomicfs recover``) completes it
+        (a replay is idempotent), and the command is told (docs/semantics.md §14)."""
         self._retire(tx, keep_record=True)
         self.counts["incomplete"] += 1
-        log.error("transaction of pid %d committed but incomplete: %s failed; its record "
-                  "%s stays, and the next mount completes it", tx.root, what,
-                  tx.staging_name)
-        self._finish(tx, "incomplete", {
-            "ok": False, "incomplete": True, "error": f"not all of it is applied yet: "
-            f"{what} failed; the next mount (or atomicfs recover) completes it"})
+        if tx.unapplied:
+            what = ", ".join(tx.unapplied[:3]) + (" ..." if len(tx.unapplied) > 3 else "")
+            log.error("transaction of pid %d committed but incomplete: %s failed; its "
+                      "record %s stays, and the next mount completes it", tx.root, what,
+                      tx.staging_name)
+            why = (f"not all of it is applied yet: {what} failed; the next mount (or "
+                   "atomicfs recover) completes it")
+        else:
+            log.error("transaction of pid %d committed: %d names put in place or removed "
+                      "and visible, but NOT known durable: syncing its %d directories "
+                      "failed (%s); its record stays for the next mount to replay, in "
+                      "%.1f ms", tx.root, tx.applied, dirs, unsynced, ms)
+            why = (f"it is visible, but not known durable ({unsynced}): the next mount "
+                   "replays its record")
+        self._finish(tx, "incomplete", {"ok": False, "incomplete": True, "error": why})
 
     def _final_names(self, tx: Transaction, inode: Inode) -> list[tuple[int, bytes]]:
         """The names a rewritten committed file has after the commit: its committed
@@ -1364,6 +1491,8 @@ class Transactions:
         for (parent_ino, name), inode in sorted(tx.entries.items()):
             if parent_ino not in tx.private:
                 continue
+            if inode.is_dir and inode.ino not in tx.staged:
+                continue  # a committed directory it moved: stashed and put by the record
             parent = self.table.get(parent_ino)
             token = tx.staged.get(inode.ino)
             session = tx.sessions.get(inode.ino)
@@ -1413,14 +1542,32 @@ class Transactions:
 
         await trio.to_thread.run_sync(sync)
 
-    def _path(self, parent: Inode) -> tuple[bytes, ...]:
+    def _committed_path(self, tx: Transaction, parent: Inode) -> tuple[bytes, ...]:
+        """The path of a directory in the committed tree (the record's first phase):
+        through committed names, not the names the transaction gave (a moved
+        directory's new name is an entry)."""
+        return self._path(parent, lambda node, n: tx.entries.get(n) is not node)
+
+    def _final_path(self, tx: Transaction, parent: Inode) -> tuple[bytes, ...]:
+        """The path of a directory after the commit (the record's second phase and
+        its attributes): not through the names the transaction removed or moved
+        away (a moved directory's old name is a whiteout)."""
+        def kept(node: Inode, n: tuple[int, bytes]) -> bool:
+            gone = tx.whiteouts.get(n)
+            return gone is None or (gone[1], gone[2]) != node.key
+
+        return self._path(parent, kept)
+
+    def _path(self, parent: Inode, usable: Callable[[Inode, tuple[int, bytes]], bool]
+              ) -> tuple[bytes, ...]:
         parts: list[bytes] = []
         node = parent
         for _ in range(4096):
             if node is self.table.root:
                 return tuple(reversed(parts))
             name = next((n for n in sorted(node.names)
-                         if self.table.by_ino.get(n[0]) is not None), None)
+                         if self.table.by_ino.get(n[0]) is not None and usable(node, n)),
+                        None)
             if name is None:
                 break
             parts.append(name[1])
@@ -1461,15 +1608,25 @@ class Transactions:
                 assert fd is not None
                 token = tx.token("f")
                 syscalls.link_fd(fd, sfd, token.encode())
-            puts.append((txrecord.Put(token, self._path(parent), name), parent))
+            puts.append((txrecord.Put(token, self._final_path(tx, parent), name), parent))
 
         try:
             # phase A, paths of the committed tree, deepest first: committed names
             # removed or moved away (a directory after what was in it; a new name may
-            # take the place of one)
-            for key, (parent, dev, ino, fid) in tx.whiteouts.items():
-                kind = txrecord.Rmdir if key in tx.removed_dirs else txrecord.Unlink
-                removals.append((kind(self._path(parent), key[1], dev, ino, fid), parent))
+            # take the place of one); a moved directory is stashed under a token
+            stashed: dict[int, str] = {}  # ino of a moved directory -> its token
+            for key, (parent, dev, ino, fid) in sorted(tx.whiteouts.items()):
+                where = self._committed_path(tx, parent)
+                moved = tx.moved_dirs.get(key)
+                if moved is not None:
+                    stashed[moved.ino] = tx.token("m")
+                    op: txrecord.Op = txrecord.Stash(where, key[1], dev, ino, fid,
+                                                     stashed[moved.ino])
+                elif key in tx.removed_dirs:
+                    op = txrecord.Rmdir(where, key[1], dev, ino, fid)
+                else:
+                    op = txrecord.Unlink(where, key[1], dev, ino, fid)
+                removals.append((op, parent))
             removals.sort(key=lambda step: -len(step[0].parent))
             # phase B, paths of the new tree, shallowest first: the new versions of
             # committed files at each of their names
@@ -1488,6 +1645,8 @@ class Transactions:
                 staged = tx.staged.get(inode.ino)
                 if staged is not None:
                     put(None, staged, parent, name)
+                elif inode.ino in stashed:  # a committed directory it moved
+                    put(None, stashed[inode.ino], parent, name)
                 elif new is not None and new.pending:  # a new file
                     put(new.shadow, None, parent, name)
                 else:  # a real object moved or linked here
@@ -1570,13 +1729,19 @@ class Transactions:
                 return None
             return stat_at(parent.fd, name) if name else os.stat(parent.fd)
 
-        found = conflicts(tx.seen, changed, lambda p, n: identity_of(stat_now(p, n)))
+        def now(p: int, n: bytes) -> Identity | None:
+            st = stat_now(p, n)
+            if (p, n) in tx.by_inode:  # a moved directory: still that directory?
+                return None if st is None else (st.st_dev, st.st_ino)
+            return identity_of(st)
+
+        found = conflicts(tx.seen, changed, now)
         found += conflicts(tx.attr_seen, {(parent.ino, name) for ino, (parent, name)
                                           in tx.attr_names.items() if ino in tx.attrs},
                            lambda p, n: attr_identity_of(stat_now(p, n)))
         for parent_ino, name in found:
             parent = self.table.by_ino.get(parent_ino)
-            path = (b"/".join((*self._path(parent), name)).rstrip(b"/")
+            path = (b"/".join((*self._committed_path(tx, parent), name)).rstrip(b"/")
                     if parent is not None else name).decode(errors="replace") or "/"
             raise TxFailed(f"conflict: {path} was changed outside the transaction "
                            "since the transaction first changed it")
@@ -1593,7 +1758,8 @@ class Transactions:
             except OSError:
                 names = []  # replaced or gone: the identity check above said so
             if not self._emptied(tx, child, names):
-                where = b"/".join((*self._path(parent), name)).decode(errors="replace")
+                where = b"/".join((*self._committed_path(tx, parent), name)).decode(
+                    errors="replace")
                 raise TxFailed(f"conflict: {where} has new content from outside the "
                                "transaction, which removes it")
 
@@ -1609,12 +1775,16 @@ class Transactions:
         session.mtime_ns = None
         session.pending = False
 
-    async def _sync_dirs(self, tx: Transaction, dirs: list[Inode]) -> None:
+    async def _sync_dirs(self, dirs: list[Inode]) -> str | None:
+        """fsync each changed directory; a failure is retried as one syncfs (as
+        Committer._sync_dirs).  Returns None when they are durable, else why not."""
         try:
             await sync_dirs(dirs, "tx.before_dir_fsync")
         except OSError as exc:
-            tx.unapplied.append(f"the fsync of its directories ({exc.strerror or exc})")
-            log.error("a committed transaction's directories could not be synced (%s)", exc)
+            log.warning("a committed transaction's directory fsync failed (%s); trying "
+                        "syncfs", failure_text(exc))
+            return await self._sync_filesystem()
+        return None
 
     # -- status and shutdown ---------------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:

@@ -27,9 +27,16 @@ apply (or after it) ends in the same tree:
 - ``rmdir PARENT NAME DEV INO HANDLE``: the same for a directory (empty by then:
   the operations that empty it come first).
 
-A record lists its operations in two phases: first every removal, deepest path
-first (paths of the tree before the commit), then every ``put``, shallowest
-path first (paths of the tree after it).  A moved or hard-linked object was
+- ``stash PARENT NAME DEV INO HANDLE TOKEN``: rename the committed directory
+  ``PARENT/NAME`` into the staging directory as ``TOKEN``, if the name still is
+  that directory (as ``unlink`` tells); a later ``put`` of ``TOKEN`` gives it its
+  new name, with everything in it.  Done once the name is not that directory.
+
+A record lists its operations in two phases: first every removal and stash,
+deepest path first (paths of the tree before the commit: what is inside a
+moved directory is removed before the directory is stashed), then every
+``put``, shallowest path first (paths of the tree after it: a moved directory
+is put before what goes into it).  A moved or hard-linked object was
 linked into the staging directory under its token before the record was
 written, so the removal of its old name never takes its last link.
 
@@ -96,6 +103,19 @@ class Rmdir:
 
 
 @dataclass(frozen=True)
+class Stash:
+    """Move the committed directory ``PARENT/NAME`` into the staging directory as
+    ``TOKEN`` if it still is that directory (a ``put`` of the token follows)."""
+
+    parent: tuple[bytes, ...]
+    name: bytes
+    dev: int
+    ino: int
+    handle: str
+    token: str
+
+
+@dataclass(frozen=True)
 class Meta:
     """Set attributes of ``PARENT/NAME`` in place (``NAME`` b"": the directory PARENT
     itself, SOURCE's root) if it still is the object the transaction changed."""
@@ -108,7 +128,7 @@ class Meta:
     changes: txattrs.Changes
 
 
-Op = Put | Unlink | Rmdir | Meta
+Op = Put | Unlink | Rmdir | Stash | Meta
 
 
 def encode(ops: list[Op]) -> bytes:
@@ -121,6 +141,8 @@ def encode(ops: list[Op]) -> bytes:
         elif isinstance(op, Unlink | Rmdir):
             item.update(op="unlink" if isinstance(op, Unlink) else "rmdir", dev=op.dev,
                         ino=op.ino, handle=op.handle)
+        elif isinstance(op, Stash):
+            item.update(op="stash", dev=op.dev, ino=op.ino, handle=op.handle, token=op.token)
         else:
             c = op.changes
             item.update(op="meta", dev=op.dev, ino=op.ino, handle=op.handle, mode=c.mode,
@@ -154,6 +176,9 @@ def decode(data: bytes) -> list[Op] | None:
             kind = Unlink if item["op"] == "unlink" else Rmdir
             ops.append(kind(parent, name, int(item["dev"]), int(item["ino"]),
                             str(item.get("handle", ""))))
+        elif item.get("op") == "stash" and "/" not in item["token"]:
+            ops.append(Stash(parent, name, int(item["dev"]), int(item["ino"]),
+                             str(item["handle"]), str(item["token"])))
         elif item.get("op") == "meta":
             changes = txattrs.Changes(
                 mode=_int(item["mode"]), uid=_int(item["uid"]), gid=_int(item["gid"]),
@@ -228,8 +253,8 @@ def apply_op(staging_fd: int, op: Op, parent_fd: int) -> bool:
     """Do one operation (if not done yet); returns whether it changed anything."""
     if isinstance(op, Meta):
         return _apply_meta(op, parent_fd)
-    if isinstance(op, Unlink | Rmdir):
-        is_dir = isinstance(op, Rmdir)
+    if isinstance(op, Unlink | Rmdir | Stash):
+        is_dir = not isinstance(op, Unlink)
         try:
             fd = os.open(op.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
         except FileNotFoundError:
@@ -243,7 +268,9 @@ def apply_op(staging_fd: int, op: Op, parent_fd: int) -> bool:
             os.close(fd)
         if not same:
             return False  # done before (and the name made again since)
-        if is_dir:
+        if isinstance(op, Stash):
+            os.rename(op.name, op.token, src_dir_fd=parent_fd, dst_dir_fd=staging_fd)
+        elif is_dir:
             os.rmdir(op.name, dir_fd=parent_fd)
         else:
             os.unlink(op.name, dir_fd=parent_fd)
@@ -317,7 +344,8 @@ def replay(root_fd: int, daemon_dir: int, name: str) -> str:
                 except FileNotFoundError:
                     if isinstance(op, Put):
                         raise
-                    continue  # a removal inside a directory removed since: done before
+                    continue  # a removal or stash inside a directory removed or stashed
+                    # since: done before (a record lists what is inside a directory first)
                 try:
                     done += apply_op(sfd, op, pfd)
                     faults.point("tx.replay")

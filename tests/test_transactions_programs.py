@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import shutil
 import stat
@@ -37,17 +36,8 @@ Seen = list[str | None]
 
 class StartedPoller(Poller):
     """A Poller that has read once before the constructor returns, so a program
-    started afterwards cannot finish before the reader saw the tree as it was."""
-
-    def __init__(self, paths: list[Path], stop: Path) -> None:
-        super().__init__(paths, stop)
-        assert self.proc.stdout is not None
-        self.first = self.proc.stdout.readline()
-        assert self.first, "the outside reader did not start"
-
-    def finish(self) -> list[Seen]:
-        passes = super().finish()
-        return [json.loads(self.first), *passes]
+    started afterwards cannot finish before the reader saw the tree as it was
+    (every Poller does now)."""
 
 
 def check_whole(passes: list[Seen], old: Seen, new: Seen) -> tuple[int, int]:

@@ -26,7 +26,8 @@ from .daemon import Daemon
 from .inodes import EXHAUSTED, Inode
 from .namespace import DirHandle
 from .options import MountOptions
-from .transactions import CONTROL_PREFIX, Transaction
+from .transactions import CONTROL_PREFIX
+from .txstate import Transaction
 
 log = logging.getLogger(__name__)
 

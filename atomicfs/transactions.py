@@ -39,7 +39,6 @@ import secrets
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pyfuse3
@@ -48,9 +47,11 @@ import trio
 from . import faults, metadata, syscalls, txattrs, txrecord
 from .extents import Kind
 from .inodes import Backing, Inode, open_path, stat_at
+from .membership import Membership, proc_stat
 from .namespace import check_name, is_reserved
 from .publish import failure_text, sync_dirs
 from .sessions import Session
+from .txstate import Identity, Transaction, TxFailed, attr_identity_of, conflicts, identity_of
 
 if TYPE_CHECKING:
     from .batch import Batch
@@ -65,212 +66,6 @@ log = logging.getLogger(__name__)
 
 CONTROL_PREFIX = "user.atomicfs.tx."  # getxattr on the mount's root: begin, commit, abort
 SYNCFS_ABOVE = 16  # staged files to sync: more than this, one syncfs instead of fsyncs
-CACHE_MAX = 65536
-
-
-# -- membership (pure but for /proc) ---------------------------------------------------
-def proc_stat(pid: int) -> tuple[int, int] | None:
-    """(ppid, start time) of a process or thread from /proc; None if it is gone.
-
-    Read on every request while a transaction is open (the membership cache is
-    checked against the start time), so with the fewest syscalls: open, one read,
-    close (a Python file object adds an fstat, an lseek and a second read)."""
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        data = os.read(fd, 4096)  # the whole line: procfs answers it in one read
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return parse_stat(data)
-
-
-def parse_stat(data: bytes) -> tuple[int, int] | None:
-    fields = data[data.rfind(b")") + 2:].split()
-    try:
-        return int(fields[1]), int(fields[19])  # ppid (field 4), starttime (field 22)
-    except (IndexError, ValueError):
-        return None
-
-
-def proc_tgid(tid: int) -> int | None:
-    try:
-        with open(f"/proc/{tid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Tgid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-class Membership:
-    """Which open transaction, if any, a thread belongs to.
-
-    A thread is a member when its process is a root or a descendant of one (the
-    parent chain in /proc).  The answer is cached by (thread id, start time) for
-    as long as the transaction is open: a process that detaches later (its parent
-    exits, it is reparented to init) stays a member if it made a request before;
-    one first seen after it detached is not.
-    """
-
-    def __init__(self, read_stat: Callable[[int], tuple[int, int] | None] = proc_stat,
-                 read_tgid: Callable[[int], int | None] = proc_tgid) -> None:
-        self.read_stat = read_stat
-        self.read_tgid = read_tgid
-        self.roots: dict[int, tuple[int, Any]] = {}  # root pid -> (start time, tx)
-        self.cache: dict[int, tuple[int, Any]] = {}  # tid -> (start time, tx or None)
-
-    def add(self, pid: int, start: int, tx: Any) -> None:
-        self.roots[pid] = (start, tx)
-        self.cache.clear()  # a thread known as an outsider may be the new root
-
-    def remove(self, pid: int) -> None:
-        self.roots.pop(pid, None)
-        self.cache.clear()
-
-    def find(self, tid: int) -> Any:
-        if not self.roots or tid <= 0:
-            return None
-        st = self.read_stat(tid)
-        if st is None:
-            return None
-        hit = self.cache.get(tid)
-        if hit is not None and hit[0] == st[1]:
-            return hit[1]
-        found = None
-        pid = self.read_tgid(tid) or tid
-        pst = st if pid == tid else self.read_stat(pid)
-        for _ in range(256):
-            if pst is None:
-                break
-            root = self.roots.get(pid)
-            if root is not None and root[0] == pst[1]:
-                found = root[1]
-                break
-            pid = pst[0]
-            if pid <= 1:
-                break
-            pst = self.read_stat(pid)
-        if len(self.cache) > CACHE_MAX:
-            self.cache.clear()
-        self.cache[tid] = (st[1], found)
-        return found
-
-
-# -- conflicts (pure) ------------------------------------------------------------------
-Identity = tuple[int, ...]  # dev, ino, mtime_ns, size (names); dev, ino, ctime_ns (attributes)
-
-
-def identity_of(st: os.stat_result | None) -> Identity | None:
-    """What a committed name leads to, for conflict detection: another file (dev,
-    ino), or the same file with other contents (mtime, size), or nothing."""
-    if st is None:
-        return None
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-
-
-def attr_identity_of(st: os.stat_result | None) -> Identity | None:
-    """What an object whose attributes the transaction changes is, for conflict
-    detection: the same object (dev, ino) unchanged since (ctime: any chmod, chown,
-    utimes, xattr change, write, link count change by anyone else moves it)."""
-    if st is None:
-        return None
-    return (st.st_dev, st.st_ino, st.st_ctime_ns)
-
-
-def conflicts(seen: dict[tuple[int, bytes], Identity | None],
-              changed: set[tuple[int, bytes]],
-              now: Callable[[int, bytes], Identity | None]) -> list[tuple[int, bytes]]:
-    """The names the transaction changes whose committed identity differs from the
-    one it saw when it first touched them (sorted)."""
-    return sorted(key for key in changed if key in seen and now(*key) != seen[key])
-
-
-# -- one transaction -------------------------------------------------------------------
-@dataclass(eq=False)
-class Transaction:
-    root: int  # pid of CMD
-    runner: int  # pid of `atomicfs run`
-    command: str
-    staging_name: str
-    staging_fd: int  # O_PATH fd of SOURCE/.atomicfs/tx-ID
-    started: float = field(default_factory=time.monotonic)
-    state: str = "open"  # open, committing, committed, aborted
-    sessions: dict[int, Session] = field(default_factory=dict)  # ino -> content/new file
-    entries: dict[tuple[int, bytes], Inode] = field(default_factory=dict)  # new names
-    staged: dict[int, str] = field(default_factory=dict)  # ino -> token (dir/symlink/fifo)
-    # directories it made (held: their FUSE inode numbers must not change while open)
-    private: dict[int, Inode] = field(default_factory=dict)
-    # committed names it removed: (parent ino, name) -> (parent, held; the file removed:
-    # dev, ino, file handle)
-    whiteouts: dict[tuple[int, bytes], tuple[Inode, int, int, str]] = field(
-        default_factory=dict)
-    # conflicts (docs/semantics.md §14): what each committed name the transaction
-    # changes led to when it first touched it -- (dev, ino, mtime, size) or None
-    # (absent) -- and the name of each committed file it rewrites (ino -> name)
-    seen: dict[tuple[int, bytes], Identity | None] = field(default_factory=dict)
-    rewrites: dict[int, tuple[int, bytes]] = field(default_factory=dict)
-    # attributes of committed objects it changed (held): ino -> changes
-    # (atomicfs/txattrs.py); the name of each as first touched (parent held; b"": the
-    # root itself) and what it was then, (dev, ino, ctime)
-    attrs: dict[int, txattrs.Changes] = field(default_factory=dict)
-    attr_names: dict[int, tuple[Inode, bytes]] = field(default_factory=dict)
-    attr_seen: dict[tuple[int, bytes], Identity | None] = field(default_factory=dict)
-    metas: int = 0  # attribute operations of its record, once written
-    # committed directories it removed: (parent ino, name) -> the directory (held: the
-    # whiteouts of its children are keyed by its inode number)
-    removed_dirs: dict[tuple[int, bytes], Inode | None] = field(default_factory=dict)
-    # committed directories it moved: old (parent ino, name) -> the directory (held);
-    # the whiteout at the old name becomes a ``stash`` at the commit, its entry a ``put``
-    moved_dirs: dict[tuple[int, bytes], Inode] = field(default_factory=dict)
-    # names whose identity for conflicts is (dev, ino) alone: old names of directories
-    # it moved (what an outsider does inside such a directory moves with it)
-    by_inode: set[tuple[int, bytes]] = field(default_factory=set)
-    # real objects (committed, or inside a directory it made) that it gave a name with
-    # an entry -- moved or hard-linked: ino -> inode (held)
-    linked: dict[int, Inode] = field(default_factory=dict)
-    # committed directories it records a change in (held until it ends)
-    directories: dict[int, Inode] = field(default_factory=dict)
-    # committed names a member began to move: the kernel looked them up again
-    # (replies about them carry timeout 0; see _move_committed)
-    revalidated: set[tuple[int, bytes]] = field(default_factory=set)
-    # the same names by their directory's identity (dev, ino): the kernel's retry may
-    # come with another inode number for the directory (it dropped and looked it up
-    # again meanwhile), and must not get ESTALE a second time
-    revalidated_keys: set[tuple[tuple[int, int], bytes]] = field(default_factory=set)
-    result: dict[str, Any] | None = None
-    runner_fd: int | None = None  # pidfd of the runner: it dying aborts
-    tokens: int = 0
-    applied: int = 0  # operations of its redo record, once written
-    # steps past the record that failed (the record then stays for the next mount)
-    unapplied: list[str] = field(default_factory=list)
-
-    def token(self, kind: str) -> str:
-        self.tokens += 1
-        return f"{kind}{self.tokens}"
-
-    def touches(self, parent_ino: int, name: bytes) -> bool:
-        key = (parent_ino, name)
-        return key in self.entries or key in self.whiteouts or key in self.revalidated
-
-    def summary(self) -> dict[str, Any]:
-        files = sum(1 for s in self.sessions.values() if s.pending or s.dirty)
-        if not self.command:
-            self.command = _command(self.root)  # exec'd by now (at begin it was not yet)
-        return {"root_pid": self.root, "runner_pid": self.runner, "command": self.command,
-                "age_s": round(time.monotonic() - self.started, 3), "state": self.state,
-                "files": files,
-                "bytes": sum(s.size for s in self.sessions.values()),
-                "changes": len(self.entries) + len(self.whiteouts) + len(self.attrs)
-                + sum(1 for s in self.sessions.values() if not s.pending and s.dirty)}
-
-
-class TxFailed(Exception):
-    """A commit that could not be made: nothing of the transaction is applied."""
 
 
 # -- the daemon's side ------------------------------------------------------------------
@@ -1818,11 +1613,3 @@ def _invalidate_attrs(ino: int) -> None:
 def _result_bytes(result: dict[str, Any]) -> bytes:
     import json
     return json.dumps(result, sort_keys=True).encode()
-
-
-def _command(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
-    except OSError:
-        return "?"

@@ -29,7 +29,8 @@ from conftest import PYTHON, Mount, MountFactory, cli_env, run_cli
 from sessionkit import TIMEOUT, assert_no_debris, git_env, status_of, wait_for
 
 from atomicfs import txrecord
-from atomicfs.transactions import Membership, conflicts, identity_of, parse_stat, proc_stat
+from atomicfs.membership import Membership, parse_stat, proc_stat
+from atomicfs.txstate import conflicts, identity_of
 
 RUN_FAILED = 125
 

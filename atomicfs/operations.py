@@ -26,8 +26,7 @@ from .daemon import Daemon
 from .inodes import EXHAUSTED, Inode
 from .namespace import DirHandle
 from .options import MountOptions
-from .transactions import CONTROL_PREFIX
-from .txstate import Transaction
+from .transactions import CONTROL_PREFIX, Transaction
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,8 @@ from .membership import Membership, proc_stat
 from .namespace import check_name, is_reserved
 from .sessions import Session
 from .txcommit import TxCommitter, invalidate_attrs, source_names
-from .txstate import Transaction, TxFailed, attr_identity_of, identity_of
+from .txstate import Transaction as Transaction  # operations.py types its members with it
+from .txstate import TxFailed, attr_identity_of, identity_of
 
 if TYPE_CHECKING:
     from .batch import Batch

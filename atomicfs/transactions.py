@@ -1,11 +1,12 @@
 """Multi-file transactions: ``atomicfs run MOUNTPOINT -- CMD`` (docs/semantics.md §14,
 docs/design-transactions.md).
 
-A transaction belongs to one process tree: its *root* (the process that
-``atomicfs run`` forks and that execs CMD) and the root's descendants.  Each
-request carries the pid (a thread id) of the caller; :class:`Membership` walks
-its parent chain in ``/proc`` (cached by pid and start time, so a reused pid
-never joins) to the root of an open transaction.
+This module owns the open transactions: their begin, commit and abort through
+the control xattrs, the runner's watch, status, and the member's view of the
+tree (below).  Who is a member is :mod:`atomicfs.membership`'s (the process
+tree of the *root*, the process that ``atomicfs run`` forks and that execs CMD);
+the state of one transaction is :mod:`atomicfs.txstate`'s; building, syncing,
+recording and applying a commit is :mod:`atomicfs.txcommit`'s.
 
 What a transaction changes is invisible to everyone else until it commits:
 - contents of existing files: its write sessions (tagged ``session.tx``) are
@@ -19,13 +20,13 @@ What a transaction changes is invisible to everyone else until it commits:
   (nobody else can reach it), except new files, which stay entries until the
   commit.
 
-Commit (:meth:`Transactions.commit`): build and sync every new version in the
-staging directory, then -- with no ``await`` from here to the last rename --
-write and sync the redo record (:mod:`atomicfs.txrecord`), rename each staged
-object to its name, move the inodes onto them; then sync the changed
-directories and retire the record.  A crash before the record is durable
-leaves nothing (recovery removes the staging directory), after it the next
-mount replays the record.
+Commit (:meth:`Transactions.commit`, the steps in :class:`atomicfs.txcommit.TxCommitter`):
+build and sync every new version in the staging directory, then -- with no
+``await`` from here to the last rename -- write and sync the redo record
+(:mod:`atomicfs.txrecord`), rename each staged object to its name, move the
+inodes onto them; then sync the changed directories and retire the record.  A
+crash before the record is durable leaves nothing (recovery removes the
+staging directory), after it the next mount replays the record.
 """
 
 from __future__ import annotations

@@ -447,6 +447,31 @@ def test_unlink_of_committed_files_is_part_of_the_transaction(mount: Mount) -> N
     assert_no_debris(mount.source)
 
 
+def checkout_with_reader(mount: Mount, tmp_path: Path, env: dict[str, str], paths: list[str],
+                         old: list[str | None], new: list[str | None]) -> None:
+    """``atomicfs run MNT -- git checkout -q other`` while an outside reader polls
+    ``paths``: it sees the old tree, then the new, never a mix."""
+    poller = Poller([mount.path(p) for p in paths], tmp_path / "stop")
+    try:
+        time.sleep(0.2)
+        res = subprocess.run([PYTHON, "-m", "atomicfs", "run", str(mount.mountpoint), "--",
+                              "git", "checkout", "-q", "other"], cwd=mount.mountpoint,
+                             env={**cli_env(), **env}, capture_output=True, text=True,
+                             timeout=120)
+        time.sleep(0.2)
+    finally:
+        passes = poller.finish()
+    assert res.returncode == 0, res.stderr
+    olds, news = check_never_mixed(passes, old, new)
+    assert olds and news, (olds, news)
+
+
+def assert_git_clean(mount: Mount, env: dict[str, str]) -> None:
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=mount.mountpoint, env=env,
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert status.returncode == 0 and status.stdout == "", status
+
+
 def test_git_checkout_of_another_branch_appears_whole(mount: Mount, tmp_path: Path) -> None:
     env = git_env(tmp_path / "home")
     repo = mount.source
@@ -474,22 +499,8 @@ def test_git_checkout_of_another_branch_appears_whole(mount: Mount, tmp_path: Pa
     old = ["main 0\n" * 50, "only on main\n", None, "ref: refs/heads/main\n", "main 18\n" * 50]
     new = ["other 0\n" * 60, None, "only on other\n", "ref: refs/heads/other\n",
            "other 18\n" * 60]
-    poller = Poller([mount.path(p) for p in paths], tmp_path / "stop")
-    try:
-        time.sleep(0.2)
-        res = subprocess.run([PYTHON, "-m", "atomicfs", "run", str(mount.mountpoint), "--",
-                              "git", "checkout", "-q", "other"], cwd=mount.mountpoint,
-                             env={**cli_env(), **env}, capture_output=True, text=True,
-                             timeout=120)
-        time.sleep(0.2)
-    finally:
-        passes = poller.finish()
-    assert res.returncode == 0, res.stderr
-    olds, news = check_never_mixed(passes, old, new)
-    assert olds and news, (olds, news)
-    status = subprocess.run(["git", "status", "--porcelain"], cwd=mount.mountpoint, env=env,
-                            capture_output=True, text=True, timeout=TIMEOUT)
-    assert status.returncode == 0 and status.stdout == "", status
+    checkout_with_reader(mount, tmp_path, env, paths, old, new)
+    assert_git_clean(mount, env)
     assert_no_debris(mount.source)
 
 
@@ -993,23 +1004,9 @@ def test_git_checkout_of_a_branch_that_removes_a_directory(
     paths = ["docs/d0.md", "docs/old/o4.md", "README", "moved.md"]
     old = ["doc 0\n", "old 4\n", "main\n", None]
     new = [None, None, "other\n", "doc 0\n"]
-    poller = Poller([mount.path(p) for p in paths], tmp_path / "stop")
-    try:
-        time.sleep(0.2)
-        res = subprocess.run([PYTHON, "-m", "atomicfs", "run", str(mount.mountpoint), "--",
-                              "git", "checkout", "-q", "other"], cwd=mount.mountpoint,
-                             env={**cli_env(), **env}, capture_output=True, text=True,
-                             timeout=120)
-        time.sleep(0.2)
-    finally:
-        passes = poller.finish()
-    assert res.returncode == 0, res.stderr
-    olds, news = check_never_mixed(passes, old, new)
-    assert olds and news, (olds, news)
+    checkout_with_reader(mount, tmp_path, env, paths, old, new)
     assert not mount.path("docs").exists() and not mount.src("docs").exists()
-    status = subprocess.run(["git", "status", "--porcelain"], cwd=mount.mountpoint, env=env,
-                            capture_output=True, text=True, timeout=TIMEOUT)
-    assert status.returncode == 0 and status.stdout == "", status
+    assert_git_clean(mount, env)
     assert_no_debris(mount.source)
 
 

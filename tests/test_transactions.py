@@ -775,6 +775,17 @@ def test_a_path_walk_through_a_removed_directory_is_walked_again(mount: Mount) -
     assert out.strip() == str(errno.ESTALE), out
 
 
+def crash_in_commit(m: Mount, script: str) -> None:
+    """Run ``script`` (sh) in a transaction on a mount whose daemon exits at a fault
+    point of the commit, then start the daemon again without faults: recovery
+    replays a complete record and discards an incomplete one."""
+    res = atomicfs_run(m, "sh", "-c", script, cwd=m.mountpoint)
+    assert res.returncode == RUN_FAILED, (res.returncode, res.stderr)
+    m.kill()
+    m.env = None
+    m.start()
+
+
 COMMIT_SCRIPT = ("set -e; mv a dir2/a2; rm -r dir; ln b b2; mv dir2/g g2; mkdir dir; "
                  "echo 'f new' > dir/f; mv l dir/l")
 
@@ -787,11 +798,7 @@ def test_daemon_crash_while_committing_names_leaves_all_or_nothing(
     m = mount_factory(env={"ATOMICFS_FAULTS": f"exit:{point}"})
     seed_tree(m)
     before = tree(m.source)
-    res = atomicfs_run(m, "sh", "-c", COMMIT_SCRIPT, cwd=m.mountpoint)
-    assert res.returncode == RUN_FAILED, (res.returncode, res.stderr)
-    m.kill()
-    m.env = None
-    m.start()
+    crash_in_commit(m, COMMIT_SCRIPT)
     after = tree(m.source)
     if applied:
         m.expect_log("replayed the committed transaction")
@@ -877,11 +884,7 @@ def test_daemon_crash_while_moving_committed_directories_leaves_all_or_nothing(
     m = mount_factory(env={"ATOMICFS_FAULTS": f"exit:{point}"})
     seed_tree(m)
     before = tree(m.source)
-    res = atomicfs_run(m, "sh", "-c", DIRS_SCRIPT, cwd=m.mountpoint)
-    assert res.returncode == RUN_FAILED, (res.returncode, res.stderr)
-    m.kill()
-    m.env = None
-    m.start()
+    crash_in_commit(m, DIRS_SCRIPT)
     after = tree(m.source)
     if applied:
         m.expect_log("replayed the committed transaction")
@@ -1301,11 +1304,7 @@ def test_daemon_crash_during_a_commit_with_attributes_leaves_all_or_nothing(
     seed_attrs(m)
     paths = ["a", "b", "dir"]
     old = [view(m.src(p)) for p in paths]
-    res = atomicfs_run(m, "sh", "-c", ATTR_SCRIPT, cwd=m.mountpoint)
-    assert res.returncode == RUN_FAILED, (res.returncode, res.stderr)
-    m.kill()
-    m.env = None
-    m.start()  # recovery: replay a complete record, discard an incomplete one
+    crash_in_commit(m, ATTR_SCRIPT)
     now = [view(m.path(p)) for p in paths]
     if applied:
         m.expect_log("replayed the committed transaction")
